@@ -1,0 +1,289 @@
+"""MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., 2022).
+
+The encoder sees only the visible patches (plus CLS); a light decoder appends mask tokens,
+restores the patch order and regresses the pixels of every patch; the loss counts the removed
+patches only. Fixed 2-D sin-cos position tables are non-persistent buffers, regenerated for
+whatever grid the input has, so they can never be lost or zeroed by a checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_mae import MaeConfig
+from .losses import masked_mse_loss, normalize_patches
+from .masking import gather_tokens, random_masking
+from .remote_code import HubCodeMixin
+from .vit_core import (
+    Block, PatchEmbed, drop_path_rates, grid_size_for, patchify, sincos_2d_table, to_2tuple, unpatchify,
+)
+
+
+@dataclass
+class MaeModelOutput(ModelOutput):
+    """last_hidden_state [B, 1+K, D] (CLS first; K = kept patches, or all L without masking);
+    mask [B, L] (1 = removed); ids_restore [B, L]; hidden_states: input + each block's output."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    mask: torch.Tensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MaeForPreTrainingOutput(ModelOutput):
+    """loss (masked patches only); logits [B, L, p*p*C] per-patch predictions in patch order
+    (normalised pixels when `norm_pix_loss`); mask [B, L] (1 = removed); ids_restore [B, L]."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    mask: torch.Tensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+def build_blocks(config: MaeConfig, width: int, depth: int, heads: int, mlp_dim: int, drop_path: float):
+    return nn.ModuleList(
+        Block(
+            config, width, heads, mlp_dim, qkv_bias=config.qkv_bias, drop_path=rate,
+            drop=config.hidden_dropout_prob, attn_drop=config.attention_probs_dropout_prob,
+            act=config.hidden_act, eps=config.layer_norm_eps,
+        )
+        for rate in drop_path_rates(drop_path, depth)
+    )
+
+
+class MaePreTrainedModel(HubCodeMixin, PreTrainedModel):
+    hub_auto_map = {
+        "AutoModel": "modeling_mae.MaeModel",
+        "AutoModelForPreTraining": "modeling_mae.MaeForPreTraining",
+        "AutoModelForImageClassification": "modeling_mae.MaeForImageClassification",
+    }
+    config_class = MaeConfig
+    config: MaeConfig
+    base_model_prefix = "encoder"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The reference MAE init: xavier-uniform Linear and patch projection, normal(0.02) tokens."""
+        if isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, PatchEmbed):
+            weight = module.proj.weight
+            if not getattr(weight, "_is_hf_initialized", False):  # a view would lose the loaded flag
+                nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+            init.zeros_(module.proj.bias)
+        elif isinstance(module, MaeModel):
+            init.normal_(module.cls_token, std=self.config.initializer_range)
+            init.copy_(module.pos_embed, sincos_2d_table(module.grid_size, self.config.hidden_size))
+        elif isinstance(module, MaeDecoder):
+            init.normal_(module.mask_token, std=self.config.initializer_range)
+            init.copy_(module.pos_embed, sincos_2d_table(module.grid_size, self.config.decoder_hidden_size))
+
+
+class MaeModel(MaePreTrainedModel):
+    """The MAE encoder. Without `noise`/`mask_ratio` it is a plain feature extractor: every
+    patch token, in the original order, after CLS."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]  # loading the encoder of a pre-training checkpoint
+
+    def __init__(self, config: MaeConfig, use_final_norm: bool = True):
+        super().__init__(config)
+        self.grid_size = grid_size_for(config.image_size, config.patch_size)
+        self.patch_embed = PatchEmbed(config.patch_size, config.num_channels, config.hidden_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        table = sincos_2d_table(self.grid_size, config.hidden_size)
+        self.register_buffer("pos_embed", table.unsqueeze(0), persistent=False)  # [1, 1+L, D] fixed
+        self.blocks = build_blocks(
+            config, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+            config.intermediate_size, config.drop_path_rate,
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_final_norm else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embed
+
+    def position_table(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        """[1, 1+rows*cols, D]: the stored table, or a fresh one for another grid."""
+        if grid == self.grid_size:
+            return self.pos_embed.to(like.dtype)
+        return sincos_2d_table(grid, self.config.hidden_size).unsqueeze(0).to(like)
+
+    def embed_patches(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens with their positions [B, L, D], and the CLS token with its position [1, 1, D]."""
+        tokens = self.patch_embed(pixel_values)  # [B, L, D]
+        pos = self.position_table(self.patch_embed.grid_size(pixel_values), tokens)  # [1, 1+L, D]
+        return tokens + pos[:, 1:], self.cls_token + pos[:, :1]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask_ratio: float | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaeModelOutput:
+        """Mask with `noise` [B, L] (uniform; argsort decides) and/or `mask_ratio` when given."""
+        tokens, cls = self.embed_patches(pixel_values)  # [B, L, D], [1, 1, D]
+        mask = ids_restore = None
+        if noise is not None or mask_ratio is not None:
+            if noise is None:
+                noise = torch.rand(tokens.shape[:2], device=tokens.device)  # [B, L]
+            ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+            ids_keep, mask, ids_restore = random_masking(noise, ratio)  # [B, K], [B, L], [B, L]
+            tokens = gather_tokens(tokens, ids_keep)  # [B, K, D]
+        x = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # [B, 1+K, D]
+        hidden_states = [x] if output_hidden_states else None
+        for block in self.blocks:
+            x = block(x)  # [B, 1+K, D]
+            if output_hidden_states:
+                hidden_states.append(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return MaeModelOutput(
+            last_hidden_state=x, mask=mask, ids_restore=ids_restore,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )
+
+
+class MaeDecoder(nn.Module):
+    """Linear to the decoder width, mask tokens appended and unshuffled, blocks, pixel head."""
+
+    def __init__(self, config: MaeConfig, grid_size: tuple[int, int]):
+        super().__init__()
+        width = config.decoder_hidden_size
+        self.config = config
+        self.grid_size = grid_size
+        self.embed = nn.Linear(config.hidden_size, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.register_buffer("pos_embed", sincos_2d_table(grid_size, width).unsqueeze(0), persistent=False)
+        self.blocks = build_blocks(
+            config, width, config.decoder_num_hidden_layers, config.decoder_num_attention_heads,
+            config.decoder_intermediate_size, 0.0,
+        )
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        patch_height, patch_width = to_2tuple(config.patch_size)
+        self.pred = nn.Linear(width, patch_height * patch_width * config.num_channels)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """latent [B, 1+K, D], ids_restore [B, L] -> per-patch predictions [B, L, p*p*C]."""
+        x = self.embed(latent)  # [B, 1+K, Dd]
+        batch, length, width = x.shape[0], ids_restore.shape[1], x.shape[2]
+        mask_tokens = self.mask_token.to(x.dtype).expand(batch, length + 1 - x.shape[1], -1)  # [B, L-K, Dd]
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [B, L, Dd], shuffled order
+        patches = gather_tokens(patches, ids_restore)  # [B, L, Dd], original order
+        pos = self.pos_embed if grid == self.grid_size else sincos_2d_table(grid, width).unsqueeze(0)
+        x = torch.cat([x[:, :1], patches], dim=1) + pos.to(x)  # [B, 1+L, Dd]
+        for block in self.blocks:
+            x = block(x)
+        return self.pred(self.norm(x))[:, 1:]  # [B, L, p*p*C]
+
+
+class MaeForPreTraining(MaePreTrainedModel):
+    def __init__(self, config: MaeConfig):
+        super().__init__(config)
+        self.encoder = MaeModel(config)
+        self.decoder = MaeDecoder(config, self.encoder.grid_size)
+        self.post_init()
+
+    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, L, p*p*C] in the model's patch order."""
+        return patchify(pixel_values, self.config.patch_size)
+
+    def unpatchify(self, patches: torch.Tensor, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """[B, L, p*p*C] -> [B, C, H, W]; `grid_size` defaults to the configured image's grid."""
+        grid_size = grid_size or self.encoder.grid_size
+        return unpatchify(patches, self.config.patch_size, grid_size, self.config.num_channels)
+
+    def forward_encoder(self, pixel_values, noise, mask_ratio) -> MaeModelOutput:
+        ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        return self.encoder(pixel_values, noise=noise, mask_ratio=ratio)  # always masks
+
+    def forward_decoder(self, latent, ids_restore, pixel_values) -> torch.Tensor:
+        return self.decoder(latent, ids_restore, self.encoder.patch_embed.grid_size(pixel_values))
+
+    def forward_loss(self, pixel_values, pred, mask) -> torch.Tensor:
+        target = self.patchify(pixel_values)  # [B, L, p*p*C]
+        if self.config.norm_pix_loss:
+            target = normalize_patches(target)
+        return masked_mse_loss(pred, target, mask)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask_ratio: float | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaeForPreTrainingOutput:
+        encoded = self.forward_encoder(pixel_values, noise, mask_ratio)
+        pred = self.forward_decoder(encoded.last_hidden_state, encoded.ids_restore, pixel_values)  # [B, L, p*p*C]
+        loss = self.forward_loss(pixel_values, pred, encoded.mask)
+        return MaeForPreTrainingOutput(loss=loss, logits=pred, mask=encoded.mask, ids_restore=encoded.ids_restore)
+
+
+class MaeForImageClassification(MaePreTrainedModel):
+    """MAE fine-tuning head: mean-pooled patch tokens -> `fc_norm` -> Linear (or the normed CLS
+    token when `use_mean_pooling=False`). With mean pooling the encoder's final norm is not
+    built, so `encoder.norm.*` of a pre-training checkpoint is reported unused, as in the reference."""
+
+    def __init__(self, config: MaeConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.encoder = MaeModel(config, use_final_norm=not config.use_mean_pooling)
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_mean_pooling else None
+        self.head = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is getattr(self, "head", None) and isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=2e-5)  # the MAE fine-tuning head init
+
+    def pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.fc_norm is None:
+            return hidden_states[:, 0]  # [B, D] normed CLS
+        return self.fc_norm(hidden_states[:, 1:].mean(dim=1))  # [B, D]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        encoded = self.encoder(pixel_values, output_hidden_states=output_hidden_states)
+        logits = self.head(self.pool(encoded.last_hidden_state))  # [B, num_labels]
+        loss = None
+        if labels is not None:
+            # Integer class ids, or soft targets [B, num_labels] (mixup/cutmix).
+            loss = F.cross_entropy(logits.float(), labels if labels.is_floating_point() else labels.long())
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+
+
+__all__ = ["MaeForImageClassification", "MaeForPreTraining", "MaeModel", "MaePreTrainedModel"]
