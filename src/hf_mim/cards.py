@@ -1,0 +1,280 @@
+"""Model cards for hf_mim checkpoints: Hub metadata through ``huggingface_hub.ModelCard`` and a
+Markdown body rendered from the Jinja templates in ``hf_mim/card_templates/`` (shipped as package
+data; ``model_cards/README.md`` at the top of the repository explains them).
+
+Only what the caller measured goes into the card: ``results`` become the ``model-index`` and the
+Results table, ``recipe`` the hyper-parameter table; nothing is filled in from papers.
+
+```python
+from hf_mim.cards import write_model_card
+write_model_card("out/mae-tiny", method="mae", model_type="hf_mim_mae", task="pretraining",
+                 recipe={"learning_rate": 1.5e-4, "mask_ratio": 0.75}, results={}, dataset=None,
+                 base_model=None, tokenizer=None, tokenizer_revision=None)
+```
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+# method -> (human name, kind). "mim" methods pre-train an encoder; "tokenizer" methods produce the
+# discrete targets other methods predict. Each has a Markdown paragraph in card_templates/methods/.
+METHODS = {
+    "mae": ("MAE", "mim"),
+    "beit": ("BEiT", "mim"),
+    "beitv2": ("BEiT v2", "mim"),
+    "peco": ("PeCo", "mim"),
+    "vit_mpp": ("ViT masked patch prediction", "mim"),
+    "dvae": ("DALL-E dVAE tokenizer", "tokenizer"),
+    "vqkd": ("VQ-KD tokenizer", "tokenizer"),
+    "peco_tokenizer": ("PeCo tokenizer", "tokenizer"),
+}
+# Methods whose pre-training targets come from a separate tokenizer the card must name.
+NEEDS_TOKENIZER = {"beit", "beitv2", "peco"}
+TASKS = ("pretraining", "image-classification")
+PIPELINE_TAGS = {"pretraining": "image-feature-extraction", "image-classification": "image-classification"}
+# Config fields shown in the Model table, when present.
+ARCHITECTURE_FIELDS = (
+    "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "intermediate_size", "decoder_hidden_size", "decoder_num_hidden_layers", "mask_ratio", "norm_pix_loss",
+    "vocab_size", "codebook_size", "codebook_dim", "num_labels",
+)
+# Below this width or depth a model is a demonstration of the pipeline, and the card says so.
+DEMO_MIN_HIDDEN_SIZE, DEMO_MIN_LAYERS = 192, 6
+FRAMEWORKS = ("hf_mim", "transformers", "torch", "huggingface_hub", "safetensors", "datasets", "accelerate")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def hub_id(name: str | None) -> str | None:
+    """`name` when it reads as a Hub repo id (not an existing local path), else None."""
+    return name if name and HUB_ID.match(name) and not os.path.exists(name) else None
+
+
+def template_text(name: str) -> str:
+    """A template shipped in the package (works from a source tree and from an installed wheel)."""
+    return importlib.resources.files("hf_mim").joinpath("card_templates", name).read_text(encoding="utf-8")
+
+
+def method_text(method: str) -> tuple[str, list[str]]:
+    """(description paragraph, method-specific limitation bullets) of a method."""
+    description, _, limitations = template_text(f"methods/{method}.md").partition("<!-- limitations -->")
+    bullets = [line for line in re.split(r"\n(?=- )", limitations.strip()) if line.strip()]
+    return description.strip(), bullets
+
+
+def framework_versions() -> list[tuple[str, str]]:
+    versions = []
+    for name in FRAMEWORKS:
+        try:
+            versions.append((name, importlib.metadata.version(name)))
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def format_value(value: Any) -> str:
+    """A recipe / result value as one Markdown table cell."""
+    if isinstance(value, float):
+        text = f"{value:.6g}"
+    elif isinstance(value, (dict, list, tuple)):
+        text = json.dumps(value, default=str)
+    else:
+        text = str(value)
+    return "`" + text.replace("|", "\\|").replace("`", "'").replace("\n", " ") + "`"
+
+
+def check_results(results: dict) -> dict[str, float]:
+    """Metric name -> finite number; anything else is rejected (a card never shows a made-up value)."""
+    checked = {}
+    for name, value in results.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(
+                f"results[{name!r}] = {value!r} is not a finite number. Pass only measured metrics "
+                "(name -> number), e.g. results={'accuracy': 0.91}."
+            )
+        checked[str(name)] = float(value)
+    return checked
+
+
+def config_dict(config: Any) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return config
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    raise TypeError(f"config must be a dict or a PreTrainedConfig, got {type(config).__name__}.")
+
+
+def auto_class_for(config: dict, task: str) -> str:
+    """The Auto class that loads the saved architecture, read from the config's auto_map."""
+    architecture = (config.get("architectures") or [None])[0]
+    for auto_class, target in (config.get("auto_map") or {}).items():
+        if architecture and isinstance(target, str) and target.endswith("." + architecture):
+            return auto_class
+    return "AutoModelForImageClassification" if task == "image-classification" else "AutoModel"
+
+
+def is_demo_model(config: dict) -> bool:
+    """Smaller than ViT-Tiny (192 wide, 12 deep) in width, or shallower than 6 blocks."""
+    hidden, layers = config.get("hidden_size"), config.get("num_hidden_layers")
+    return (hidden is not None and hidden < DEMO_MIN_HIDDEN_SIZE) or (layers is not None and layers < DEMO_MIN_LAYERS)
+
+
+def check_arguments(method, task, tokenizer, tokenizer_revision, results, dataset) -> None:
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; expected one of {sorted(METHODS)}.")
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
+    kind = METHODS[method][1]
+    if kind == "tokenizer" and task != "pretraining":
+        raise ValueError(f"{method} is a tokenizer: use task='pretraining'.")
+    if kind == "tokenizer" and tokenizer is not None:
+        raise ValueError(f"{method} is itself a tokenizer: leave tokenizer=None (record its teacher in `recipe`).")
+    if method in NEEDS_TOKENIZER and task == "pretraining" and tokenizer is None:
+        raise ValueError(
+            f"{method} pre-training predicts the codes of a tokenizer: pass tokenizer=<Hub id or path> and "
+            "tokenizer_revision=<commit> (--tokenizer / --tokenizer_revision on examples/publish.py) so the "
+            "card says which targets the model learned."
+        )
+    if tokenizer_revision is not None and tokenizer is None:
+        raise ValueError("tokenizer_revision was given without tokenizer: pass both.")
+    if results and not dataset:
+        raise ValueError("results were given without the dataset they were measured on: pass dataset=...")
+
+
+def limitations(method: str, config: dict, results: dict, dataset: str | None, demo: bool | None) -> list[str]:
+    items = []
+    if demo or (demo is None and is_demo_model(config)):
+        items.append(
+            f"- **Demonstration model** (hidden size {config.get('hidden_size', '?')}, "
+            f"{config.get('num_hidden_layers', '?')} layers): it shows that the pipeline works and is not "
+            "meant for real use."
+        )
+    items += method_text(method)[1]
+    if not results:
+        items.append("- No evaluation was run: nothing is known about this checkpoint's accuracy.")
+    if dataset:
+        items.append(f"- The model reflects its training data (`{dataset}`) and that data set's licence and biases.")
+    return items
+
+
+def make_model_card(
+    *,
+    method: str,
+    model_type: str | None,
+    recipe: dict,
+    results: dict,
+    dataset: str | None,
+    base_model: str | None,
+    tokenizer: str | None,
+    tokenizer_revision: str | None,
+    task: Literal["pretraining", "image-classification"],
+    license: str = "apache-2.0",
+    repo_id: str | None = None,
+    revision: str | None = None,
+    config: Any = None,
+    dataset_config: str | None = None,
+    eval_split: str = "validation",
+    image_processor: bool = False,
+    extra_tags: list[str] | None = None,
+    demo: bool | None = None,
+) -> ModelCard:
+    """A model card for a checkpoint. `recipe`: hyper-parameters actually used; `results`: metrics
+    actually measured (name -> number) on `eval_split` of `dataset`; `config`: the model's config
+    (dict or PreTrainedConfig) for the architecture table and the Auto class to load it with;
+    `demo`: flag the checkpoint as a demonstration (None: decided from the config's size)."""
+    check_arguments(method, task, tokenizer, tokenizer_revision, results, dataset)
+    config = config_dict(config)
+    if model_type is None:
+        model_type = config.get("model_type")
+    if not model_type:
+        raise ValueError("model_type is unknown: pass model_type=... or config=...")
+    if config.get("model_type") not in (None, model_type):
+        raise ValueError(f"model_type={model_type!r} but the config says {config['model_type']!r}.")
+    results = check_results(results)
+    name, kind = METHODS[method]
+    repo_id = repo_id or f"<namespace>/{model_type}-{method}"
+    model_name = repo_id.rsplit("/", 1)[-1]
+
+    card_data = ModelCardData(
+        library_name="hf_mim",
+        pipeline_tag=PIPELINE_TAGS[task],
+        tags=["hf_mim", "masked-image-modeling", method, *(["image-tokenizer"] if kind == "tokenizer" else []),
+              *(extra_tags or [])],
+        license=license,
+        datasets=[hub_id(dataset)] if hub_id(dataset) else None,  # local data sets have no Hub id
+        base_model=hub_id(base_model),
+        model_name=model_name,
+        eval_results=[
+            EvalResult(
+                task_type=PIPELINE_TAGS[task],
+                task_name="Image classification" if task == "image-classification" else "Masked image modeling",
+                dataset_type=dataset, dataset_name=dataset, dataset_config=dataset_config,
+                dataset_split=eval_split, metric_type=metric, metric_name=metric, metric_value=value,
+            )
+            for metric, value in results.items()
+        ] or None,
+    )
+    if task == "image-classification":
+        task_description = f"image classification ({config.get('num_labels', 'unknown number of')} classes)"
+        summary = f"A ViT fine-tuned for image classification with hf_mim, from a {name}-pre-trained encoder."
+    elif kind == "tokenizer":
+        task_description = "image tokenizer (discrete visual tokens)"
+        summary = f"A {name} trained with hf_mim: it turns images into discrete visual tokens."
+    else:
+        task_description = "self-supervised pre-training (feature extraction)"
+        summary = f"A ViT encoder pre-trained with {name} (masked image modeling) using hf_mim."
+    if base_model:
+        summary += f" Initialised from `{base_model}`."
+    if dataset:
+        summary += f" Trained on `{dataset}`."
+
+    description, _ = method_text(method)
+    return ModelCard.from_template(
+        card_data,
+        template_str=template_text("model_card.md"),
+        title=model_name,
+        summary=summary,
+        method_description=description,
+        model_type=model_type,
+        architecture=(config.get("architectures") or [None])[0],
+        task_description=task_description,
+        architecture_rows=[(key, format_value(config[key])) for key in ARCHITECTURE_FIELDS if key in config],
+        base_model=base_model,
+        base_model_link=f"https://huggingface.co/{base_model}" if hub_id(base_model) else None,
+        tokenizer=tokenizer,
+        tokenizer_revision=tokenizer_revision,
+        dataset=dataset,
+        dataset_config=dataset_config,
+        recipe_rows=[(key, format_value(value)) for key, value in recipe.items()],
+        result_rows=[(metric, format_value(value)) for metric, value in results.items()],
+        results_where=f"the `{eval_split}` split of `{dataset}`",
+        auto_class=auto_class_for(config, task),
+        # Features from a pre-training checkpoint; a fine-tuned encoder may lack parts AutoModel expects.
+        encoder_class="AutoModel" if task == "pretraining" and "AutoModel" in (config.get("auto_map") or {}) else None,
+        repo_id=repo_id,
+        revision_argument=f', revision="{revision}"' if revision else "",
+        image_processor=image_processor,
+        limitations=limitations(method, config, results, dataset, demo),
+        framework_versions=framework_versions(),
+    )
+
+
+def write_model_card(output_dir: str | os.PathLike, **card_kwargs) -> Path:
+    """Render the card (same keyword arguments as `make_model_card`) to `output_dir/README.md`."""
+    path = Path(output_dir) / "README.md"
+    make_model_card(**card_kwargs).save(path)
+    return path
+
+
+__all__ = ["METHODS", "make_model_card", "write_model_card"]
