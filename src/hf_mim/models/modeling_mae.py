@@ -89,11 +89,12 @@ class MaePreTrainedModel(HubCodeMixin, PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, PatchEmbed):
-            weight = module.proj.weight
+        elif isinstance(module, nn.Conv2d):  # the patch projection (PatchEmbed owns no parameter itself,
+            # and transformers skips such modules when initialising custom code)
+            weight = module.weight
             if not getattr(weight, "_is_hf_initialized", False):  # a view would lose the loaded flag
                 nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-            init.zeros_(module.proj.bias)
+            init.zeros_(module.bias)
         elif isinstance(module, MaeModel):
             init.normal_(module.cls_token, std=self.config.initializer_range)
             init.copy_(module.pos_embed, sincos_2d_table(module.grid_size, self.config.hidden_size))
@@ -218,9 +219,11 @@ class MaeForPreTraining(MaePreTrainedModel):
         grid_size = grid_size or self.encoder.grid_size
         return unpatchify(patches, self.config.patch_size, grid_size, self.config.num_channels)
 
-    def forward_encoder(self, pixel_values, noise, mask_ratio) -> MaeModelOutput:
+    def forward_encoder(self, pixel_values, noise, mask_ratio, output_hidden_states=None) -> MaeModelOutput:
         ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
-        return self.encoder(pixel_values, noise=noise, mask_ratio=ratio)  # always masks
+        return self.encoder(  # always masks
+            pixel_values, noise=noise, mask_ratio=ratio, output_hidden_states=output_hidden_states
+        )
 
     def forward_decoder(self, latent, ids_restore, pixel_values) -> torch.Tensor:
         return self.decoder(latent, ids_restore, self.encoder.patch_embed.grid_size(pixel_values))
@@ -236,13 +239,17 @@ class MaeForPreTraining(MaePreTrainedModel):
         pixel_values: torch.Tensor,
         noise: torch.Tensor | None = None,
         mask_ratio: float | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MaeForPreTrainingOutput:
-        encoded = self.forward_encoder(pixel_values, noise, mask_ratio)
+        encoded = self.forward_encoder(pixel_values, noise, mask_ratio, output_hidden_states)
         pred = self.forward_decoder(encoded.last_hidden_state, encoded.ids_restore, pixel_values)  # [B, L, p*p*C]
         loss = self.forward_loss(pixel_values, pred, encoded.mask)
-        return MaeForPreTrainingOutput(loss=loss, logits=pred, mask=encoded.mask, ids_restore=encoded.ids_restore)
+        return MaeForPreTrainingOutput(
+            loss=loss, logits=pred, mask=encoded.mask, ids_restore=encoded.ids_restore,
+            hidden_states=encoded.hidden_states,  # the encoder's, over the visible tokens
+        )
 
 
 class MaeForImageClassification(MaePreTrainedModel):

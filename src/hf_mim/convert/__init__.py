@@ -1,0 +1,1 @@
+"""Converters from reference checkpoints to hf_mim ``save_pretrained`` directories."""

@@ -1,0 +1,115 @@
+"""Helpers shared by every converter: reading checkpoints, config overrides, key mapping."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from collections.abc import Iterable
+
+import torch
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict:
+    """``["mask_ratio=0.6", "norm_pix_loss=true"]`` -> ``{"mask_ratio": 0.6, "norm_pix_loss": True}``."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--config takes KEY=VALUE pairs, got {pair!r}.")
+        lowered = raw.strip().lower()
+        if lowered in ("true", "false"):
+            value = lowered == "true"
+        elif lowered in ("none", "null"):
+            value = None
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+        overrides[key.strip()] = value
+    return overrides
+
+
+def load_reference_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a reference ``.pth``/``.safetensors`` checkpoint and unwrap ``{'model'|'module'|'state_dict': ...}``.
+
+    ``.pth`` files are read with ``weights_only=True`` (no code runs); ``allow_pickle`` lifts that
+    for checkpoints that pickle whole objects, which runs code from the file.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No checkpoint at {path}.")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except Exception as error:  # torch raises UnpicklingError subclasses and RuntimeErrors here
+        if allow_pickle:
+            raise
+        raise ValueError(
+            f"{path} is not a plain tensor checkpoint ({type(error).__name__}: {error}). If you trust the file, "
+            "re-run with --allow-pickle (loading a pickle runs code from it)."
+        ) from error
+    for key in ("model", "module", "state_dict"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors).")
+    return checkpoint
+
+
+def is_transformers_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
+
+
+def read_model_type(path: str) -> str | None:
+    with open(os.path.join(path, "config.json")) as handle:
+        return json.load(handle).get("model_type")
+
+
+def count_indexed(state_dict: dict, prefix: str) -> int:
+    """Number of ``prefix.N.`` entries, e.g. blocks in ``blocks.N.``."""
+    indices = {int(k[len(prefix):].split(".")[0]) for k in state_dict if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+def load_into(model: torch.nn.Module, state_dict: dict, *, ignore: Iterable[str] = ()) -> None:
+    """Strict load that names every missing and unexpected key in one clear error."""
+    ignore = tuple(ignore)
+    state_dict = {k: v for k, v in state_dict.items() if not any(token in k for token in ignore)}
+    persistent = set(model.state_dict())
+    missing = sorted(persistent - set(state_dict))
+    unexpected = sorted(set(state_dict) - persistent)
+    if missing or unexpected:
+        raise ValueError(
+            "The checkpoint does not match the model: "
+            f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. "
+            "Is it a checkpoint of the method you named?"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_transformers_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The weights of a transformers ``save_pretrained`` directory, with the names as stored.
+
+    Reads ``model.safetensors`` (also sharded, through its ``.index.json``) or the older
+    ``pytorch_model.bin`` (with ``weights_only=True``).
+    """
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+        state_dict = {}
+        for shard in shards:
+            state_dict.update(load_reference_state_dict(os.path.join(path, shard)))
+        return state_dict
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(path, name)):
+            return load_reference_state_dict(os.path.join(path, name))
+    raise FileNotFoundError(
+        f"{path} has a config.json but no weights (model.safetensors, its .index.json, or pytorch_model.bin)."
+    )
