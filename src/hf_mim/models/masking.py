@@ -5,6 +5,11 @@ This file ships with every checkpoint (``trust_remote_code``): torch, numpy and 
 
 from __future__ import annotations
 
+import inspect
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
 import torch
 
 
@@ -35,3 +40,217 @@ def random_masking(noise: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor
 def gather_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """tokens [B, L, D], ids [B, K] -> [B, K, D]."""
     return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask generators: one boolean mask [rows*cols] per call (True = masked, row-major patch order),
+# reproducible under a torch.Generator. Used by the image processor and the data pipelines.
+# ---------------------------------------------------------------------------------------------
+
+
+def _grid_pair(grid_size: int | Sequence[int]) -> tuple[int, int]:
+    integer = (int, np.integer)
+    if isinstance(grid_size, integer):
+        grid_size = (grid_size, grid_size)
+    pair = tuple(grid_size) if isinstance(grid_size, Iterable) else ()
+    if len(pair) != 2 or any(not isinstance(side, integer) or side < 1 for side in pair):
+        raise ValueError(f"grid_size must be a positive int or a (rows, cols) pair of positive ints, got {grid_size}.")
+    return int(pair[0]), int(pair[1])
+
+
+class RandomMaskGenerator:
+    """MAE's masking as a generator: each call hides `num_masking_patches = L - int(L * (1 - mask_ratio))`
+    patches chosen uniformly at random, the count `random_masking` removes for the same ratio."""
+
+    def __init__(self, grid_size: int | Sequence[int], mask_ratio: float = 0.75):
+        self.grid_size = _grid_pair(grid_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.mask_ratio = check_mask_ratio(mask_ratio)
+        self.num_masking_patches = self.num_patches - int(self.num_patches * (1 - self.mask_ratio))
+        if self.num_masking_patches >= self.num_patches:
+            raise ValueError(
+                f"mask_ratio={mask_ratio} keeps no patch of the {self.grid_size[0]}x{self.grid_size[1]} grid; lower it."
+            )
+
+    def __call__(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.rand(1, self.num_patches, generator=generator)  # [1, L]
+        _, mask, _ = random_masking(noise, self.mask_ratio)  # [1, L], 1 = removed
+        return mask[0].bool()  # [L]
+
+    def __repr__(self) -> str:
+        return f"RandomMaskGenerator(grid_size={self.grid_size}, mask_ratio={self.mask_ratio})"
+
+
+class _Uniforms:
+    """Uniform [0, 1) floats drawn from torch in chunks: one torch call per chunk instead of one per
+    number keeps the blockwise generator fast, and the stream is a pure function of the generator."""
+
+    def __init__(self, generator: torch.Generator | None, chunk: int = 256):
+        self.generator, self.chunk, self.values = generator, chunk, []
+
+    def take(self, count: int) -> list[float]:
+        if len(self.values) < count:
+            fresh = torch.rand(self.chunk, dtype=torch.float64, generator=self.generator).tolist()
+            self.values = fresh + self.values  # consumed from the end
+        return [self.values.pop() for _ in range(count)]
+
+
+class BlockwiseMaskGenerator:
+    """BEiT's blockwise masking (Bao et al., 2022) on any rows x cols grid.
+
+    Rectangular blocks are added until `num_masking_patches` (an ABSOLUTE count: 75 of 14x14 in
+    BEiT) are masked. For each block, up to 10 tries: area ~ U[min_num_patches, budget] with
+    budget = min(remaining, max_num_patches), aspect ratio log-uniform in [min_aspect, max_aspect]
+    (max_aspect defaults to 1 / min_aspect), height = round(sqrt(area * aspect)), width =
+    round(sqrt(area / aspect)); as in the reference, a block must be strictly smaller than the grid
+    in both directions, and is kept only if it adds between 1 and `budget` new patches. Masking
+    stops when a block's 10 tries all fail, so the count can end below the target (mean 74.5 for
+    75 of 14x14): gather masked tokens with a boolean index, never a reshape.
+    Use :meth:`scaled` to carry BEiT's counts over to another grid in proportion.
+    """
+
+    tries_per_block = 10
+
+    def __init__(
+        self,
+        grid_size: int | Sequence[int],
+        num_masking_patches: int = 75,
+        min_num_patches: int = 16,
+        max_num_patches: int | None = None,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+    ):
+        self.grid_size = rows, cols = _grid_pair(grid_size)
+        self.num_patches = rows * cols
+        if rows < 2 or cols < 2:
+            raise ValueError(
+                f"Blockwise masking needs a grid of at least 2x2 patches (blocks are strictly smaller than the "
+                f"grid), got {rows}x{cols}. Use the 'random' mask generator for this grid."
+            )
+        if not 1 <= num_masking_patches <= self.num_patches:
+            raise ValueError(
+                f"num_masking_patches={num_masking_patches} must be between 1 and the {self.num_patches} patches of "
+                f"the {rows}x{cols} grid. BEiT masks 75 of 14x14: to scale that to this grid, use "
+                f"BlockwiseMaskGenerator.scaled(grid_size), or pass reference_grid=(14, 14) to "
+                f"build_mask_generator (the image processor's mask_generator_kwargs)."
+            )
+        if not 1 <= min_num_patches <= num_masking_patches:
+            raise ValueError(
+                f"min_num_patches={min_num_patches} must be between 1 and num_masking_patches={num_masking_patches}."
+            )
+        if max_num_patches is not None and max_num_patches < min_num_patches:
+            raise ValueError(
+                f"max_num_patches={max_num_patches} is below min_num_patches={min_num_patches}; raise it or pass None."
+            )
+        max_aspect = 1.0 / min_aspect if max_aspect is None and min_aspect > 0 else max_aspect
+        if not 0 < min_aspect <= max_aspect:
+            raise ValueError(
+                f"Need 0 < min_aspect <= max_aspect, got min_aspect={min_aspect}, max_aspect={max_aspect}."
+            )
+        self.num_masking_patches = int(num_masking_patches)
+        self.min_num_patches = int(min_num_patches)
+        self.max_num_patches = self.num_masking_patches if max_num_patches is None else int(max_num_patches)
+        self.min_aspect, self.max_aspect = float(min_aspect), float(max_aspect)
+        self.log_aspect = (math.log(self.min_aspect), math.log(self.max_aspect))
+        self._check_a_block_fits()
+
+    def _check_a_block_fits(self) -> None:
+        """Fail early when no first block can ever be placed: the generator would silently mask nothing."""
+        (rows, cols), budget = self.grid_size, min(self.num_masking_patches, self.max_num_patches)
+        areas = np.linspace(self.min_num_patches, budget, 257)[:, None]  # [257, 1]
+        aspects = np.exp(np.linspace(*self.log_aspect, 257))[None, :]  # [1, 257]
+        heights, widths = np.round(np.sqrt(areas * aspects)), np.round(np.sqrt(areas / aspects))  # [257, 257]
+        fits = (heights >= 1) & (widths >= 1) & (heights < rows) & (widths < cols) & (heights * widths <= budget)
+        if not fits.any():
+            raise ValueError(
+                f"No block of {self.min_num_patches} to {budget} patches with an aspect ratio in "
+                f"[{self.min_aspect:.3g}, {self.max_aspect:.3g}] fits strictly inside the {rows}x{cols} grid, so "
+                f"nothing would ever be masked. Lower min_num_patches (reference_grid=(14, 14) scales "
+                f"BEiT's counts to the grid) or widen the aspect range."
+            )
+
+    @classmethod
+    def scaled(
+        cls,
+        grid_size: int | Sequence[int],
+        reference_grid: int | Sequence[int] = (14, 14),
+        num_masking_patches: int = 75,
+        min_num_patches: int = 16,
+        max_num_patches: int | None = None,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+    ) -> BlockwiseMaskGenerator:
+        """The counts are given for `reference_grid` and scaled by the ratio of patch counts
+        (rounded, at least 1): 75 and 16 of 14x14 become 24 and 5 of 8x8; the aspect range is kept."""
+        ref_rows, ref_cols = _grid_pair(reference_grid)
+        rows, cols = _grid_pair(grid_size)
+        scale = rows * cols / (ref_rows * ref_cols)
+
+        def rescale(count: int) -> int:
+            return max(1, round(count * scale))
+
+        return cls(
+            (rows, cols), rescale(num_masking_patches), rescale(min_num_patches),
+            None if max_num_patches is None else rescale(max_num_patches), min_aspect, max_aspect,
+        )
+
+    def __call__(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        uniforms = _Uniforms(generator)
+        mask = np.zeros(self.grid_size, dtype=bool)  # [rows, cols]
+        count = 0
+        while count < self.num_masking_patches:
+            budget = min(self.num_masking_patches - count, self.max_num_patches)
+            added = self._add_block(mask, budget, uniforms)
+            if added == 0:
+                break
+            count += added
+        return torch.from_numpy(mask.reshape(-1))  # [rows*cols], row-major
+
+    def _add_block(self, mask: np.ndarray, budget: int, uniforms: _Uniforms) -> int:
+        """Up to `tries_per_block` tries to place one block adding 1..budget new patches; returns how many it added."""
+        rows, cols = self.grid_size
+        for _ in range(self.tries_per_block):
+            u_area, u_aspect, u_top, u_left = uniforms.take(4)
+            area = self.min_num_patches + (budget - self.min_num_patches) * u_area
+            aspect = math.exp(self.log_aspect[0] + (self.log_aspect[1] - self.log_aspect[0]) * u_aspect)
+            height, width = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if height >= rows or width >= cols:
+                continue
+            top = min(int(u_top * (rows - height + 1)), rows - height)  # uniform over every placement
+            left = min(int(u_left * (cols - width + 1)), cols - width)
+            block = mask[top : top + height, left : left + width]  # a view: writing it writes the mask
+            added = height * width - int(block.sum())
+            if 0 < added <= budget:
+                block[...] = True
+                return added
+        return 0
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockwiseMaskGenerator(grid_size={self.grid_size}, num_masking_patches={self.num_masking_patches}, "
+            f"min_num_patches={self.min_num_patches}, max_num_patches={self.max_num_patches}, "
+            f"min_aspect={self.min_aspect}, max_aspect={self.max_aspect})"
+        )
+
+
+MASK_GENERATORS = {"random": RandomMaskGenerator, "blockwise": BlockwiseMaskGenerator}
+
+
+def mask_generator_class(name: str) -> type:
+    if name not in MASK_GENERATORS:
+        raise ValueError(f"Unknown mask generator {name!r}; choose one of {sorted(MASK_GENERATORS)}.")
+    return MASK_GENERATORS[name]
+
+
+def build_mask_generator(name: str, grid_size: int | Sequence[int], **kwargs):
+    """`build_mask_generator("blockwise", (14, 14), num_masking_patches=75)`. For "blockwise", passing
+    `reference_grid` means the counts are given for that grid and are scaled to `grid_size`."""
+    cls = mask_generator_class(name)
+    factory = cls.scaled if name == "blockwise" and "reference_grid" in kwargs else cls
+    accepted = [p for p in inspect.signature(factory).parameters if p != "grid_size"]
+    if name == "blockwise" and "reference_grid" not in accepted:
+        accepted.append("reference_grid")
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"Mask generator {name!r} does not take {unknown}; it accepts {accepted}.")
+    return factory(grid_size, **kwargs)
