@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForPreTraining,
@@ -14,6 +15,8 @@ from . import models
 # model family -> (config, base model, pre-training model, classification model); None = no such head.
 FAMILIES = {
     "mae": (models.MaeConfig, models.MaeModel, models.MaeForPreTraining, models.MaeForImageClassification),
+    "dvae": (models.DvaeConfig, models.DvaeTokenizer, None, None),
+    "beit": (models.BEiTConfig, models.BEiTModel, models.BEiTForMaskedImageModeling, models.BEiTForImageClassification),
 }
 
 
@@ -25,3 +28,10 @@ def register_auto_classes() -> None:
             AutoModelForPreTraining.register(config, pretraining, exist_ok=True)
         if classification is not None:
             AutoModelForImageClassification.register(config, classification, exist_ok=True)
+    # One image processor (two backends) serves every family; a fresh dict each, as transformers updates it in place.
+    for config, *_ in FAMILIES.values():
+        AutoImageProcessor.register(
+            config,
+            image_processor_classes={"torchvision": models.MimImageProcessor, "pil": models.MimImageProcessorPil},
+            exist_ok=True,
+        )

@@ -1,7 +1,27 @@
 """The model code of hf_mim. Every file in this folder ships inside saved checkpoints, so they
 import only torch, transformers, the standard library and each other (single-dot imports)."""
 
+from .configuration_beit import BEiTConfig
+from .configuration_dvae import DvaeConfig
 from .configuration_mae import MaeConfig
+from .image_processing_mim import MimImageProcessor, MimImageProcessorPil
+from .modeling_beit import BEiTForImageClassification, BEiTForMaskedImageModeling, BEiTModel, BEiTPreTrainedModel
+from .modeling_dvae import DvaeTokenizer
 from .modeling_mae import MaeForImageClassification, MaeForPreTraining, MaeModel, MaePreTrainedModel
 
-__all__ = ["MaeConfig", "MaeForImageClassification", "MaeForPreTraining", "MaeModel", "MaePreTrainedModel"]
+__all__ = [
+    "BEiTConfig",
+    "BEiTForImageClassification",
+    "BEiTForMaskedImageModeling",
+    "BEiTModel",
+    "BEiTPreTrainedModel",
+    "DvaeConfig",
+    "DvaeTokenizer",
+    "MaeConfig",
+    "MaeForImageClassification",
+    "MaeForPreTraining",
+    "MaeModel",
+    "MaePreTrainedModel",
+    "MimImageProcessor",
+    "MimImageProcessorPil",
+]

@@ -8,6 +8,8 @@ every head of the model family, not only the class that was saved, so ``AutoMode
 
 from __future__ import annotations
 
+import os
+
 
 class HubCodeMixin:
     # auto class -> "module.Class" for every head of the family; set by each model family.
@@ -24,5 +26,11 @@ class HubCodeMixin:
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.update(self.hub_auto_map)
         auto_map["AutoConfig"] = f"{config_class.__module__.rsplit('.', 1)[-1]}.{config_class.__name__}"
-        self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.auto_map = dict(auto_map)  # a copy: transformers edits it in place below
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if self.config.auto_map != auto_map and kwargs.get("is_main_process", True):
+            # transformers records any class named "...Tokenizer" as a (slow, fast) text-tokenizer pair,
+            # which AutoModel cannot load (our visual tokenizers): write the plain map again.
+            self.config.auto_map = auto_map
+            self.config.to_json_file(os.path.join(save_directory, "config.json"))
+        return result

@@ -1,0 +1,461 @@
+"""BEiT (Bao et al., 2022) and BEiT v2 (Peng et al., 2022): masked image modeling with visual-token targets.
+
+Masked patches are replaced by a learned ``mask_token`` before any position information, the
+transformer sees every token (CLS first), and an LM head predicts the visual-token id of each
+masked patch (the ids come from a frozen tokenizer: the DALL-E dVAE for v1, VQ-KD for v2). The
+loss is the cross-entropy over all masked tokens of the batch. Blocks are ``vit_core.Block`` with
+BEiT's q/v biases and layer scale; positions come from a relative position bias (one table shared
+by all blocks in pre-training, one per block in fine-tuning). BEiT v2 adds a CLS-aggregation head
+(``cls_pt_layers``) whose loss is added 1:1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.modeling_utils import load_state_dict
+from transformers.utils import ModelOutput
+
+from .configuration_beit import BEiTConfig
+from .relative_position import RelativePositionBias, relative_position_index
+from .remote_code import HubCodeMixin
+from .vit_core import Attention, Block, PatchEmbed, drop_path_rates, grid_size_for, resize_pos_embed
+
+SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+
+
+@dataclass
+class BEiTModelOutput(ModelOutput):
+    """last_hidden_state [B, 1+N, D] (CLS first, after the final norm when the model has one);
+    hidden_states: the embeddings and each block's output, before the final norm."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class BEiTForMaskedImageModelingOutput(ModelOutput):
+    """loss: ``mim_loss`` (+ ``cls_head_loss`` with the BEiT v2 head); logits [M, vocab] for the M
+    masked patches of the batch, in row-major order of ``bool_masked_pos`` (sample by sample);
+    accuracy: masked-token accuracy of ``logits``. The ``cls_head_*`` fields are the v2 head's."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    accuracy: torch.FloatTensor | None = None
+    mim_loss: torch.FloatTensor | None = None
+    cls_head_loss: torch.FloatTensor | None = None
+    cls_head_logits: torch.FloatTensor | None = None
+    cls_head_accuracy: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks and the loss
+# ---------------------------------------------------------------------------------------------
+
+
+def check_bool_masked_pos(bool_masked_pos: torch.Tensor | None, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, N] or [B, rows, cols] mask (True / 1 = masked) -> [B, N] bool in row-major patch order."""
+    rows, cols = grid
+    if bool_masked_pos is None:
+        raise ValueError(
+            "BEiT pre-training needs `bool_masked_pos` [batch, num_patches] (True = masked); build it with "
+            "hf_mim's blockwise mask generator or the image processor."
+        )
+    if tuple(bool_masked_pos.shape) not in ((batch, rows * cols), (batch, rows, cols)):
+        raise ValueError(
+            f"bool_masked_pos has shape {list(bool_masked_pos.shape)}, expected [{batch}, {rows * cols}] (or "
+            f"[{batch}, {rows}, {cols}]) for a batch of {batch} images of {rows}x{cols} patches. Generate the "
+            "mask for the patch grid of the images you pass."
+        )
+    mask = bool_masked_pos.reshape(batch, rows * cols)
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("bool_masked_pos must be boolean (or integer 0/1), True = masked.")
+        mask = mask.bool()
+    return mask
+
+
+def check_labels(labels: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int], vocab_size: int) -> torch.Tensor:
+    """The visual-token ids of ALL patches, [B, N] (or [B, rows, cols]) -> [B, N] long."""
+    batch = mask.shape[0]
+    if tuple(labels.shape) not in ((batch, grid[0] * grid[1]), (batch, *grid)):
+        raise ValueError(
+            f"labels has shape {list(labels.shape)}, expected the visual-token ids of every patch, "
+            f"[{mask.shape[0]}, {mask.shape[1]}] (transformers' BeitForMaskedImageModeling takes only the masked "
+            "ones; pass the full token map, the model picks the masked positions itself)."
+        )
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}.")
+    labels = labels.reshape(mask.shape).long()
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"labels hold token ids in [{low}, {high}] but the LM head has vocab_size={vocab_size}. Build the model "
+            "with vocab_size equal to the tokenizer's codebook size (8192 for the DALL-E dVAE and VQ-KD)."
+        )
+    return labels
+
+
+def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and accuracy over all M masked tokens of the batch: logits [M, V], targets [M].
+
+    Sum over tokens divided by max(M, 1), so a batch without a masked patch gives 0 (with the
+    graph kept) instead of the NaN of an empty mean.
+    """
+    count = max(targets.numel(), 1)
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum") / count
+    accuracy = (logits.detach().argmax(dim=-1) == targets).sum().float() / count
+    return loss, accuracy
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class BEiTBlock(Block):
+    """``vit_core.Block`` with BEiT's q/v biases and layer scale; with per-block relative position
+    bias (fine-tuning) it also owns a table, added to the shared bias it is given (if any)."""
+
+    def __init__(self, config: BEiTConfig, grid_size: tuple[int, int], drop_path: float, layer_id: int):
+        super().__init__(
+            config, config.hidden_size, config.num_attention_heads, config.intermediate_size, qv_bias=True,
+            layer_scale_init=config.layer_scale_init_value if config.uses_layer_scale else None,
+            drop_path=drop_path, drop=config.hidden_dropout_prob, attn_drop=config.attention_probs_dropout_prob,
+            act=config.hidden_act, eps=config.layer_norm_eps,
+        )
+        use_own = config.use_relative_position_bias
+        self.rel_pos_bias = RelativePositionBias(grid_size, config.num_attention_heads) if use_own else None
+        # The reference init divides the residual output projections by sqrt(2 * layer_id); the
+        # Linear layers carry their layer id so that `_init_weights` does it right after drawing them.
+        for linear in (self.attn.proj, self.mlp.fc2):
+            linear.residual_layer_id = layer_id
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, grid_size=None) -> torch.Tensor:
+        if self.rel_pos_bias is not None:
+            own = self.rel_pos_bias(grid_size).unsqueeze(0)  # [1, H, 1+N, 1+N]
+            attn_bias = own if attn_bias is None else attn_bias + own
+        return super().forward(x, attn_bias)
+
+
+def build_blocks(config: BEiTConfig, grid_size: tuple[int, int], depths: range) -> nn.ModuleList:
+    """Blocks at the given depths (0-based): the drop-path rate and init layer id (depth + 1) of that depth."""
+    rates = drop_path_rates(config.drop_path_rate, config.num_hidden_layers)
+    return nn.ModuleList(
+        BEiTBlock(config, grid_size, rates[min(depth, len(rates) - 1)], layer_id=depth + 1) for depth in depths
+    )
+
+
+def expand_shared_relative_position_bias(state_dict: dict, model_keys) -> dict | None:
+    """A checkpoint with the pre-training layout (one shared relative position table) for a model
+    with one table per block: the state dict with the shared table copied into every block's table
+    (and the shared entry dropped), or None when the layouts already agree.
+
+    Keys are as transformers sees them: the model's may carry the ``beit.`` prefix, the
+    checkpoint's whatever prefix it was saved with (transformers reconciles the two afterwards).
+    Raises when a per-block checkpoint meets a shared-table model: the table would be lost.
+    """
+    def is_table(key: str) -> bool:
+        return key.endswith(SHARED_TABLE)
+
+    def is_per_block(key: str) -> bool:
+        return is_table(key) and ("blocks." in key or "cls_pt_layers." in key)
+
+    stored_shared = [k for k in state_dict if is_table(k) and not is_per_block(k)]
+    stored_per_block = [k for k in state_dict if is_per_block(k)]
+    model_shared = [k for k in model_keys if is_table(k) and not is_per_block(k)]
+    model_per_block = [k for k in model_keys if is_per_block(k)]
+    if model_shared and stored_per_block and not stored_shared:
+        raise ValueError(
+            "The checkpoint has one relative position bias table per block (fine-tuning layout) but the model "
+            "is configured with a shared table. Load it with use_shared_relative_position_bias=False, "
+            "use_relative_position_bias=True."
+        )
+    if not model_per_block or not stored_shared or stored_per_block:
+        return None
+    source = stored_shared[0]
+    prefix = source[: -len(SHARED_TABLE)]  # "beit." from a pre-training/classification checkpoint, "" from a BEiTModel
+    expanded = {k: v for k, v in state_dict.items() if k != source}
+    for key in model_per_block:
+        if key.startswith("cls_pt_layers."):
+            if prefix:  # the v2 head lives next to `beit.`, so only a full pre-training checkpoint addresses it
+                expanded[key] = state_dict[source]
+        else:
+            expanded[prefix + key.removeprefix("beit.")] = state_dict[source]
+    return expanded
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+class BEiTPreTrainedModel(HubCodeMixin, PreTrainedModel):
+    hub_auto_map = {
+        "AutoModel": "modeling_beit.BEiTModel",
+        "AutoModelForPreTraining": "modeling_beit.BEiTForMaskedImageModeling",
+        "AutoModelForImageClassification": "modeling_beit.BEiTForImageClassification",
+    }
+    config_class = BEiTConfig
+    config: BEiTConfig
+    base_model_prefix = "beit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BEiTBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = False  # the relative position bias is an additive float mask
+    _supports_flex_attn = False  # transformers' flex path reads one mask head for all heads
+    _keys_to_ignore_on_load_unexpected = [r"relative_position_index"]  # a buffer the reference stores
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The reference pre-training init: truncated normal (std 0.02 cut at +-0.02) for Linear and
+        conv weights and the tokens, zero biases and relative tables, layer scales at their init
+        value; the residual projections of the block at layer id i (1-based) then divided by
+        sqrt(2 * i), only when freshly drawn (a weight loaded from a checkpoint carries
+        ``_is_hf_initialized`` and is neither redrawn nor rescaled)."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            fresh = not getattr(module.weight, "_is_hf_initialized", False)
+            init.trunc_normal_(module.weight, std=std, a=-std, b=std)
+            layer_id = getattr(module, "residual_layer_id", None)
+            if fresh and layer_id is not None:
+                module.weight.div_(math.sqrt(2.0 * layer_id))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, RelativePositionBias):
+            init.zeros_(module.relative_position_bias_table)
+            init.copy_(module.relative_position_index, relative_position_index(module.grid_size))
+        elif isinstance(module, Attention) and module.q_bias is not None:
+            init.zeros_(module.q_bias)
+            init.zeros_(module.v_bias)
+        elif isinstance(module, Block) and module.gamma_1 is not None:
+            init.constant_(module.gamma_1, self.config.layer_scale_init_value)
+            init.constant_(module.gamma_2, self.config.layer_scale_init_value)
+        elif isinstance(module, BEiTModel):
+            for token in (module.cls_token, module.mask_token, module.pos_embed):
+                if token is not None:
+                    init.trunc_normal_(token, std=std, a=-std, b=std)
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        """Loading a pre-training checkpoint (one shared relative position table) into a model with
+        per-block tables copies the shared table into every block (the reference fine-tuning recipe).
+        The checkpoint's keys are read first (metadata only); tensors are read here only to expand."""
+        per_block = any(isinstance(m, BEiTBlock) and m.rel_pos_bias is not None for m in model.modules())
+        shared = any(isinstance(m, BEiTModel) and m.rel_pos_bias is not None for m in model.modules())
+        if (per_block or shared) and (state_dict is not None or checkpoint_files):
+            files = [] if state_dict is not None else checkpoint_files
+            keys = dict(state_dict or {})
+            for file in files:
+                keys.update(load_state_dict(file, map_location="meta"))
+            if expand_shared_relative_position_bias(keys, model.state_dict().keys()) is not None:
+                full = dict(state_dict or {})
+                for file in files:
+                    full.update(load_state_dict(file))
+                state_dict = expand_shared_relative_position_bias(full, model.state_dict().keys())
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
+
+
+class BEiTModel(BEiTPreTrainedModel):
+    """The BEiT encoder: patch embedding, mask token (before positions), CLS, optional learned
+    absolute positions, relative position bias, blocks, final norm."""
+
+    _keys_to_ignore_on_load_unexpected = [r"relative_position_index", r"^lm_head\.", r"^cls_pt_layers\."]
+
+    def __init__(self, config: BEiTConfig, use_mask_token: bool = True, use_final_norm: bool = True):
+        super().__init__(config)
+        width = config.hidden_size
+        self.grid_size = grid_size_for(config.image_size, config.patch_size)
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        self.patch_embed = PatchEmbed(config.patch_size, config.num_channels, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width)) if use_mask_token else None
+        use_abs = config.use_absolute_position_embeddings
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, width)) if use_abs else None
+        self.pos_drop = nn.Dropout(config.hidden_dropout_prob)
+        use_shared = config.use_shared_relative_position_bias
+        self.rel_pos_bias = RelativePositionBias(self.grid_size, config.num_attention_heads) if use_shared else None
+        self.blocks = build_blocks(config, self.grid_size, range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if use_final_norm else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embed
+
+    def shared_attention_bias(self, grid_size: tuple[int, int]) -> torch.Tensor | None:
+        """[1, H, 1+N, 1+N] the shared relative position bias, or None without one."""
+        return None if self.rel_pos_bias is None else self.rel_pos_bias(grid_size).unsqueeze(0)
+
+    def embed(self, pixel_values: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
+        """[B, 1+N, D]: patch tokens (masked ones replaced by mask_token), CLS prepended, then positions."""
+        tokens = self.patch_embed(pixel_values)  # [B, N, D]
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError(
+                    "This model was built without a mask token (classification); do not pass bool_masked_pos."
+                )
+            tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)  # [B, N, D]
+        x = torch.cat([self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1), tokens], dim=1)  # [B, 1+N, D]
+        if self.pos_embed is not None:
+            x = x + resize_pos_embed(self.pos_embed, self.grid_size, grid).to(x.dtype)  # [1, 1+N, D]
+        return self.pos_drop(x)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BEiTModelOutput:
+        """``bool_masked_pos`` [B, N] (True = masked) replaces those patches by the mask token."""
+        grid = self.patch_embed.grid_size(pixel_values)
+        mask = None
+        if bool_masked_pos is not None:
+            mask = check_bool_masked_pos(bool_masked_pos, pixel_values.shape[0], grid)  # [B, N]
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        x = self.embed(pixel_values, mask, grid)  # [B, 1+N, D]
+        shared_bias = self.shared_attention_bias(grid)  # [1, H, 1+N, 1+N] or None
+        hidden_states = [x] if output_hidden_states else None
+        for block in self.blocks:
+            x = block(x, shared_bias, grid)  # [B, 1+N, D]
+            if output_hidden_states:
+                hidden_states.append(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return BEiTModelOutput(
+            last_hidden_state=x, hidden_states=tuple(hidden_states) if output_hidden_states else None
+        )
+
+
+class BEiTForMaskedImageModeling(BEiTPreTrainedModel):
+    """BEiT pre-training: the LM head predicts the visual token of every masked patch (only those).
+
+    ``forward(pixel_values, bool_masked_pos, labels)``: labels are the token ids of ALL patches
+    [B, N]; the model picks the masked ones. With ``use_cls_pretext_head`` (BEiT v2) the CLS head's
+    loss is added 1:1 and reported separately.
+    """
+
+    def __init__(self, config: BEiTConfig):
+        super().__init__(config)
+        self.beit = BEiTModel(config)
+        self.cls_pt_layers = None
+        if config.use_cls_pretext_head:
+            first = config.cls_head_early_layer
+            self.cls_pt_layers = build_blocks(config, self.beit.grid_size, range(first, first + config.cls_head_depth))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def forward_cls_head(self, hidden_states: tuple[torch.Tensor, ...], grid: tuple[int, int]) -> torch.Tensor:
+        """BEiT v2: early patch tokens + the last block's CLS (before the final norm) -> cls_pt_layers.
+        hidden_states[k] is the output of the k-th block (hidden_states[0]: the embeddings)."""
+        early_patches = hidden_states[self.config.cls_head_early_layer][:, 1:]  # [B, N, D]
+        final_cls = hidden_states[-1][:, :1]  # [B, 1, D]
+        x = torch.cat([final_cls, early_patches], dim=1)  # [B, 1+N, D]
+        shared_bias = self.beit.shared_attention_bias(grid)
+        for block in self.cls_pt_layers:
+            x = block(x, shared_bias, grid)  # [B, 1+N, D]
+        return x
+
+    def predict_masked(self, tokens: torch.Tensor, mask: torch.Tensor, norm: bool) -> torch.Tensor:
+        """tokens [B, 1+N, D] -> logits [M, V] of the masked patches (a boolean gather: M varies per sample)."""
+        masked = tokens[:, 1:][mask]  # [M, D]
+        return self.lm_head(self.beit.norm(masked) if norm else masked)  # [M, V]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BEiTForMaskedImageModelingOutput:
+        grid = self.beit.patch_embed.grid_size(pixel_values)
+        mask = check_bool_masked_pos(bool_masked_pos, pixel_values.shape[0], grid)  # [B, N]
+        targets = None if labels is None else check_labels(labels, mask, grid, self.config.vocab_size)[mask]  # [M]
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        need_states = output_hidden_states or self.cls_pt_layers is not None
+        encoded = self.beit(pixel_values, bool_masked_pos=mask, output_hidden_states=need_states)
+        logits = self.predict_masked(encoded.last_hidden_state, mask, norm=False)  # [M, V], already normed
+        cls_logits = None
+        if self.cls_pt_layers is not None:
+            cls_logits = self.predict_masked(self.forward_cls_head(encoded.hidden_states, grid), mask, norm=True)
+        output = BEiTForMaskedImageModelingOutput(
+            logits=logits, cls_head_logits=cls_logits,
+            hidden_states=encoded.hidden_states if output_hidden_states else None,
+        )
+        if targets is not None:
+            output.mim_loss, output.accuracy = masked_token_loss(logits, targets)
+            output.loss = output.mim_loss
+            if cls_logits is not None:
+                output.cls_head_loss, output.cls_head_accuracy = masked_token_loss(cls_logits, targets)
+                output.loss = output.mim_loss + output.cls_head_loss
+        return output
+
+
+class BEiTForImageClassification(BEiTPreTrainedModel):
+    """BEiT fine-tuning head: mean-pooled patch tokens -> ``fc_norm`` -> Linear (or the final-normed
+    CLS token when ``use_mean_pooling=False``). The mask token, LM head and v2 CLS head of a
+    pre-training checkpoint are not used; with mean pooling neither is its final norm (reported
+    unused, as in the reference)."""
+
+    _keys_to_ignore_on_load_unexpected = [
+        r"relative_position_index", r"^lm_head\.", r"^cls_pt_layers\.", r"(^|\.)mask_token$",
+    ]
+
+    def __init__(self, config: BEiTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.beit = BEiTModel(config, use_mask_token=False, use_final_norm=not config.use_mean_pooling)
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_mean_pooling else None
+        self.head = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is getattr(self, "head", None) and isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=2e-5)  # the reference head: std 0.02 scaled by init_scale 0.001
+
+    def pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.fc_norm is None:
+            return hidden_states[:, 0]  # [B, D] normed CLS
+        return self.fc_norm(hidden_states[:, 1:].mean(dim=1))  # [B, D]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        encoded = self.beit(pixel_values, output_hidden_states=output_hidden_states)
+        logits = self.head(self.pool(encoded.last_hidden_state))  # [B, num_labels]
+        loss = None
+        if labels is not None:
+            # Integer class ids, or soft targets [B, num_labels] (mixup/cutmix).
+            loss = F.cross_entropy(logits.float(), labels if labels.is_floating_point() else labels.long())
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+
+
+__all__ = [
+    "BEiTForImageClassification", "BEiTForMaskedImageModeling", "BEiTModel", "BEiTPreTrainedModel",
+    "expand_shared_relative_position_bias",
+]

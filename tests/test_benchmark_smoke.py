@@ -1,0 +1,65 @@
+"""The throughput benchmark runs end to end on a micro config (no timing assertions)."""
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    spec = importlib.util.spec_from_file_location("hf_mim_benchmark_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def micro(throughput):
+    return throughput.Preset(16, 8, 32, 1, 2, 64, 32, 1, 2, 64, batch_size=2, warmup=1, steps=1, repeats=2, bf16=True)
+
+
+def test_mae_pair_eager_and_fullgraph_compile(throughput, micro):
+    # backend="eager": dynamo traces the forward as inductor would, without code generation (seconds, not a minute);
+    # fullgraph=True makes any graph break in either model an error.
+    options = {"fullgraph": True, "backend": "eager"}
+    results = throughput.run_pair("mae", micro, torch.device("cpu"), ("eager", "compile"), options)
+    assert {(r.mode, r.side) for r in results} == {(m, s) for m in ("eager", "compile") for s in ("ours", "peer")}
+    for r in results:
+        assert len(r.images_per_s_repeats) == micro.repeats
+        assert r.images_per_s > 0 and all(speed > 0 for speed in r.images_per_s_repeats)
+        assert r.peak_memory_gb is None  # CPU: no device memory figure
+    ours, peer = (next(r for r in results if r.side == side) for side in ("ours", "peer"))
+    assert ours.trainable_params == peer.trainable_params  # the same architecture on both sides
+    assert "ours/peer" in throughput.format_table(results)
+
+
+def test_forward_only_pair_without_peer(throughput, micro, monkeypatch):
+    # The shape later pairs take (e.g. a tokenizer timed alone): no peer, no optimizer.
+    def forward_only(preset, device):
+        return dataclasses.replace(throughput.build_mae_pair(preset, device), peer=None, train=False)
+
+    monkeypatch.setitem(throughput.PAIRS, "mae-forward", forward_only)
+    results = throughput.run_pair("mae-forward", micro, torch.device("cpu"), ("eager",))
+    assert [r.side for r in results] == ["ours"] and results[0].images_per_s > 0
+    assert "-" in throughput.format_table(results)
+
+
+def test_cli_writes_json(throughput, tmp_path):
+    out = tmp_path / "results.json"
+    throughput.main(["--preset", "cpu-tiny", "--batch_size", "2", "--steps", "1", "--warmup", "0",
+                     "--repeats", "1", "--no-compile", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["preset"]["batch_size"] == 2 and report["modes"] == ["eager"]
+    assert sorted(r["side"] for r in report["results"]) == ["ours", "peer"]
+    with pytest.raises(SystemExit):
+        throughput.main(["--models", "mae,nope"])
