@@ -17,6 +17,8 @@ FAMILIES = {
     "mae": (models.MaeConfig, models.MaeModel, models.MaeForPreTraining, models.MaeForImageClassification),
     "dvae": (models.DvaeConfig, models.DvaeTokenizer, None, None),
     "beit": (models.BEiTConfig, models.BEiTModel, models.BEiTForMaskedImageModeling, models.BEiTForImageClassification),
+    "vqkd": (models.VqkdConfig, models.VqkdTokenizer, None, None),
+    ),
 }
 
 

@@ -17,6 +17,7 @@ CONVERTERS = {
     "dalle": "dalle",
     "beit": "beit",
     "beitv2": "beitv2",
+    "vqkd": "vqkd",
 }
 
 

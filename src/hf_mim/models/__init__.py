@@ -8,6 +8,8 @@ from .image_processing_mim import MimImageProcessor, MimImageProcessorPil
 from .modeling_beit import BEiTForImageClassification, BEiTForMaskedImageModeling, BEiTModel, BEiTPreTrainedModel
 from .modeling_dvae import DvaeTokenizer
 from .modeling_mae import MaeForImageClassification, MaeForPreTraining, MaeModel, MaePreTrainedModel
+from .configuration_vqkd import VqkdConfig
+from .modeling_vqkd import VqkdTokenizer
 
 __all__ = [
     "BEiTConfig",
@@ -24,4 +26,6 @@ __all__ = [
     "MaePreTrainedModel",
     "MimImageProcessor",
     "MimImageProcessorPil",
+    "VqkdConfig",
+    "VqkdTokenizer",
 ]
