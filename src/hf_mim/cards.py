@@ -188,11 +188,13 @@ def make_model_card(
     image_processor: bool = False,
     extra_tags: list[str] | None = None,
     demo: bool | None = None,
+    from_scratch: bool = False,
 ) -> ModelCard:
     """A model card for a checkpoint. `recipe`: hyper-parameters actually used; `results`: metrics
     actually measured (name -> number) on `eval_split` of `dataset`; `config`: the model's config
     (dict or PreTrainedConfig) for the architecture table and the Auto class to load it with;
-    `demo`: flag the checkpoint as a demonstration (None: decided from the config's size)."""
+    `demo`: flag the checkpoint as a demonstration (None: decided from the config's size);
+    `from_scratch`: a classifier trained from random weights (no pre-training to name)."""
     check_arguments(method, task, tokenizer, tokenizer_revision, results, dataset)
     config = config_dict(config)
     if model_type is None:
@@ -228,6 +230,8 @@ def make_model_card(
     if task == "image-classification":
         task_description = f"image classification ({config.get('num_labels', 'unknown number of')} classes)"
         summary = f"A ViT fine-tuned for image classification with hf_mim, from a {name}-pre-trained encoder."
+        if from_scratch:  # no pre-trained weights: say so rather than name a pre-training
+            summary = f"A ViT ({name} architecture) trained from scratch for image classification with hf_mim."
     elif kind == "tokenizer":
         task_description = "image tokenizer (discrete visual tokens)"
         summary = f"A {name} trained with hf_mim: it turns images into discrete visual tokens."

@@ -18,7 +18,10 @@ FAMILIES = {
     "dvae": (models.DvaeConfig, models.DvaeTokenizer, None, None),
     "beit": (models.BEiTConfig, models.BEiTModel, models.BEiTForMaskedImageModeling, models.BEiTForImageClassification),
     "vqkd": (models.VqkdConfig, models.VqkdTokenizer, None, None),
+    "vit_mpp": (
+        models.VitMppConfig, models.VitMppModel, models.VitMppForPreTraining, models.VitMppForImageClassification,
     ),
+    "peco": (models.PecoConfig, models.PecoTokenizer, None, None),
 }
 
 

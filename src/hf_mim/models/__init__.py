@@ -10,6 +10,10 @@ from .modeling_dvae import DvaeTokenizer
 from .modeling_mae import MaeForImageClassification, MaeForPreTraining, MaeModel, MaePreTrainedModel
 from .configuration_vqkd import VqkdConfig
 from .modeling_vqkd import VqkdTokenizer
+from .configuration_vit_mpp import VitMppConfig
+from .modeling_vit_mpp import VitMppForImageClassification, VitMppForPreTraining, VitMppModel, VitMppPreTrainedModel
+from .configuration_peco import PecoConfig
+from .modeling_peco import PecoTokenizer
 
 __all__ = [
     "BEiTConfig",
@@ -28,4 +32,11 @@ __all__ = [
     "MimImageProcessorPil",
     "VqkdConfig",
     "VqkdTokenizer",
+    "VitMppConfig",
+    "VitMppForImageClassification",
+    "VitMppForPreTraining",
+    "VitMppModel",
+    "VitMppPreTrainedModel",
+    "PecoConfig",
+    "PecoTokenizer",
 ]

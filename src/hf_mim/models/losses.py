@@ -9,6 +9,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -98,3 +99,68 @@ def dvae_loss(
     kl = kl_to_uniform(logits, dim=1)  # [B, h, w]
     total = (per_value.sum() + kl_weight * kl.sum()) / per_value.numel()
     return DvaeLoss(total=total, reconstruction=per_value.mean(), kl=kl.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification over masked positions (BEiT's visual tokens, ViT-MPP's mean colours)
+# ---------------------------------------------------------------------------------------------
+
+
+def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and accuracy over all M masked tokens of the batch: logits [M, V], targets [M].
+
+    Sum over tokens divided by max(M, 1), so a batch without a masked patch gives 0 (with the
+    graph kept) instead of the NaN of an empty mean.
+    """
+    count = max(targets.numel(), 1)
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum") / count
+    accuracy = (logits.detach().argmax(dim=-1) == targets).sum().float() / count
+    return loss, accuracy
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT masked patch prediction: the mean colour of each patch as a class
+# ---------------------------------------------------------------------------------------------
+
+# Pixels this far outside [0, 1] (resampling overshoot) are accepted; their level is clamped.
+COLOR_RANGE_TOLERANCE = 0.01
+
+
+def num_color_classes(num_channels: int, bits: int = 3) -> int:
+    """(2**bits)**channels: 512 for RGB at 3 bits (ViT), 8 for one channel."""
+    return (2**bits) ** num_channels
+
+
+def mean_color_targets(pixel_values: torch.Tensor, patch_size, bits: int = 3) -> torch.Tensor:
+    """ViT's masked-patch-prediction target: the quantised mean colour of every patch, [B, N] long.
+
+    `pixel_values` [B, C, H, W] are UNNORMALISED pixels in [0, 1] (before the mean/std
+    normalisation the model input gets). Per patch and channel, mean m (computed in float64);
+    level = min(floor(m * 2**bits), 2**bits - 1), so m = 1.0 is the top level; class =
+    sum_c level_c * (2**bits)**(C-1-c), i.e. r*64 + g*8 + b for RGB at 3 bits (first channel most
+    significant). Patches are in the model's row-major order; `patch_size` is an int or (h, w).
+    """
+    if pixel_values.ndim != 4:
+        raise ValueError(f"pixel_values must be [batch, channels, height, width], got {list(pixel_values.shape)}.")
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values has dtype {pixel_values.dtype}; pass floats in [0, 1] (uint8 images: `.float() / 255`)."
+        )
+    if bits < 1:
+        raise ValueError(f"bits must be at least 1 (ViT uses 3), got {bits}.")
+    low, high = float(pixel_values.min()), float(pixel_values.max())
+    if low < -COLOR_RANGE_TOLERANCE or high > 1 + COLOR_RANGE_TOLERANCE:
+        raise ValueError(
+            f"Mean-colour targets need unnormalised pixels in [0, 1], got values in [{low:.3g}, {high:.3g}]. "
+            "Compute them before the mean/std normalisation (or undo it: x * std + mean)."
+        )
+    batch, channels, height, width = pixel_values.shape
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else (int(patch_size[0]), int(patch_size[1]))
+    if height % ph or width % pw:
+        raise ValueError(f"Image size {height}x{width} is not divisible by the patch size {ph}x{pw}.")
+    patches = pixel_values.double().reshape(batch, channels, height // ph, ph, width // pw, pw)
+    means = patches.mean(dim=(3, 5)).flatten(2)  # [B, C, N]
+    levels = 2**bits
+    level = torch.floor(means * levels).clamp(0, levels - 1).long()  # [B, C, N]
+    weights = levels ** torch.arange(channels - 1, -1, -1, device=level.device)  # [C], first channel most significant
+    return (level * weights[None, :, None]).sum(dim=1)  # [B, N]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -254,3 +255,88 @@ def build_mask_generator(name: str, grid_size: int | Sequence[int], **kwargs):
     if unknown:
         raise ValueError(f"Mask generator {name!r} does not take {unknown}; it accepts {accepted}.")
     return factory(grid_size, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT masked patch prediction (Dosovitskiy et al., 2021): BERT-style corruption of patch embeddings
+# ---------------------------------------------------------------------------------------------
+
+# What happened to each patch (the `branch` of `corrupt_patch_embeddings`).
+NOT_CORRUPTED, REPLACED_BY_MASK, REPLACED_BY_OTHER_PATCH, KEPT_UNCHANGED = 0, 1, 2, 3
+
+
+class PatchCorruption(NamedTuple):
+    tokens: torch.Tensor  # [B, N, D] the corrupted patch embeddings
+    branch: torch.Tensor  # [B, N] long: NOT_CORRUPTED / REPLACED_BY_MASK / REPLACED_BY_OTHER_PATCH / KEPT_UNCHANGED
+    source: torch.Tensor  # [B, N] long: the patch (same image) whose embedding now sits here; -1 = mask embedding
+
+
+def random_patch_selection(
+    batch: int, num_patches: int, mask_ratio: float, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """[B, N] bool (True = selected), per sample the `N - int(N * (1 - mask_ratio))` patches that
+    :func:`random_masking` would remove for the same uniform noise (exactly N/2 for ViT's 0.5)."""
+    noise = torch.rand(batch, num_patches, generator=generator,
+                       device=generator.device if generator is not None else device)  # [B, N]
+    return random_masking(noise, mask_ratio)[1].bool().to(device)  # [B, N]
+
+
+def check_corruption_probs(replace_prob: float, random_prob: float) -> None:
+    if not (0.0 <= replace_prob <= 1.0 and 0.0 <= random_prob <= 1.0 and replace_prob + random_prob <= 1.0):
+        raise ValueError(
+            f"replace_prob={replace_prob} and random_prob={random_prob} must be probabilities summing to at most "
+            "1 (the rest is kept unchanged). ViT uses 0.8 and 0.1."
+        )
+
+
+def corrupt_patch_embeddings(
+    tokens: torch.Tensor,
+    mask_token: torch.Tensor,
+    corrupt_mask: torch.Tensor,
+    generator: torch.Generator | None = None,
+    replace_prob: float = 0.8,
+    random_prob: float = 0.1,
+) -> PatchCorruption:
+    """ViT's masked patch prediction corruption of the patches selected by `corrupt_mask` [B, N]:
+    each one independently is replaced by `mask_token` [D] (probability `replace_prob`), by a random
+    OTHER patch embedding (`random_prob`), or kept unchanged (the rest).
+
+    "Other" is taken by position within the SAME image: the source is uniform over the N-1 other
+    positions of that image (never the patch itself; two positions may still hold equal content,
+    e.g. flat background). Same image rather than same batch keeps each sample's corruption
+    independent of the batch size and of how a batch is split across devices. The source's
+    ORIGINAL embedding is copied, even when the source is itself corrupted. Apply this to the
+    patch embeddings BEFORE position embeddings: the copied content gets the position of the
+    patch it replaces. The result is differentiable w.r.t. `tokens` and `mask_token`.
+
+    Random numbers are drawn for every position (a fixed amount per call), so the outcome is a
+    function of the generator's state and the shapes only.
+    """
+    batch, length, dim = tokens.shape
+    check_corruption_probs(replace_prob, random_prob)
+    if tuple(corrupt_mask.shape) != (batch, length) or corrupt_mask.dtype != torch.bool:
+        raise ValueError(
+            f"corrupt_mask must be a bool tensor [{batch}, {length}] (True = corrupt), got "
+            f"{corrupt_mask.dtype} {list(corrupt_mask.shape)}."
+        )
+    if mask_token.numel() != dim:
+        raise ValueError(f"mask_token has {mask_token.numel()} values, expected the embedding width {dim}.")
+    draw_device = generator.device if generator is not None else tokens.device
+    uniform = torch.rand(batch, length, generator=generator, device=draw_device).to(tokens.device)  # [B, N]
+    offset = torch.randint(0, max(length - 1, 1), (batch, length), generator=generator, device=draw_device)
+    positions = torch.arange(length, device=tokens.device)  # [N]
+    other = offset.to(tokens.device)
+    other = other + (other >= positions).long()  # [B, N] uniform over the N-1 positions != own
+
+    branch = torch.full((batch, length), KEPT_UNCHANGED, dtype=torch.long, device=tokens.device)  # [B, N]
+    branch[uniform < replace_prob + random_prob] = REPLACED_BY_OTHER_PATCH
+    branch[uniform < replace_prob] = REPLACED_BY_MASK
+    branch[~corrupt_mask.to(tokens.device)] = NOT_CORRUPTED
+    if length < 2 and bool((branch == REPLACED_BY_OTHER_PATCH).any()):
+        raise ValueError("A random other patch needs at least 2 patches per image; use random_prob=0 for 1 patch.")
+
+    source = torch.where(branch == REPLACED_BY_OTHER_PATCH, other, positions.expand(batch, -1))  # [B, N]
+    moved = torch.gather(tokens, 1, source.unsqueeze(-1).expand(-1, -1, dim))  # [B, N, D]
+    is_mask = (branch == REPLACED_BY_MASK).unsqueeze(-1)  # [B, N, 1]
+    corrupted = torch.where(is_mask, mask_token.reshape(dim).to(tokens.dtype), moved)  # [B, N, D]
+    return PatchCorruption(corrupted, branch, source.masked_fill(is_mask.squeeze(-1), -1))

@@ -24,6 +24,7 @@ from transformers.modeling_utils import load_state_dict
 from transformers.utils import ModelOutput
 
 from .configuration_beit import BEiTConfig
+from .losses import masked_token_loss
 from .relative_position import RelativePositionBias, relative_position_index
 from .remote_code import HubCodeMixin
 from .vit_core import Attention, Block, PatchEmbed, drop_path_rates, grid_size_for, resize_pos_embed
@@ -102,18 +103,6 @@ def check_labels(labels: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]
             "with vocab_size equal to the tokenizer's codebook size (8192 for the DALL-E dVAE and VQ-KD)."
         )
     return labels
-
-
-def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy and accuracy over all M masked tokens of the batch: logits [M, V], targets [M].
-
-    Sum over tokens divided by max(M, 1), so a batch without a masked patch gives 0 (with the
-    graph kept) instead of the NaN of an empty mean.
-    """
-    count = max(targets.numel(), 1)
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum") / count
-    accuracy = (logits.detach().argmax(dim=-1) == targets).sum().float() / count
-    return loss, accuracy
 
 
 # ---------------------------------------------------------------------------------------------

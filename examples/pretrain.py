@@ -1,0 +1,12 @@
+"""Masked-image-modeling pre-training with Accelerate.
+
+    python examples/pretrain.py                      # tiny MAE on the embedded digits, a few CPU minutes
+    accelerate launch examples/pretrain.py --help    # every option, grouped
+
+The loop, the methods and the data pipeline live in `hf_mim.pretraining` and `hf_mim.data`.
+"""
+
+from hf_mim.pretraining import main
+
+if __name__ == "__main__":
+    main()

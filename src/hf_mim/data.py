@@ -1,0 +1,428 @@
+"""Image data for the training scripts: load a data set, pick its splits and columns, and turn it
+into seeded PyTorch examples that survive unreadable images.
+
+Sources (one per run): a Hub data set (`dataset_name`), image folders (`train_dir`/`validation_dir`),
+parquet files (`train_file`/`validation_file`, globs allowed), or, when none is given, the embedded
+handwritten digits of scikit-learn (`pip install hf_mim[demo]`), upscaled to 32x32 RGB.
+
+Images are read with `decode=False` and decoded in :class:`ImageExamples`, so a corrupt image
+surfaces at one place: it is skipped, logged and counted in the batch's `num_skipped`, and the
+next readable image takes its slot (batch shapes stay fixed, which DDP and torch.compile need).
+
+Randomness is a pure function of (seed, epoch, position): :class:`EpochSampler` yields
+`(index, sample_seed)` pairs and every augmentation and mask of an example is drawn from its
+`sample_seed`. Data order and augmentation therefore do not depend on the number of data-loader
+workers, on persistent workers, or on where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img")
+VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "test")
+DIGITS_SOURCE = "sklearn-digits"
+DIGITS_IMAGE_SIZE = 32
+# Give up after this many unreadable images in a row: the column or the whole data set is wrong.
+MAX_CONSECUTIVE_UNREADABLE = 100
+WARN_FIRST_UNREADABLE = 5
+
+# A transform turns a decoded image into named tensors, drawing randomness from `generator`
+# (mask generators) and from torch's global RNG, which is seeded per example (torchvision).
+ExampleTransform = Callable[[Image.Image, torch.Generator], dict[str, torch.Tensor]]
+
+
+def derive_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from several integers (seed, epoch, step, rank ...)."""
+    state = np.random.SeedSequence([int(v) % 2**63 for v in values]).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageDatasets:
+    """The splits of one run. `eval` is None when there is no held-out data."""
+
+    train: datasets.Dataset | datasets.IterableDataset | None
+    eval: datasets.Dataset | datasets.IterableDataset | None
+    image_column: str
+    label_column: str | None
+    source: str  # what the data is, for logs and the model card
+    eval_split: str | None  # "validation", "test", or "train[split 15%]"
+
+
+def load_digits_dataset(image_size: int = DIGITS_IMAGE_SIZE) -> datasets.Dataset:
+    """scikit-learn's 1,797 8x8 handwritten digits as RGB PIL images (dark ink on white, bicubic
+    upscale to `image_size`) with a `label` column (ClassLabel 0-9)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError(
+            "The embedded demo data set (handwritten digits) ships with scikit-learn, which is not installed. "
+            "Install it with `pip install hf_mim[demo]`, or pass your own data with --dataset_name, --train_dir "
+            "or --train_file."
+        ) from error
+    digits = load_digits()
+    ink = (255.0 - digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # [1797, 8, 8], 16 = full ink
+    images = [
+        Image.fromarray(pixels, mode="L").resize((image_size, image_size), Image.Resampling.BICUBIC).convert("RGB")
+        for pixels in ink
+    ]
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
+    )
+    return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+
+
+def expand_files(pattern: str, argument: str) -> list[str]:
+    files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"{argument} {pattern!r} matches no file. Check the path or the glob pattern.")
+    not_parquet = [f for f in files if not f.endswith(".parquet")]
+    if not_parquet:
+        raise ValueError(
+            f"{argument} takes parquet files; {not_parquet[:3]} are not. Convert them (for example "
+            f"`datasets.load_dataset(...).to_parquet(...)`), or use --train_dir for folders of images."
+        )
+    return files
+
+
+def check_one_source(dataset_name, train_dir, validation_dir, train_file, validation_file) -> None:
+    given = [name for name, used in (
+        ("--dataset_name", dataset_name), ("--train_dir/--validation_dir", train_dir or validation_dir),
+        ("--train_file/--validation_file", train_file or validation_file),
+    ) if used]
+    if len(given) > 1:
+        raise ValueError(f"Give one data source, not {' and '.join(given)}.")
+
+
+def load_raw_datasets(
+    *, dataset_name=None, dataset_config_name=None, train_dir=None, validation_dir=None, train_file=None,
+    validation_file=None, cache_dir=None, token=None, streaming=False,
+) -> tuple[datasets.DatasetDict | datasets.IterableDatasetDict, str]:
+    """All splits of the chosen source, and a short description of it."""
+    check_one_source(dataset_name, train_dir, validation_dir, train_file, validation_file)
+    if dataset_name:
+        raw = datasets.load_dataset(
+            dataset_name, dataset_config_name, cache_dir=cache_dir, token=token, streaming=streaming
+        )
+        return raw, dataset_name
+    if train_dir or validation_dir:
+        data_files = {}
+        for split, folder in (("train", train_dir), ("validation", validation_dir)):
+            if folder:
+                if not os.path.isdir(folder):
+                    raise FileNotFoundError(f"The image folder {folder!r} does not exist.")
+                data_files[split] = os.path.join(folder, "**")
+        raw = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir, streaming=streaming)
+        return raw, f"imagefolder:{train_dir or validation_dir}"
+    if train_file or validation_file:
+        data_files = {}
+        for split, pattern, argument in (
+            ("train", train_file, "--train_file"), ("validation", validation_file, "--validation_file")
+        ):
+            if pattern:
+                data_files[split] = expand_files(pattern, argument)
+        raw = datasets.load_dataset("parquet", data_files=data_files, cache_dir=cache_dir, streaming=streaming)
+        return raw, f"parquet:{train_file or validation_file}"
+    digits = load_digits_dataset()
+    raw = datasets.DatasetDict({"train": digits})
+    return (raw.to_iterable_dataset() if streaming else raw), DIGITS_SOURCE
+
+
+def column_names(dataset) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    return list(dataset.features or {})
+
+
+def resolve_image_column(dataset, requested: str | None) -> str:
+    available = column_names(dataset)
+    if requested is not None:
+        if requested not in available:
+            raise ValueError(
+                f"--image_column_name {requested!r} is not a column of the data set; available columns: {available}."
+            )
+        column = requested
+    else:
+        column = next((name for name in IMAGE_COLUMN_CANDIDATES if name in available), None)
+        if column is None:
+            raise ValueError(
+                f"Found no image column (looked for {list(IMAGE_COLUMN_CANDIDATES)}); available columns: "
+                f"{available}. Pass --image_column_name."
+            )
+    feature = (dataset.features or {}).get(column)
+    if feature is not None and not isinstance(feature, datasets.Image):
+        raise ValueError(
+            f"Column {column!r} holds {feature!r}, not images. Pass --image_column_name with the image column "
+            f"(available columns: {available})."
+        )
+    return column
+
+
+def resolve_label_column(dataset, requested: str | None) -> str | None:
+    """`requested` must exist; without a request, `label` is used when present (labels are optional)."""
+    available = column_names(dataset)
+    if requested is None:
+        return "label" if "label" in available else None
+    if requested not in available:
+        raise ValueError(
+            f"--label_column_name {requested!r} is not a column of the data set; available columns: {available}. "
+            "Leave it out for data without labels."
+        )
+    return requested
+
+
+def check_not_empty(dataset, what: str, source: str) -> None:
+    if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
+        raise ValueError(f"The {what} split of {source} is empty (0 images). Check the path, glob or split name.")
+
+
+def split_train_validation(raw, train_val_split: float, seed: int, streaming: bool, max_eval_samples):
+    """(train, eval, eval split name): the data set's own validation split, or a seeded slice of train."""
+    train = raw.get("train")
+    validation_name = next((name for name in VALIDATION_SPLIT_NAMES if name in raw), None)
+    if validation_name is not None:
+        return train, raw[validation_name], validation_name
+    if train is None or not train_val_split:
+        return train, None, None
+    if not 0 < train_val_split < 1:
+        raise ValueError(f"--train_val_split must be in (0, 1), got {train_val_split}.")
+    if streaming:
+        if not max_eval_samples:
+            logger.warning("A streamed data set without a validation split: pass --max_eval_samples N to hold out "
+                           "its first N examples for evaluation. Evaluation is off.")
+            return train, None, None
+        return train.skip(max_eval_samples), train.take(max_eval_samples), f"first {max_eval_samples} of train"
+    parts = train.train_test_split(test_size=train_val_split, seed=seed)
+    return parts["train"], parts["test"], f"train[seeded {train_val_split:.0%} split]"
+
+
+def limit(dataset, max_samples: int | None, seed: int):
+    """The first `max_samples` of a seeded shuffle (or of the stream)."""
+    if dataset is None or not max_samples:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.take(max_samples)
+    if max_samples < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(max_samples))
+    return dataset
+
+
+def prepare_columns(dataset, image_column: str, label_column: str | None):
+    """Keep the image (undecoded: decoding happens in ImageExamples) and label columns only."""
+    if dataset is None:
+        return None
+    keep = [image_column] + ([label_column] if label_column else [])
+    if set(column_names(dataset)) - set(keep):
+        dataset = dataset.select_columns(keep)
+    return dataset.cast_column(image_column, datasets.Image(decode=False))
+
+
+def load_image_datasets(
+    *, dataset_name=None, dataset_config_name=None, train_dir=None, validation_dir=None, train_file=None,
+    validation_file=None, cache_dir=None, token=None, streaming=False, image_column_name=None,
+    label_column_name=None, train_val_split=0.15, seed=42, max_train_samples=None, max_eval_samples=None,
+) -> ImageDatasets:
+    """Load, split (seeded), check columns and sizes, and limit the samples: see the module docstring."""
+    raw, source = load_raw_datasets(
+        dataset_name=dataset_name, dataset_config_name=dataset_config_name, train_dir=train_dir,
+        validation_dir=validation_dir, train_file=train_file, validation_file=validation_file,
+        cache_dir=cache_dir, token=token, streaming=streaming,
+    )
+    train, evaluation, eval_split = split_train_validation(raw, train_val_split, seed, streaming, max_eval_samples)
+    reference = train if train is not None else evaluation
+    if reference is None:
+        raise ValueError(f"{source} has no train or validation split (splits: {list(raw)}).")
+    image_column = resolve_image_column(reference, image_column_name)
+    label_column = resolve_label_column(reference, label_column_name)
+    for dataset, what in ((train, "train"), (evaluation, "validation")):
+        if dataset is not None:
+            check_not_empty(dataset, what, source)
+            resolve_image_column(dataset, image_column)  # the same columns in every split
+    train = prepare_columns(limit(train, max_train_samples, seed), image_column, label_column)
+    evaluation = prepare_columns(limit(evaluation, max_eval_samples, seed), image_column, label_column)
+    return ImageDatasets(train, evaluation, image_column, label_column, source, eval_split)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and seeded examples for PyTorch
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_image(value, mode: str = "RGB") -> Image.Image:
+    """A fully decoded PIL image from a `datasets.Image(decode=False)` value (bytes and/or path,
+    local or remote) or a PIL image. Raises on unreadable data."""
+    if value is None:
+        raise ValueError("the image entry is empty (None)")
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict) and value.get("bytes"):
+        image = Image.open(io.BytesIO(value["bytes"]))
+    else:
+        image = datasets.Image().decode_example(value)  # paths, including remote ones
+    image.load()  # decode now: truncated files fail here, not later in a transform
+    return image if image.mode == mode else image.convert(mode)
+
+
+def describe(value) -> str:
+    if isinstance(value, dict) and value.get("path"):
+        return str(value["path"])
+    return "<bytes>" if isinstance(value, dict) else type(value).__name__
+
+
+def apply_seeded(transform: ExampleTransform, image: Image.Image, sample_seed: int) -> dict[str, torch.Tensor]:
+    """Run `transform` with torch's global RNG and a fresh generator both seeded by `sample_seed`,
+    leaving the caller's RNG state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed)
+        generator = torch.Generator().manual_seed(derive_seed(sample_seed, 1))
+        return transform(image, generator)
+
+
+class UnreadableImageLog:
+    """Warns about the first few unreadable images of this process or worker."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def report(self, index, value, error: Exception) -> None:
+        self.seen += 1
+        if self.seen <= WARN_FIRST_UNREADABLE:
+            logger.warning("Skipping unreadable image %s (%s): %s: %s", index, describe(value),
+                           type(error).__name__, error)
+
+
+class ImageExamples(torch.utils.data.Dataset):
+    """Map-style examples: item `(index, sample_seed)` (or a plain index) -> the transform's
+    tensors plus `num_skipped`, the number of unreadable images passed over to fill this slot."""
+
+    def __init__(self, dataset: datasets.Dataset, image_column: str, transform: ExampleTransform,
+                 image_mode: str = "RGB", label_column: str | None = None):
+        self.dataset, self.image_column, self.transform = dataset, image_column, transform
+        self.image_mode, self.label_column = image_mode, label_column
+        self.unreadable = UnreadableImageLog()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def read(self, index: int) -> tuple[Image.Image | None, dict]:
+        row = self.dataset[index]
+        try:
+            return decode_image(row[self.image_column], self.image_mode), row
+        except Exception as error:  # any decoder error (PIL raises OSError, ValueError, SyntaxError ...)
+            self.unreadable.report(index, row[self.image_column], error)
+            return None, row
+
+    def __getitem__(self, key) -> dict[str, torch.Tensor]:
+        index, sample_seed = key if isinstance(key, tuple) else (key, derive_seed(key))
+        for skipped in range(min(len(self), MAX_CONSECUTIVE_UNREADABLE)):
+            image, row = self.read((index + skipped) % len(self))
+            if image is not None:
+                example = apply_seeded(self.transform, image, sample_seed)
+                example["num_skipped"] = torch.tensor(skipped)
+                if self.label_column is not None:
+                    example["labels"] = torch.tensor(row[self.label_column])
+                return example
+        raise RuntimeError(
+            f"{min(len(self), MAX_CONSECUTIVE_UNREADABLE)} images in a row from index {index} are unreadable: "
+            f"column {self.image_column!r} does not hold readable images. Check --image_column_name and the files."
+        )
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields `(index, sample_seed)`: a permutation (or the identity) and per-position seeds, both a
+    pure function of (seed, epoch). Call `set_epoch` before each epoch."""
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+        self.num_samples, self.seed, self.shuffle, self.epoch = num_samples, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        order = torch.randperm(self.num_samples, generator=generator) if self.shuffle else torch.arange(self.num_samples)
+        seeds = torch.randint(0, 2**62, (self.num_samples,), generator=generator)
+        return iter(zip(order.tolist(), seeds.tolist()))
+
+
+class FixedSampler(torch.utils.data.Sampler):
+    """Evaluation order: `(index, sample_seed)` in index order, each seed fixed by (seed, index), so
+    every evaluation sees the same masks. It has no `set_epoch` on purpose: accelerate calls
+    `set_epoch` with a growing count on every pass over a prepared loader."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed = num_samples, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, 2**31))  # not any training epoch's seed
+        seeds = torch.randint(0, 2**62, (self.num_samples,), generator=generator)
+        return iter(zip(range(self.num_samples), seeds.tolist()))
+
+
+class StreamingImageExamples(torch.utils.data.IterableDataset):
+    """Examples from a streamed data set: shuffled with a buffer (seed + epoch) when `shuffle`, split
+    between data-loader workers by position; an unreadable image is skipped and counted in the next
+    example. Without `shuffle` (evaluation) the order and seeds are the same on every pass."""
+
+    def __init__(self, dataset: datasets.IterableDataset, image_column: str, transform: ExampleTransform,
+                 seed: int, shuffle: bool = True, image_mode: str = "RGB", label_column: str | None = None,
+                 shuffle_buffer_size: int = 10_000):
+        self.dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size) if shuffle else dataset
+        self.image_column, self.transform, self.seed, self.shuffle = image_column, transform, seed, shuffle
+        self.image_mode, self.label_column, self.epoch = image_mode, label_column, 0
+        self.unreadable = UnreadableImageLog()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        epoch = self.epoch if self.shuffle else 0  # evaluation: the same seeds (masks) on every pass
+        skipped = 0
+        for position, row in enumerate(self.dataset):
+            if position % num_workers != worker_id:
+                continue
+            try:
+                image = decode_image(row[self.image_column], self.image_mode)
+            except Exception as error:  # any decoder error, see ImageExamples.read
+                self.unreadable.report(position, row[self.image_column], error)
+                skipped += 1
+                continue
+            example = apply_seeded(self.transform, image, derive_seed(self.seed, epoch, position))
+            example["num_skipped"] = torch.tensor(skipped)
+            if self.label_column is not None:
+                example["labels"] = torch.tensor(row[self.label_column])
+            skipped = 0
+            yield example
+
+
+__all__ = [
+    "DIGITS_SOURCE", "EpochSampler", "FixedSampler", "ImageDatasets", "ImageExamples", "StreamingImageExamples",
+    "apply_seeded", "decode_image", "derive_seed", "load_digits_dataset", "load_image_datasets",
+]

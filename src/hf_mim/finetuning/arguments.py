@@ -1,0 +1,159 @@
+"""Command lines of `examples/finetune.py` and `examples/probe.py`: dataclasses parsed with
+`HfArgumentParser`, so fine-tuning takes every `TrainingArguments` flag as well (names as in
+transformers' and timm's scripts, see SCRIPT_CONVENTIONS), plus the deprecated aliases users still type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+from ..pretraining.arguments import DeprecatedAlias
+
+
+def option(default=None, help: str = "", **metadata):
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class DataArguments:
+    """One data source (none: scikit-learn's handwritten digits, embedded, offline)."""
+
+    dataset_name: str | None = option(help="a Hub data set id, e.g. ILSVRC/imagenet-1k")
+    dataset_config_name: str | None = option(help="the data set's configuration")
+    train_dir: str | None = option(help="image folder for training (class sub-folders give the labels)")
+    validation_dir: str | None = option(help="image folder for evaluation")
+    train_file: str | None = option(help="parquet file(s) for training; globs allowed ('data/train-*.parquet')")
+    validation_file: str | None = option(help="parquet file(s) for evaluation; globs allowed")
+    image_column_name: str | None = option(help="the image column (default: 'image', else 'img')")
+    label_column_name: str | None = option(help="the column of integer class ids (default: 'label')")
+    train_val_split: float = option(0.15, help="held-out fraction of train when there is no validation split")
+    max_train_samples: int | None = option(help="use only this many training images (seeded choice)")
+    max_eval_samples: int | None = option(help="use only this many evaluation images")
+
+    @property
+    def is_demo(self) -> bool:
+        return not any((self.dataset_name, self.train_dir, self.validation_dir, self.train_file, self.validation_file))
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = option(
+        help="hf_mim checkpoint (folder or Hub id): pre-training, classification or converted reference weights. "
+             "None: train a tiny model from scratch on the digits demo (or --config_name)")
+    config_name: str | None = option(
+        help="train from scratch: a pre-training preset (mae-demo, mae-base, ...) or a config folder / Hub id")
+    image_processor_name: str | None = option(
+        help="use this image processor for evaluation (default: resize + centre crop with the checkpoint's mean/std)")
+    model_revision: str = option("main", help="branch, tag or commit of Hub models")
+    trust_remote_code: bool = option(False, help="allow code from the Hub model repository")
+    cache_dir: str | None = option(help="where data sets and models are cached")
+    token: str | None = option(help="Hub token for private data sets and models (default: HF_TOKEN / login)")
+    ignore_mismatched_sizes: bool = option(False, help="replace a classification head whose class count differs")
+    image_size: int | None = option(help="fine-tune at this resolution (position tables resized; default: the config's)")
+    method: str | None = option(help="pre-training method for the model card (default: from the model type)")
+
+    def hub_kwargs(self) -> dict:
+        return {"revision": self.model_revision, "token": self.token, "cache_dir": self.cache_dir,
+                "trust_remote_code": self.trust_remote_code}
+
+
+@dataclass
+class FinetuningArguments:
+    """The BEiT / MAE fine-tuning recipe (defaults: MAE's `main_finetune.py`)."""
+
+    base_learning_rate: float | None = option(
+        help="lr = blr * total batch / 256 (default 1e-3 unless --learning_rate is given)", aliases=["--blr"])
+    layer_decay: float = option(0.75, help="layer-wise lr decay: layer i trains at lr * decay^(L+1-i); 1 = off")
+    drop_path: float | None = option(0.1, help="stochastic depth rate of the last block (None: the config's)")
+    smoothing: float = option(0.1, help="label smoothing")
+    mixup: float = option(0.0, help="MixUp Beta alpha (0 = off; recipes use 0.8)")
+    cutmix: float = option(0.0, help="CutMix Beta alpha (0 = off; recipes use 1.0)")
+    mixup_prob: float = option(1.0, help="probability of mixing a batch")
+    mixup_switch_prob: float = option(0.5, help="with both on: probability of CutMix rather than MixUp")
+    aa: str | None = option("rand-m9-mstd0.5-inc1", help="RandAugment 'rand-mM-nN' (torchvision) or 'none'")
+    reprob: float = option(0.25, help="random erasing probability (per-pixel random values)")
+    crop_min_scale: float = option(0.08, help="RandomResizedCrop smallest area fraction")
+    hflip: float = option(0.5, help="horizontal flip probability")
+    crop_pct: float = option(0.875, help="evaluation: resize to image_size / crop_pct, then centre crop")
+
+
+# Settings of the digits demo (no data source given) that differ from the general defaults; a
+# from-scratch model (no --model_name_or_path) also gets no layer decay and no drop path.
+DEMO_DATA_DEFAULTS = {"aa": "none", "reprob": 0.0, "hflip": 0.0, "crop_min_scale": 0.35, "crop_pct": 1.0}
+FROM_SCRATCH_DEFAULTS = {"layer_decay": 1.0, "drop_path": 0.0, "num_train_epochs": 15.0, "base_learning_rate": 4e-3}
+DATA_SOURCES = ("dataset_name", "train_dir", "validation_dir", "train_file", "validation_file")
+DEFAULT_BASE_LEARNING_RATE = 1e-3  # MAE's main_finetune.py default (BEiT: 4e-3 at batch 1024, the same)
+TRAINING_DEFAULTS = {
+    "output_dir": "outputs/finetune", "per_device_train_batch_size": 64, "per_device_eval_batch_size": 64,
+    "num_train_epochs": 50.0, "weight_decay": 0.05, "lr_scheduler_type": "cosine", "warmup_steps": 0.1,
+    "eval_strategy": "epoch", "save_strategy": "epoch", "logging_steps": 10, "save_total_limit": 2,
+    "remove_unused_columns": False, "report_to": "none", "do_train": True, "do_eval": True,
+}
+
+
+def default_num_workers() -> int:
+    """The CPU cores of this process (cores / local processes), less one for training, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
+def has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+
+
+def given(argv: list[str], name: str) -> bool:
+    """Whether `--name` is on the command line (to tell an explicit value from a default)."""
+    return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
+
+
+def add_aliases(parser: argparse.ArgumentParser) -> None:
+    """Names of transformers 4 / accelerate / timm scripts, mapped onto TrainingArguments fields."""
+    parser.add_argument("--max_train_steps", dest="max_steps", type=int, help=argparse.SUPPRESS)
+    for old, dest, kind, replacement in (
+        ("--warmup_ratio", "warmup_steps", float, "pass the ratio to --warmup_steps (a float in [0, 1))"),
+        ("--num_warmup_steps", "warmup_steps", float, "use --warmup_steps"),
+        ("--evaluation_strategy", "eval_strategy", str, "use --eval_strategy"),
+        ("--push_to_hub_model_id", "hub_model_id", str, "use --hub_model_id"),
+    ):
+        parser.add_argument(old, dest=dest, type=kind, action=DeprecatedAlias, replacement=replacement,
+                            help=argparse.SUPPRESS)
+    parser.add_argument("--overwrite_output_dir", dest="resume_from_checkpoint", action=DeprecatedAlias, nargs=0,
+                        const="none", replacement="use --resume_from_checkpoint none to start afresh",
+                        help=argparse.SUPPRESS)
+
+
+def parse_finetuning_args(argv: list[str] | None = None):
+    """(ModelArguments, DataArguments, FinetuningArguments, TrainingArguments) with the fine-tuning
+    defaults, the demo's where it applies, and no boilerplate flags needed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments, TrainingArguments))
+    add_aliases(parser)
+    defaults = {**TRAINING_DEFAULTS, "use_cpu": not has_accelerator(), "dataloader_num_workers": default_num_workers()}
+    if not any(given(argv, name) for name in DATA_SOURCES):
+        defaults.update(DEMO_DATA_DEFAULTS)
+        if not given(argv, "model_name_or_path") and not given(argv, "config_name"):
+            defaults.update(FROM_SCRATCH_DEFAULTS)
+    parser.set_defaults(**defaults)
+    model_args, data_args, finetuning_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    explicit_blr = given(argv, "base_learning_rate") or given(argv, "blr")
+    if given(argv, "learning_rate") and explicit_blr:
+        raise ValueError("Give either --learning_rate (absolute) or --base_learning_rate (scaled by batch / 256), "
+                         "not both.")
+    if given(argv, "learning_rate"):
+        finetuning_args.base_learning_rate = None  # an explicit learning rate wins over a default blr
+    elif finetuning_args.base_learning_rate is None:
+        finetuning_args.base_learning_rate = DEFAULT_BASE_LEARNING_RATE
+    if training_args.push_to_hub and given(argv, "hub_strategy") and training_args.hub_strategy != "end":
+        warnings.warn(f"--hub_strategy {training_args.hub_strategy}: hf_mim uploads once, at the end of the run "
+                      "(model, processor, model card), with hf_mim.hub.publish.", stacklevel=2)
+    return model_args, data_args, finetuning_args, training_args
+
+
+__all__ = ["DataArguments", "FinetuningArguments", "ModelArguments", "default_num_workers", "parse_finetuning_args"]

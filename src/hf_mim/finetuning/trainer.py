@@ -1,0 +1,64 @@
+"""`transformers.Trainer` for fine-tuning hf_mim classifiers.
+
+Three changes to the stock Trainer:
+
+- `create_optimizer`: the optimizer chosen by `--optim` (AdamW by default) over layer-wise lr decay
+  groups (`layer_decay.py`); each group's `lr` is scaled, so the Trainer's own scheduler applies the
+  decay whatever `--lr_scheduler_type` is;
+- `compute_loss`: training batches get MixUp / CutMix / label smoothing (`mixup.py`) as soft targets;
+- the training sampler is `hf_mim.data.EpochSampler`: order and augmentation are a pure function of
+  (data seed, epoch, position), so they change every epoch and survive resuming.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+from transformers.trainer_optimizer import is_optimizer_factory
+
+from ..data import EpochSampler, ImageExamples
+from .layer_decay import layer_decay_parameter_groups
+from .mixup import SoftTargets
+
+
+class FinetuningTrainer(Trainer):
+    def __init__(self, *args, layer_decay: float = 1.0, soft_targets: SoftTargets | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layer_decay = layer_decay
+        self.soft_targets = soft_targets
+        # hf_mim models return a batch-mean loss and ignore `num_items_in_batch`; their forward's
+        # **kwargs would make the Trainer assume otherwise and skip the gradient-accumulation scaling.
+        self.model_accepts_loss_kwargs = False
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        special = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
+        if is_optimizer_factory(optimizer_cls) or special:
+            raise ValueError(
+                f"--optim {self.args.optim} builds its own parameter groups, which would drop the layer-wise lr "
+                "decay and the weight-decay exclusions. Use a plain optimizer (adamw_torch, adamw_torch_fused, "
+                "sgd, adafactor, ...)."
+            )
+        learning_rate = optimizer_kwargs.pop("lr")
+        groups = layer_decay_parameter_groups(model, learning_rate, self.args.weight_decay, self.layer_decay)
+        self.optimizer = optimizer_cls(groups, lr=learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and self.soft_targets is not None and self.soft_targets.active and "labels" in inputs:
+            pixel_values, labels = self.soft_targets(inputs["pixel_values"], inputs["labels"])
+            inputs = {**inputs, "pixel_values": pixel_values, "labels": labels}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if isinstance(dataset, ImageExamples):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSampler(len(dataset), seed)
+        return super()._get_train_sampler(train_dataset)
+
+
+__all__ = ["FinetuningTrainer"]

@@ -1,0 +1,137 @@
+"""Images -> tensors for fine-tuning and probing: the training augmentation, the evaluation
+transform (which IS the saved image processor, so inference matches evaluation) and the collator.
+
+Training (timm's `create_transform` as used by BEiT / MAE fine-tuning): RandomResizedCrop (bicubic,
+scale `crop_min_scale`-1, ratio 3/4-4/3), horizontal flip, optional RandAugment, normalise,
+optional random erasing with per-pixel random values (timm's `mode="pixel"`).
+
+Evaluation: resize the shorter side to ``image_size / crop_pct`` (bicubic) and centre-crop
+``image_size`` (timm's `crop_pct`, 0.875 = 224/256).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch.utils.data import default_collate
+from torchvision.transforms import v2
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+
+from ..models import MimImageProcessor
+from ..models.vit_core import to_2tuple
+
+logger = logging.getLogger(__name__)
+
+RAND_AUGMENT = re.compile(r"^rand(-[a-z]+[\d.]+)*$")
+# torchvision's RandAugment with 11 magnitude bins puts magnitude M at M/10 of each operation's
+# range, the scale of timm's "rand-mM" strings that the reference recipes use (m9 = 90%).
+TIMM_MAGNITUDE_BINS = 11
+
+
+def rand_augment(spec: str | None, mean) -> v2.RandAugment | None:
+    """`--aa`: None / "none", or "rand-m9-n2" style (m: magnitude 0-10, n: number of ops, default 2).
+
+    timm's "mstd" (magnitude noise) and "inc" (increasing-severity ops) have no torchvision
+    counterpart: they are ignored with a warning.
+    """
+    if spec is None or spec.lower() in ("none", ""):
+        return None
+    if not RAND_AUGMENT.match(spec):
+        raise ValueError(f"--aa {spec!r}: expected 'rand-m9-n2' (RandAugment, magnitude 0-10, ops) or 'none'.")
+    settings = dict(re.findall(r"-([a-z]+)([\d.]+)", spec))
+    unknown = sorted(set(settings) - {"m", "n", "mstd", "inc"})
+    if unknown:
+        raise ValueError(f"--aa {spec!r}: unknown RandAugment settings {unknown}; use m (magnitude) and n (ops).")
+    ignored = sorted(set(settings) & {"mstd", "inc"})
+    if ignored:
+        logger.warning("--aa %s: torchvision's RandAugment has no %s; using magnitude %s with %s ops only.",
+                       spec, " / ".join(ignored), settings.get("m", 9), settings.get("n", 2))
+    magnitude, num_ops = float(settings.get("m", 9)), int(float(settings.get("n", 2)))
+    if not 0 <= magnitude <= TIMM_MAGNITUDE_BINS - 1 or magnitude != int(magnitude):
+        raise ValueError(f"--aa {spec!r}: the magnitude m must be an integer in [0, 10], got {magnitude}.")
+    fill = [round(255 * value) for value in mean]  # timm fills with the mean pixel
+    return v2.RandAugment(num_ops=num_ops, magnitude=int(magnitude), num_magnitude_bins=TIMM_MAGNITUDE_BINS,
+                          interpolation=v2.InterpolationMode.BILINEAR, fill=fill if len(fill) in (1, 3) else None)
+
+
+def train_transform(image_size, mean, std, crop_min_scale: float = 0.08, hflip: float = 0.5,
+                    auto_augment: str | None = None, reprob: float = 0.0) -> v2.Compose:
+    if not 0 < crop_min_scale <= 1:
+        raise ValueError(f"--crop_min_scale must be in (0, 1], got {crop_min_scale}.")
+    steps = [
+        v2.RandomResizedCrop(to_2tuple(image_size), scale=(crop_min_scale, 1.0),
+                             interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(hflip),
+    ]
+    augment = rand_augment(auto_augment, mean)
+    if augment is not None:
+        steps.append(augment)
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+    if reprob > 0:
+        steps.append(v2.RandomErasing(p=reprob, value="random"))
+    return v2.Compose(steps)
+
+
+def default_mean_std(num_channels: int) -> tuple[list[float], list[float]]:
+    if num_channels == 3:
+        return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
+    if num_channels == 1:
+        return [sum(IMAGENET_DEFAULT_MEAN) / 3], [sum(IMAGENET_DEFAULT_STD) / 3]
+    raise ValueError(f"num_channels={num_channels}: only 1 (grey) and 3 (RGB) channel images are supported.")
+
+
+def evaluation_processor(image_size: int, patch_size, num_channels: int, crop_pct: float = 0.875,
+                         mean=None, std=None) -> MimImageProcessor:
+    """The image processor saved with a fine-tuned model: resize to image_size / crop_pct, centre crop."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"--crop_pct must be in (0, 1] (1 = no crop, timm's 0.875 = 224/256), got {crop_pct}.")
+    if mean is None or std is None:
+        mean, std = default_mean_std(num_channels)
+    height, width = to_2tuple(image_size)
+    return MimImageProcessor(
+        size={"shortest_edge": int(min(height, width) / crop_pct)}, do_center_crop=True,
+        crop_size={"height": height, "width": width}, resample=PILImageResampling.BICUBIC,
+        image_mean=list(mean), image_std=list(std), patch_size=patch_size, do_convert_rgb=num_channels == 3,
+    )
+
+
+def training_example_transform(augment: v2.Compose):
+    """For `hf_mim.data.ImageExamples`: image -> {"pixel_values"} (labels are added by ImageExamples)."""
+    def transform(image, generator):
+        return {"pixel_values": augment(image)}
+    return transform
+
+
+def evaluation_example_transform(processor):
+    def transform(image, generator):
+        return {"pixel_values": processor(image, return_tensors="pt")["pixel_values"][0]}
+    return transform
+
+
+class ClassificationCollator:
+    """Stacks examples, drops the bookkeeping `num_skipped` (`ImageExamples` already logs unreadable
+    images), and checks the labels against the model's classes, so a bad label fails here with a
+    clear message rather than as a device-side assert inside the loss."""
+
+    def __init__(self, num_labels: int):
+        self.num_labels = num_labels
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = default_collate(examples)
+        batch.pop("num_skipped", None)
+        labels = batch.get("labels")
+        if labels is not None and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
+            raise ValueError(
+                f"A batch holds label ids in [{int(labels.min())}, {int(labels.max())}] but the model has "
+                f"{self.num_labels} classes (ids 0..{self.num_labels - 1}). Negative ids mark unlabelled images: "
+                "filter them out; larger ids need a model with more classes (--ignore_mismatched_sizes)."
+            )
+        return batch
+
+
+__all__ = [
+    "ClassificationCollator", "evaluation_example_transform", "evaluation_processor", "rand_augment",
+    "train_transform", "training_example_transform",
+]

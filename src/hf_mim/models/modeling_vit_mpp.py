@@ -1,0 +1,293 @@
+"""ViT masked patch prediction (Dosovitskiy et al., 2021, section 4.6 and appendix B.1.2).
+
+A plain ViT (learned absolute positions, CLS token, qkv bias) whose pre-training corrupts half
+of the patch embeddings BERT-style (80% a learned mask embedding, 10% a random other patch
+embedding of the same image, 10% unchanged; see ``masking.corrupt_patch_embeddings``) before the
+position embeddings are added, and predicts the 3-bit mean colour of every corrupted patch
+(512 classes for RGB) with a linear head and cross-entropy.
+
+The targets come from UNNORMALISED pixels, which the model never sees: the data pipeline computes
+``labels`` [B, N] from the [0, 1] image with ``losses.mean_color_targets`` (or
+``VitMppForPreTraining.compute_labels``), as BEiT takes its tokenizer's ids. transformers'
+``ViTForMaskedImageModeling`` is SimMIM (pixel regression), a different method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_vit_mpp import VitMppConfig
+from .losses import masked_token_loss, mean_color_targets
+from .masking import corrupt_patch_embeddings, random_patch_selection
+from .remote_code import HubCodeMixin
+from .vit_core import Block, PatchEmbed, drop_path_rates, grid_size_for, resize_pos_embed
+
+
+@dataclass
+class VitMppModelOutput(ModelOutput):
+    """last_hidden_state [B, 1+N, D] (CLS first, after the final norm when the model has one);
+    corruption_branch [B, N] (``masking.NOT_CORRUPTED`` / ``REPLACED_BY_MASK`` /
+    ``REPLACED_BY_OTHER_PATCH`` / ``KEPT_UNCHANGED``) when corrupting; hidden_states: the
+    embeddings and each block's output."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    corruption_branch: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class VitMppForPreTrainingOutput(ModelOutput):
+    """loss: cross-entropy over the M corrupted patches of the batch (None without labels);
+    logits [M, num_color_classes] in row-major order of ``bool_masked_pos`` (sample by sample);
+    accuracy over those patches; bool_masked_pos [B, N] the corrupted patches (drawn when not given);
+    corruption_branch [B, N] what each patch became."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    accuracy: torch.FloatTensor | None = None
+    bool_masked_pos: torch.BoolTensor | None = None
+    corruption_branch: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+def check_patch_mask(mask: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, N] or [B, rows, cols] mask (True / 1 = corrupt) -> [B, N] bool in row-major patch order."""
+    rows, cols = grid
+    if tuple(mask.shape) not in ((batch, rows * cols), (batch, rows, cols)):
+        raise ValueError(
+            f"The corruption mask has shape {list(mask.shape)}, expected [{batch}, {rows * cols}] (or [{batch}, "
+            f"{rows}, {cols}]) for {batch} images of {rows}x{cols} patches. Build it for the images' patch grid, "
+            "or pass none and the model draws one (config.mask_ratio)."
+        )
+    mask = mask.reshape(batch, rows * cols)
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("The corruption mask must be boolean (or integer 0/1), True = corrupt.")
+        mask = mask.bool()
+    return mask
+
+
+def check_color_labels(labels: torch.Tensor, batch: int, grid: tuple[int, int], num_classes: int) -> torch.Tensor:
+    """The mean-colour classes of ALL patches, [B, N] (or [B, rows, cols]) -> [B, N] long."""
+    rows, cols = grid
+    if tuple(labels.shape) not in ((batch, rows * cols), (batch, rows, cols)):
+        raise ValueError(
+            f"labels has shape {list(labels.shape)}, expected the mean-colour class of every patch, [{batch}, "
+            f"{rows * cols}]: compute it from the [0, 1] pixels with VitMppForPreTraining.compute_labels "
+            "(losses.mean_color_targets); the model picks the corrupted positions itself."
+        )
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be integer classes (mean_color_targets), got dtype {labels.dtype}.")
+    labels = labels.reshape(batch, rows * cols).long()
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"labels hold classes in [{low}, {high}] but the head has {num_classes} (color_bits and num_channels of "
+            "the config). Compute them with the config's color_bits."
+        )
+    return labels
+
+
+class VitMppPreTrainedModel(HubCodeMixin, PreTrainedModel):
+    hub_auto_map = {
+        "AutoModel": "modeling_vit_mpp.VitMppModel",
+        "AutoModelForPreTraining": "modeling_vit_mpp.VitMppForPreTraining",
+        "AutoModelForImageClassification": "modeling_vit_mpp.VitMppForImageClassification",
+    }
+    config_class = VitMppConfig
+    config: VitMppConfig
+    base_model_prefix = "vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """timm's ViT init: truncated normal (std 0.02, cut at +-2, i.e. practically untruncated) for
+        Linear and patch-projection weights and the tokens and position table; zero biases;
+        LayerNorm ones/zeros."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, VitMppModel):
+            for token in (module.cls_token, module.mask_token, module.pos_embed):
+                if token is not None:
+                    init.trunc_normal_(token, std=std)
+
+
+class VitMppModel(VitMppPreTrainedModel):
+    """The ViT encoder: patch embedding, optional corruption (before positions), CLS, learned absolute
+    positions (bicubically resized for other grids), blocks, final norm."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^mpp_head\."]  # the encoder of a pre-training checkpoint
+
+    def __init__(self, config: VitMppConfig, use_mask_token: bool = True, use_final_norm: bool = True):
+        super().__init__(config)
+        width = config.hidden_size
+        self.grid_size = grid_size_for(config.image_size, config.patch_size)
+        self.patch_embed = PatchEmbed(config.patch_size, config.num_channels, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width)) if use_mask_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size[0] * self.grid_size[1], width))
+        self.pos_drop = nn.Dropout(config.hidden_dropout_prob)
+        self.blocks = nn.ModuleList(
+            Block(
+                config, width, config.num_attention_heads, config.intermediate_size, qkv_bias=config.qkv_bias,
+                drop_path=rate, drop=config.hidden_dropout_prob, attn_drop=config.attention_probs_dropout_prob,
+                act=config.hidden_act, eps=config.layer_norm_eps,
+            )
+            for rate in drop_path_rates(config.drop_path_rate, config.num_hidden_layers)
+        )
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if use_final_norm else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embed
+
+    def corrupt(self, tokens: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None):
+        if self.mask_token is None:
+            raise ValueError("This model was built without a mask token (classification); do not pass a corrupt_mask.")
+        return corrupt_patch_embeddings(
+            tokens, self.mask_token, mask, generator, self.config.replace_prob, self.config.random_prob
+        )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        corrupt_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> VitMppModelOutput:
+        """``corrupt_mask`` [B, N] (True = corrupt) corrupts those patch embeddings, drawing the
+        80/10/10 branches from `generator` (torch's global RNG when None)."""
+        grid = self.patch_embed.grid_size(pixel_values)
+        tokens = self.patch_embed(pixel_values)  # [B, N, D]
+        branch = None
+        if corrupt_mask is not None:
+            mask = check_patch_mask(corrupt_mask, tokens.shape[0], grid)  # [B, N]
+            tokens, branch, _ = self.corrupt(tokens, mask, generator)  # [B, N, D], [B, N]
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)  # [B, 1, D]
+        x = torch.cat([cls, tokens], dim=1)  # [B, 1+N, D]
+        x = self.pos_drop(x + resize_pos_embed(self.pos_embed, self.grid_size, grid).to(x.dtype))
+        hidden_states = [x] if output_hidden_states else None
+        for block in self.blocks:
+            x = block(x)  # [B, 1+N, D]
+            if output_hidden_states:
+                hidden_states.append(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return VitMppModelOutput(
+            last_hidden_state=x, corruption_branch=branch,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )
+
+
+class VitMppForPreTraining(VitMppPreTrainedModel):
+    """Masked patch prediction: ``forward(pixel_values, bool_masked_pos=None, labels=None, generator=None)``.
+
+    ``pixel_values`` are the normalised model input; ``labels`` [B, N] the mean-colour classes of
+    ALL patches (``compute_labels`` of the [0, 1] pixels); the loss counts the corrupted patches
+    only. Without ``bool_masked_pos`` a mask of ``config.mask_ratio`` is drawn per sample.
+    """
+
+    def __init__(self, config: VitMppConfig):
+        super().__init__(config)
+        self.vit = VitMppModel(config)
+        self.mpp_head = nn.Linear(config.hidden_size, config.num_color_classes)
+        self.post_init()
+
+    def compute_labels(self, pixels_in_0_1: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] unnormalised pixels in [0, 1] -> the mean-colour class of every patch [B, N]."""
+        self.vit.patch_embed.grid_size(pixels_in_0_1)  # the channels and size the model takes
+        return mean_color_targets(pixels_in_0_1, self.config.patch_size, self.config.color_bits)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> VitMppForPreTrainingOutput:
+        grid = self.vit.patch_embed.grid_size(pixel_values)
+        batch, num_patches = pixel_values.shape[0], grid[0] * grid[1]
+        if bool_masked_pos is None:
+            mask = random_patch_selection(batch, num_patches, self.config.mask_ratio, generator, pixel_values.device)
+        else:
+            mask = check_patch_mask(bool_masked_pos, batch, grid)  # [B, N]
+        targets = None
+        if labels is not None:
+            targets = check_color_labels(labels, batch, grid, self.config.num_color_classes)[mask]  # [M]
+        encoded = self.vit(pixel_values, corrupt_mask=mask, generator=generator,
+                           output_hidden_states=output_hidden_states)
+        logits = self.mpp_head(encoded.last_hidden_state[:, 1:][mask])  # [M, classes], row-major
+        output = VitMppForPreTrainingOutput(
+            logits=logits, bool_masked_pos=mask, corruption_branch=encoded.corruption_branch,
+            hidden_states=encoded.hidden_states,
+        )
+        if targets is not None:
+            output.loss, output.accuracy = masked_token_loss(logits, targets)
+        return output
+
+
+class VitMppForImageClassification(VitMppPreTrainedModel):
+    """Fine-tuning head: mean-pooled patch tokens -> ``fc_norm`` -> Linear, or the final-normed CLS
+    token when ``use_mean_pooling=False`` (the ViT paper). The mask token and the colour head of a
+    pre-training checkpoint are not used; with mean pooling neither is its final norm (reported unused)."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^mpp_head\.", r"(^|\.)mask_token$"]
+
+    def __init__(self, config: VitMppConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vit = VitMppModel(config, use_mask_token=False, use_final_norm=not config.use_mean_pooling)
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_mean_pooling else None
+        self.head = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.fc_norm is None:
+            return hidden_states[:, 0]  # [B, D] normed CLS
+        return self.fc_norm(hidden_states[:, 1:].mean(dim=1))  # [B, D]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        encoded = self.vit(pixel_values, output_hidden_states=output_hidden_states)
+        logits = self.head(self.pool(encoded.last_hidden_state))  # [B, num_labels]
+        loss = None
+        if labels is not None:
+            # Integer class ids, or soft targets [B, num_labels] (mixup/cutmix).
+            loss = F.cross_entropy(logits.float(), labels if labels.is_floating_point() else labels.long())
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+
+
+__all__ = ["VitMppForImageClassification", "VitMppForPreTraining", "VitMppModel", "VitMppPreTrainedModel"]

@@ -1,0 +1,529 @@
+"""The pre-training loop (Accelerate): one function per concern.
+
+Exact resumption rests on three things: the data order and every augmentation and mask are a pure
+function of (seed, epoch, position) (see `hf_mim.data`); the model's own randomness (dropout, drop
+path) is reseeded at every micro-batch from (seed, epoch, position, process); and each checkpoint
+records the position inside the epoch, which is skipped with `skip_first_batches` on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
+from tqdm.auto import tqdm
+
+from ..data import (
+    DIGITS_SOURCE, EpochSampler, FixedSampler, ImageDatasets, ImageExamples, StreamingImageExamples, derive_seed, load_image_datasets,
+)
+from .arguments import resolve_mixed_precision
+from .checkpoints import (
+    TrainerState, load_checkpoint, prune_checkpoints, remove_incomplete_checkpoints, resolve_resume_path, save_checkpoint,
+)
+from .methods import PretrainingMethod, get_method
+from .optimization import (
+    build_optimizer, build_scheduler, effective_batch_size, resolve_learning_rate, resolve_warmup_steps,
+)
+from .outputs import save_outputs, write_results
+from .tracking import hyperparameters, resolve_trackers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """The run's size, fixed before the first step."""
+
+    batches_per_epoch: int | None  # micro-batches per process; None when streaming
+    steps_per_epoch: int | None
+    max_steps: int
+    total_batch_size: int
+    learning_rate: float
+    warmup_steps: int
+
+
+@dataclass
+class Run:
+    """Everything the loop functions share."""
+
+    args: object
+    accelerator: Accelerator
+    method: PretrainingMethod
+    data: ImageDatasets
+    model: torch.nn.Module
+    processor: object
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: object = None
+    train_loader: object = None
+    train_examples: object = None
+    eval_loader: object = None
+    eval_examples: object = None
+    plan: Plan | None = None
+    state: TrainerState = field(default_factory=TrainerState)
+    meter: LossMeter | None = None
+    last_checkpoint_step: int = -1
+    eval_results: dict = field(default_factory=dict)
+    eval_step: int = -1  # the step eval_results were measured at
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------------------
+
+
+def build_accelerator(args) -> Accelerator:
+    os.makedirs(args.output_dir, exist_ok=True)
+    dynamo = TorchDynamoPlugin(backend="inductor", mode=args.torch_compile_mode) if args.torch_compile else None
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=resolve_mixed_precision(args),
+        log_with=resolve_trackers(args.report_to, args.output_dir),
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, "runs")),
+        # Each process reads its own share of a stream (IterableDatasetShard), nothing is broadcast.
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
+        dynamo_plugin=dynamo,
+    )
+
+
+def setup_logging(accelerator: Accelerator) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING, force=True)
+    if not accelerator.is_main_process:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+
+
+def load_data(args, accelerator: Accelerator) -> ImageDatasets:
+    with accelerator.main_process_first():  # the main process fills the datasets cache first
+        return load_image_datasets(
+            dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_dir=args.train_dir,
+            validation_dir=args.validation_dir, train_file=args.train_file, validation_file=args.validation_file,
+            cache_dir=args.cache_dir, token=args.token, streaming=args.streaming,
+            image_column_name=args.image_column_name, label_column_name=args.label_column_name,
+            train_val_split=args.train_val_split, seed=args.data_seed, max_train_samples=args.max_train_samples,
+            max_eval_samples=args.max_eval_samples,
+        )
+
+
+def build_model(args, method: PretrainingMethod, data: ImageDatasets) -> torch.nn.Module:
+    preset = f"{method.name}-demo" if data.source == DIGITS_SOURCE else f"{method.name}-base"
+    model = method.build_model(preset)
+    if args.attn_implementation:
+        model.set_attn_implementation(args.attn_implementation)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def cores_per_process(accelerator: Accelerator) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return max(1, cores // max(1, local_processes))
+
+
+def default_num_workers(accelerator: Accelerator) -> int:
+    """The CPU cores of this process, less one for the training itself, at most 8."""
+    return max(0, min(8, cores_per_process(accelerator) - 1))
+
+
+def make_examples(run: Run, dataset, train: bool):
+    args, method = run.args, run.method
+    transform = (method.train_transform if train else method.eval_transform)(run.processor)
+    if isinstance(dataset, datasets.IterableDataset):
+        return StreamingImageExamples(dataset, run.data.image_column, transform, seed=args.data_seed, shuffle=train,
+                                      image_mode=method.image_mode, shuffle_buffer_size=args.shuffle_buffer_size)
+    return ImageExamples(dataset, run.data.image_column, transform, image_mode=method.image_mode)
+
+
+def make_loader(run: Run, examples, batch_size: int, train: bool) -> torch.utils.data.DataLoader:
+    args = run.args
+    workers = args.dataloader_num_workers
+    sampler = None
+    if isinstance(examples, ImageExamples):
+        sampler = EpochSampler(len(examples), args.data_seed) if train else FixedSampler(len(examples), args.data_seed)
+    return torch.utils.data.DataLoader(
+        examples, batch_size=batch_size, sampler=sampler, drop_last=train, num_workers=workers,
+        pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
+        persistent_workers=args.dataloader_persistent_workers and workers > 0,
+    )
+
+
+def build_loaders(run: Run) -> None:
+    args = run.args
+    if args.do_train:
+        if run.data.train is None:
+            raise ValueError(f"{run.data.source} has no training split; pass training data or --no-do_train.")
+        run.train_examples = make_examples(run, run.data.train, train=True)
+        run.train_loader = make_loader(run, run.train_examples, args.per_device_train_batch_size, train=True)
+    if args.do_eval and run.data.eval is not None:
+        run.eval_examples = make_examples(run, run.data.eval, train=False)
+        run.eval_loader = make_loader(run, run.eval_examples, args.per_device_eval_batch_size, train=False)
+
+
+def make_plan(run: Run) -> Plan:
+    args, accelerator = run.args, run.accelerator
+    batches = None if isinstance(run.train_examples, StreamingImageExamples) else len(run.train_loader)
+    total_batch = effective_batch_size(args.per_device_train_batch_size, accelerator.num_processes,
+                                       args.gradient_accumulation_steps)
+    if batches == 0:
+        raise ValueError(
+            f"The training set ({len(run.train_examples)} images) is smaller than one batch of "
+            f"{args.per_device_train_batch_size} x {accelerator.num_processes} processes: lower "
+            "--per_device_train_batch_size or add data."
+        )
+    steps_per_epoch = None if batches is None else math.ceil(batches / args.gradient_accumulation_steps)
+    max_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+    learning_rate = resolve_learning_rate(args.learning_rate, args.base_learning_rate, total_batch)
+    return Plan(batches, steps_per_epoch, max_steps, total_batch, learning_rate,
+                resolve_warmup_steps(args.warmup_steps, max_steps))
+
+
+def build_optimization(run: Run) -> None:
+    args, plan = run.args, run.plan
+    run.optimizer = build_optimizer(
+        run.model, plan.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2),
+        run.method.no_weight_decay_names, eps=args.adam_epsilon, fused=run.accelerator.device.type == "cuda",
+    )
+    # Not passed to accelerator.prepare: it is stepped here once per optimiser step, whatever the process count.
+    run.scheduler = build_scheduler(run.optimizer, args.lr_scheduler_type, plan.warmup_steps, plan.max_steps,
+                                    args.lr_scheduler_kwargs)
+
+
+def prepare(run: Run) -> None:
+    accelerator = run.accelerator
+    if run.optimizer is not None:
+        run.model, run.optimizer, run.train_loader = accelerator.prepare(run.model, run.optimizer, run.train_loader)
+        accelerator.register_for_checkpointing(run.scheduler)
+    else:
+        run.model = accelerator.prepare(run.model)
+    if run.eval_loader is not None:
+        run.eval_loader = accelerator.prepare(run.eval_loader)
+
+
+def resume(run: Run) -> None:
+    """Continue from --resume_from_checkpoint, or automatically from the newest checkpoint in output_dir."""
+    args, accelerator = run.args, run.accelerator
+    fresh = args.overwrite_output_dir or (args.resume_from_checkpoint or "").lower() == "none"
+    if accelerator.is_main_process:
+        remove_incomplete_checkpoints(args.output_dir)
+    accelerator.wait_for_everyone()
+    path = None if fresh else resolve_resume_path(args.resume_from_checkpoint, args.output_dir, auto_resume=True)
+    run.state = TrainerState(num_processes=accelerator.num_processes,
+                             per_device_train_batch_size=args.per_device_train_batch_size,
+                             gradient_accumulation_steps=args.gradient_accumulation_steps)
+    if path is None:
+        return
+    logger.info("Resuming from %s", path)
+    saved = load_checkpoint(accelerator, path)
+    check_resume_compatible(saved, run.state)
+    run.state = TrainerState(**{**vars(saved), "num_processes": run.state.num_processes,
+                                "per_device_train_batch_size": run.state.per_device_train_batch_size,
+                                "gradient_accumulation_steps": run.state.gradient_accumulation_steps})
+    run.state.batch_in_epoch = saved.batch_in_epoch * saved.num_processes * saved.per_device_train_batch_size // (
+        run.state.num_processes * run.state.per_device_train_batch_size)
+    run.last_checkpoint_step = saved.global_step
+    if accelerator.is_main_process:
+        accelerator.get_tracker("jsonl").write({"event": "resume", "step": saved.global_step, "from": str(path)})
+
+
+def check_resume_compatible(saved: TrainerState, current: TrainerState) -> None:
+    changed = [name for name in ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps")
+               if getattr(saved, name) != getattr(current, name)]
+    if changed:
+        logger.warning("Resuming with other %s than the checkpoint was written with: training continues, but the "
+                       "data order and step boundaries differ from an uninterrupted run.", changed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+class LossMeter:
+    """Running sums on the device, reduced over processes only when logged (no sync per step)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, micro-batches, skipped
+        self.total_loss, self.total_batches = 0.0, 0
+        self.window_start, self.window_images = time.perf_counter(), 0
+
+    def add(self, loss: torch.Tensor, skipped: torch.Tensor, images: int) -> None:
+        self.window += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=self.device),
+                                    skipped.sum().double().to(self.device)])
+        self.window_images += images
+
+    def flush(self, accelerator: Accelerator) -> dict:
+        """Collective: every process calls it at the same step."""
+        mean_loss_sum, batches, skipped = accelerator.reduce(self.window.clone(), reduction="sum").tolist()
+        elapsed = time.perf_counter() - self.window_start
+        values = {"loss": mean_loss_sum / max(batches, 1.0), "skipped": int(skipped),
+                  "images_per_second": self.window_images / elapsed if elapsed > 0 else 0.0}
+        self.total_loss += mean_loss_sum
+        self.total_batches += int(batches)
+        self.window.zero_()
+        self.window_start, self.window_images = time.perf_counter(), 0
+        return values
+
+
+def seed_micro_batch(run: Run) -> None:
+    """Dropout and drop path draw from torch's global RNG: make it a function of the position."""
+    state = run.state
+    torch.manual_seed(derive_seed(run.args.seed, state.epoch, state.batch_in_epoch, run.accelerator.process_index))
+
+
+def epoch_batches(run: Run):
+    """This epoch's loader: reseeded for the epoch, and past the batches a resumed run already did."""
+    set_epoch(run)
+    if run.state.batch_in_epoch:
+        return run.accelerator.skip_first_batches(run.train_loader, run.state.batch_in_epoch)
+    return run.train_loader
+
+
+def set_epoch(run: Run) -> None:
+    epoch = run.state.epoch
+    run.train_loader.set_epoch(epoch)  # reaches our EpochSampler (map-style) or the stream (set_epoch)
+    if isinstance(run.train_examples, StreamingImageExamples):
+        run.train_examples.set_epoch(epoch)
+
+
+def train_micro_batch(run: Run, batch: dict) -> float | None:
+    """Forward, backward and (at accumulation boundaries) the optimiser step. Returns the gradient norm
+    when it was clipped at this step."""
+    accelerator, args = run.accelerator, run.args
+    skipped = batch.pop("num_skipped")
+    batch.pop("labels", None)
+    grad_norm = None
+    with accelerator.accumulate(run.model):
+        seed_micro_batch(run)
+        loss = run.method.training_loss(run.model, batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm:
+            grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.meter.add(loss, skipped, args.per_device_train_batch_size * accelerator.num_processes)
+    run.state.images_seen += args.per_device_train_batch_size * accelerator.num_processes
+    run.state.batch_in_epoch += 1
+    return None if grad_norm is None else float(grad_norm)
+
+
+def finish_optimizer_step(run: Run) -> float:
+    """After a synchronised step: the scheduler and the step counter. Returns the lr the step used."""
+    learning_rate = run.scheduler.get_last_lr()[0]
+    if not run.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the optimiser did not step
+        run.scheduler.step()
+    run.state.global_step += 1
+    return learning_rate
+
+
+def end_epoch_if_done(run: Run) -> bool:
+    plan, state = run.plan, run.state
+    if plan.batches_per_epoch is not None and state.batch_in_epoch >= plan.batches_per_epoch:
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        return True
+    return False
+
+
+def log_step(run: Run, learning_rate: float, grad_norm: float | None, progress) -> None:
+    values = run.meter.flush(run.accelerator)
+    run.state.skipped_images += values.pop("skipped")
+    values.update(learning_rate=learning_rate, epoch=fractional_epoch(run), skipped_images=run.state.skipped_images)
+    if grad_norm is not None:
+        values["grad_norm"] = grad_norm
+    run.accelerator.log(values, step=run.state.global_step)
+    progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{learning_rate:.2e}",
+                         img_s=f"{values['images_per_second']:.0f}", refresh=False)
+
+
+def fractional_epoch(run: Run) -> float:
+    batches = run.plan.batches_per_epoch
+    return run.state.epoch + (run.state.batch_in_epoch / batches if batches else 0.0)
+
+
+def checkpoint(run: Run) -> None:
+    args, accelerator = run.args, run.accelerator
+    values = run.meter.flush(accelerator)  # fold the pending skipped-image count into the saved state
+    run.state.skipped_images += values["skipped"]
+    path = save_checkpoint(accelerator, args.output_dir, run.state)
+    run.last_checkpoint_step = run.state.global_step
+    if accelerator.is_main_process:
+        prune_checkpoints(args.output_dir, args.save_total_limit)
+        logger.info("Saved %s", path)
+
+
+def after_step(run: Run, learning_rate: float, grad_norm: float | None, epoch_ended: bool, progress) -> None:
+    args, step = run.args, run.state.global_step
+    if step % args.logging_steps == 0:
+        log_step(run, learning_rate, grad_norm, progress)
+    if run.eval_loader is not None and (
+        (args.eval_strategy == "steps" and step % args.eval_steps == 0) or (args.eval_strategy == "epoch" and epoch_ended)
+    ):
+        evaluate_and_log(run)
+    if (isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0) or (
+        args.checkpointing_steps == "epoch" and epoch_ended
+    ):
+        checkpoint(run)
+
+
+def train(run: Run) -> dict:
+    """The loop. Returns train metrics of this invocation (a resumed run counts its own part)."""
+    args, accelerator, plan, state = run.args, run.accelerator, run.plan, run.state
+    run.meter = LossMeter(accelerator.device)
+    start_step, start_time = state.global_step, time.perf_counter()
+    progress = tqdm(total=plan.max_steps, initial=state.global_step, desc=f"pretrain {run.method.name}", unit="step",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    if run.eval_loader is not None and args.eval_on_start and state.global_step == 0:
+        evaluate_and_log(run)
+    run.model.train()
+    while state.global_step < plan.max_steps:
+        batches, resumed_inside_epoch = 0, state.batch_in_epoch > 0
+        for batch in epoch_batches(run):
+            batches += 1
+            grad_norm = train_micro_batch(run, batch)
+            epoch_ended = end_epoch_if_done(run)
+            if not accelerator.sync_gradients:
+                continue
+            learning_rate = finish_optimizer_step(run)
+            progress.update(1)
+            after_step(run, learning_rate, grad_norm, epoch_ended, progress)
+            if state.global_step >= plan.max_steps:
+                break
+        else:  # the loader ran dry
+            if batches == 0 and not resumed_inside_epoch:
+                raise RuntimeError(f"Epoch {state.epoch} produced no batch: the training data is empty or exhausted.")
+            if plan.batches_per_epoch is None:  # a stream: its epoch is over
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    progress.close()
+    if args.checkpointing_steps is not None and run.last_checkpoint_step != state.global_step:
+        checkpoint(run)  # the final state, so that re-running the command finds the run complete
+    values = run.meter.flush(accelerator)
+    state.skipped_images += values["skipped"]
+    runtime = time.perf_counter() - start_time
+    images = (state.global_step - start_step) * plan.total_batch_size
+    return {
+        "train_loss": run.meter.total_loss / max(run.meter.total_batches, 1), "train_runtime": runtime,
+        "train_samples_per_second": images / runtime if runtime > 0 else 0.0,
+        "train_steps_per_second": (state.global_step - start_step) / runtime if runtime > 0 else 0.0,
+        "train_steps": state.global_step, "epoch": fractional_epoch(run), "skipped_images": state.skipped_images,
+        "learning_rate": plan.learning_rate, "total_batch_size": plan.total_batch_size,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """Masked-patch metrics on the held-out images with fixed masks (the same every evaluation)."""
+    accelerator, method = run.accelerator, run.method
+    was_training = run.model.training
+    run.model.eval()
+    totals: dict[str, float] = {}
+    images, skipped, start = 0, 0, time.perf_counter()
+    for batch in run.eval_loader:
+        batch_skipped = batch.pop("num_skipped")
+        batch.pop("labels", None)
+        sums = accelerator.gather_for_metrics(method.eval_sums(run.model, batch))  # per-sample [B] each
+        skipped += int(accelerator.gather_for_metrics(batch_skipped).sum())
+        images += len(next(iter(sums.values())))
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value.double().sum())
+    run.model.train(was_training)
+    runtime = time.perf_counter() - start
+    metrics = {f"eval_{key}": value for key, value in method.eval_metrics(totals).items()}
+    return {**metrics, "eval_samples": images, "eval_skipped_images": skipped, "eval_runtime": runtime,
+            "eval_samples_per_second": images / runtime if runtime > 0 else 0.0}
+
+
+def evaluate_and_log(run: Run) -> dict:
+    results = evaluate(run)
+    run.accelerator.log(results, step=run.state.global_step)
+    logger.info("step %d: %s", run.state.global_step,
+                ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
+    run.eval_results, run.eval_step = results, run.state.global_step
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def configure_backends(args, accelerator: Accelerator) -> None:
+    """TF32; and on CPU, one compute thread per core left after the data-loader workers: more threads
+    than cores makes torch's CPU kernels spin and run several times slower."""
+    if args.dataloader_num_workers is None:
+        args.dataloader_num_workers = default_num_workers(accelerator)
+    if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, cores_per_process(accelerator) - args.dataloader_num_workers))
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def run_pretraining(args) -> dict:
+    """Build everything, train, evaluate, save. Returns the results that were written to all_results.json."""
+    accelerator = build_accelerator(args)
+    setup_logging(accelerator)
+    configure_backends(args, accelerator)
+    set_seed(args.seed)  # the model's initial weights
+    method = get_method(args.method)(args)
+    data = load_data(args, accelerator)
+    logger.info("Data: %s (train: %s, eval: %s from %s)", data.source, size_of(data.train), size_of(data.eval),
+                data.eval_split)
+    args.do_eval = data.eval is not None if args.do_eval is None else args.do_eval
+    if args.do_eval and data.eval is None:
+        raise ValueError(f"--do_eval: {data.source} has no held-out images; pass --validation_dir/--validation_file "
+                         "or --train_val_split.")
+    model = build_model(args, method, data)
+    run = Run(args, accelerator, method, data, model, method.build_image_processor())
+    build_loaders(run)
+    if args.do_train:
+        run.plan = make_plan(run)
+        build_optimization(run)
+    prepare(run)
+    accelerator.init_trackers(args.run_name, config=hyperparameters(args))
+    results = {}
+    if args.do_train:
+        resume(run)
+        describe_run(run)
+        results.update(train(run))
+    if args.do_eval:
+        results.update(run.eval_results if run.eval_step == run.state.global_step else evaluate_and_log(run))
+    save_outputs(run, results)
+    write_results(run, results)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def size_of(dataset) -> str:
+    return "streamed" if isinstance(dataset, datasets.IterableDataset) else ("-" if dataset is None else str(len(dataset)))
+
+
+def describe_run(run: Run) -> None:
+    plan, args, state = run.plan, run.args, run.state
+    logger.info(
+        "Training %s for %d steps (%s steps/epoch), batch %d = %d per device x %d processes x %d accumulation, "
+        "lr %.3g (%s), %d warmup steps, %s schedule; starting at step %d (epoch %d, batch %d).",
+        run.method.name, plan.max_steps, plan.steps_per_epoch or "?", plan.total_batch_size,
+        args.per_device_train_batch_size, run.accelerator.num_processes, args.gradient_accumulation_steps,
+        plan.learning_rate, "explicit" if args.learning_rate is not None else f"blr {args.base_learning_rate:g} x batch/256",
+        plan.warmup_steps, args.lr_scheduler_type, state.global_step, state.epoch, state.batch_in_epoch,
+    )
+
+
+__all__ = ["LossMeter", "Plan", "Run", "evaluate", "run_pretraining", "train"]
