@@ -130,8 +130,8 @@ def load_raw_datasets(
                 if not os.path.isdir(folder):
                     raise FileNotFoundError(f"The image folder {folder!r} does not exist.")
                 data_files[split] = os.path.join(folder, "**")
-        raw = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir, streaming=streaming)
-        return raw, f"imagefolder:{train_dir or validation_dir}"
+        source = f"imagefolder:{train_dir or validation_dir}"
+        return load_files("imagefolder", data_files, source, cache_dir=cache_dir, streaming=streaming), source
     if train_file or validation_file:
         data_files = {}
         for split, pattern, argument in (
@@ -139,11 +139,23 @@ def load_raw_datasets(
         ):
             if pattern:
                 data_files[split] = expand_files(pattern, argument)
-        raw = datasets.load_dataset("parquet", data_files=data_files, cache_dir=cache_dir, streaming=streaming)
-        return raw, f"parquet:{train_file or validation_file}"
+        source = f"parquet:{train_file or validation_file}"
+        return load_files("parquet", data_files, source, cache_dir=cache_dir, streaming=streaming), source
     digits = load_digits_dataset()
     raw = datasets.DatasetDict({"train": digits})
     return (raw.to_iterable_dataset() if streaming else raw), DIGITS_SOURCE
+
+
+def load_files(builder: str, data_files: dict, source: str, **kwargs):
+    """`load_dataset(builder, data_files=...)`, with datasets' message for a file set without rows
+    ('Instruction "train" corresponds to no data!') turned into one that names the files."""
+    try:
+        return datasets.load_dataset(builder, data_files=data_files, **kwargs)
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):
+            raise
+        raise ValueError(f"{source} holds no images (0 rows in {data_files}). Check the path, glob or split name.") \
+            from error
 
 
 def column_names(dataset) -> list[str]:

@@ -1,0 +1,274 @@
+"""`examples/pretrain.py` (MAE) end to end on the embedded digits: outputs, learning, exact resume,
+crash-safe checkpoints, two real gloo processes under `accelerate launch`, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModelForPreTraining
+
+import hf_mim
+from hf_mim.pretraining import main
+from hf_mim.pretraining.checkpoints import (
+    STATE_FILE, TrainerState, latest_checkpoint, prune_checkpoints, publish_checkpoint, remove_incomplete_checkpoints,
+    resolve_resume_path,
+)
+from hf_mim.pretraining.tracking import LOG_FILE, read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+# 96 training images in batches of 16: 6 micro-batches per epoch.
+FAST = ["--max_train_samples", "96", "--max_eval_samples", "32", "--per_device_train_batch_size", "16",
+        "--per_device_eval_batch_size", "32", "--logging_steps", "1", "--report_to", "none",
+        "--dataloader_num_workers", "0"]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    return read_log(str(output_dir / LOG_FILE), "loss")
+
+
+# ---------------------------------------------------------------------------------------------
+# A short run: what it leaves behind, and that it learns
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory) -> tuple[Path, dict]:
+    output_dir = tmp_path_factory.mktemp("pretrain") / "mae"
+    results = main([
+        "--output_dir", str(output_dir), "--max_steps", "60", "--max_train_samples", "640",
+        "--per_device_train_batch_size", "32", "--max_eval_samples", "64", "--eval_on_start",
+        "--eval_steps", "30", "--checkpointing_steps", "30", "--logging_steps", "10", "--report_to", "none",
+        "--dataloader_num_workers", "0",
+    ])
+    return output_dir, results
+
+
+def test_run_writes_a_loadable_model_processor_card_and_figure(learned_run):
+    output_dir, results = learned_run
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "reconstructions.png",
+                 "all_results.json", "train_results.json", "eval_results.json", LOG_FILE):
+        assert (output_dir / name).is_file(), name
+    assert [path.name for path in sorted(output_dir.glob("checkpoint-*"))] == ["checkpoint-30", "checkpoint-60"]
+    model = AutoModelForPreTraining.from_pretrained(output_dir)
+    assert type(model) is hf_mim.MaeForPreTraining and model.config.image_size == 32
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    assert processor.size == {"height": 32, "width": 32}
+    written = read_json(output_dir / "all_results.json")
+    assert written["train_steps"] == 60 and written["total_batch_size"] == 32
+    assert written["eval_loss"] == pytest.approx(results["eval_loss"])
+    card = (output_dir / "README.md").read_text()
+    assert "library_name: hf_mim" in card and f"{results['eval_loss']:.4f}"[:5] in card
+
+
+def test_held_out_masked_patch_loss_falls(learned_run):
+    output_dir, results = learned_run
+    eval_loss = read_log(str(output_dir / LOG_FILE), "eval_loss")
+    assert sorted(eval_loss) == [0, 30, 60]
+    # The untrained model's masked-patch MSE on normalised pixels is ~4.3; after 60 steps of 32
+    # images the model has learned the digits' strokes and gets about half of it (2.2 at step 40
+    # of an 80-step run here, 0.6 after the full demo).
+    assert eval_loss[60] < 0.6 * eval_loss[0], eval_loss
+    assert eval_loss[60] < eval_loss[30] < eval_loss[0]
+    train_loss = losses(output_dir)
+    assert train_loss[60] < 0.8 * train_loss[10], train_loss
+
+
+def test_reconstruction_figure_is_an_image(learned_run):
+    from PIL import Image
+
+    output_dir, _ = learned_run
+    with Image.open(output_dir / "reconstructions.png") as figure:
+        width, height = figure.size
+    assert width > 200 and height > 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume
+# ---------------------------------------------------------------------------------------------
+
+
+def resume_args(output_dir: Path) -> list[str]:
+    # drop path on: the model's own randomness must be restored as well as the data order's.
+    return ["--output_dir", str(output_dir), "--max_steps", "9", "--checkpointing_steps", "4",
+            "--save_total_limit", "0", "--config_overrides", "drop_path_rate=0.2", "--no-do_eval", *FAST]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    main(resume_args(output_dir))
+    return output_dir
+
+
+@pytest.mark.parametrize("step", [4, 8], ids=["inside-epoch-0", "inside-epoch-1"])
+def test_resumed_run_equals_uninterrupted_run(uninterrupted, tmp_path, step):
+    """What an interrupted run leaves: its checkpoint-<step>, and the half-written folder of the next
+    save. Re-running the same command continues from the checkpoint to the same losses and weights."""
+    assert sorted(p.name for p in uninterrupted.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8",
+                                                                         "checkpoint-9"]
+    resumed = tmp_path / "run"
+    shutil.copytree(uninterrupted / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
+    crashed_save = resumed / f".tmp-checkpoint-{step + 1}"
+    crashed_save.mkdir()
+    (crashed_save / "model.safetensors").write_bytes(b"truncated")
+    main(resume_args(resumed))
+    assert not crashed_save.exists()
+    expected, got = losses(uninterrupted), losses(resumed)
+    assert sorted(got) == list(range(step + 1, 10))
+    for k in got:
+        assert got[k] == pytest.approx(expected[k], rel=1e-5, abs=1e-7), (k, got[k], expected[k])
+    ours, theirs = load_file(resumed / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+    state = TrainerState.from_file(resumed / "checkpoint-9" / STATE_FILE)
+    assert (state.global_step, state.epoch, state.batch_in_epoch) == (9, 1, 3)
+
+
+def test_a_complete_run_is_not_repeated(uninterrupted, tmp_path):
+    """Re-running the command of a finished run resumes at its final checkpoint and trains no step."""
+    again = tmp_path / "again"
+    shutil.copytree(uninterrupted / "checkpoint-9", again / "checkpoint-9")
+    results = main(resume_args(again))
+    assert results["train_steps"] == 9 and losses(again) == {}
+
+
+def test_resume_none_starts_afresh(uninterrupted, tmp_path):
+    fresh = tmp_path / "fresh"
+    shutil.copytree(uninterrupted / "checkpoint-8", fresh / "checkpoint-8")
+    main([*resume_args(fresh), "--max_steps", "2", "--resume_from_checkpoint", "none"])
+    assert sorted(losses(fresh)) == [1, 2]
+    assert losses(fresh)[1] == pytest.approx(losses(uninterrupted)[1], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash-safe checkpoint folders
+# ---------------------------------------------------------------------------------------------
+
+
+def fake_checkpoint(root: Path, step: int) -> Path:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / STATE_FILE).write_text(TrainerState(global_step=step).to_json())
+    return folder
+
+
+def test_latest_checkpoint_ignores_incomplete_folders(tmp_path):
+    fake_checkpoint(tmp_path, 3)
+    fake_checkpoint(tmp_path, 10)
+    (tmp_path / "checkpoint-12").mkdir()  # no trainer_state.json: never published
+    (tmp_path / ".tmp-checkpoint-15").mkdir()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-10"  # 10 > 3 numerically, 12 incomplete
+    assert resolve_resume_path("latest", str(tmp_path), auto_resume=False).name == "checkpoint-10"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume_path(str(tmp_path / "checkpoint-12"), str(tmp_path), auto_resume=True)
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        resolve_resume_path("latest", str(tmp_path / "empty"), auto_resume=False)
+    remove_incomplete_checkpoints(tmp_path)
+    assert not (tmp_path / ".tmp-checkpoint-15").exists()
+
+
+def test_interrupted_replacement_keeps_the_complete_copy(tmp_path):
+    """A crash between the two renames of a re-save leaves only `checkpoint-N.old`: it is restored."""
+    old = fake_checkpoint(tmp_path, 6)
+    os.rename(old, tmp_path / "checkpoint-6.old")
+    remove_incomplete_checkpoints(tmp_path)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-6"
+
+
+def test_publish_replaces_a_checkpoint_of_the_same_step(tmp_path):
+    fake_checkpoint(tmp_path, 5)
+    temp = tmp_path / ".tmp-checkpoint-5"
+    temp.mkdir()
+    (temp / "weights").write_text("new")
+    publish_checkpoint(temp, tmp_path / "checkpoint-5", TrainerState(global_step=5, epoch=2))
+    assert (tmp_path / "checkpoint-5" / "weights").read_text() == "new"
+    assert TrainerState.from_file(tmp_path / "checkpoint-5" / STATE_FILE).epoch == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    for step in (2, 4, 6, 8):
+        fake_checkpoint(tmp_path, step)
+    removed = prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6", "checkpoint-8"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Two real gloo processes under `accelerate launch`
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_ddp_run(tmp_path):
+    output_dir = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(ROOT / "examples" / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+        str(ROOT / "examples" / "pretrain.py"), "--output_dir", str(output_dir), "--max_steps", "4",
+        "--checkpointing_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "20",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--logging_steps", "1",
+        "--report_to", "none", "--dataloader_num_workers", "0",
+    ]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
+    assert "8 per device x 2 processes" in finished.stderr
+    results = read_json(output_dir / "all_results.json")
+    assert results["total_batch_size"] == 16 and results["train_steps"] == 4
+    # Every eval image counted once: accelerate's padding duplicates (20 is not a multiple of 2 x 8) are dropped.
+    assert results["eval_samples"] == 20
+    checkpoint = output_dir / "checkpoint-4"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert TrainerState.from_file(checkpoint / STATE_FILE).num_processes == 2
+    model = AutoModelForPreTraining.from_pretrained(output_dir)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the problem and the fix
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "message"),
+    [
+        (["--mask_ratio", "1.0"], ValueError, r"mask_ratio"),
+        (["--config_overrides", "num_channels=2"], ValueError, r"only 1 \(grey\) and 3 \(RGB\)"),
+        (["--image_size", "30"], ValueError, r"divisible"),
+        (["--config_overrides", "hiden_size=64"], ValueError, r"Unknown config fields \['hiden_size'\]"),
+        (["--push_to_hub"], ValueError, r"--push_to_hub needs --hub_model_id"),
+        (["--image_column_name", "pixels"], ValueError, r"--image_column_name 'pixels' is not a column"),
+        (["--max_train_samples", "10", "--per_device_train_batch_size", "64"], ValueError, r"smaller than one batch"),
+        (["--bf16", "--fp16"], ValueError, r"Conflicting precision options"),
+    ],
+    ids=["mask-ratio", "channels", "image-size", "config-field", "push-without-repo", "column", "tiny-data",
+         "precision"],
+)
+def test_bad_input(tmp_path, extra, error, message):
+    with pytest.raises(error, match=message):
+        main(["--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--report_to", "none",
+              "--dataloader_num_workers", "0", *extra])
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match=r"Unknown --method 'simmim'; available: \["):
+        main(["--method", "simmim"])
