@@ -272,3 +272,27 @@ def test_bad_input(tmp_path, extra, error, message):
 def test_unknown_method():
     with pytest.raises(ValueError, match=r"Unknown --method 'simmim'; available: \["):
         main(["--method", "simmim"])
+
+
+# ---------------------------------------------------------------------------------------------
+# --push_to_hub at the end of a run, to the local Hub-protocol server
+# ---------------------------------------------------------------------------------------------
+
+
+def test_push_to_hub_at_the_end(local_hub, tmp_path):
+    from huggingface_hub import ModelCard, snapshot_download
+
+    repo_id = f"{local_hub.user}/mae-pushed"
+    output_dir = tmp_path / "pushed"
+    results = main(["--output_dir", str(output_dir), "--max_steps", "2", "--checkpointing_steps", "1",
+                    "--push_to_hub", "--hub_model_id", repo_id, *FAST])
+    files = {path.relative_to(snapshot_download(repo_id)).as_posix()
+             for path in Path(snapshot_download(repo_id)).rglob("*") if path.is_file()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= files
+    assert not any(name.startswith(("checkpoint-", ".tmp-checkpoint")) for name in files)  # local state stays local
+    card = ModelCard.load(repo_id)
+    assert card.data.library_name == "hf_mim"
+    measured = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert measured["eval_loss"] == pytest.approx(results["eval_loss"], rel=1e-4)  # the model-index holds what ran
+    model = AutoModelForPreTraining.from_pretrained(repo_id)
+    assert type(model) is hf_mim.MaeForPreTraining and results["train_steps"] == 2
