@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -23,6 +22,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import load_state_dict
 from transformers.utils import ModelOutput
 
+from .classification import ImageClassificationMixin
 from .configuration_beit import BEiTConfig
 from .losses import masked_token_loss
 from .relative_position import RelativePositionBias, relative_position_index
@@ -398,11 +398,10 @@ class BEiTForMaskedImageModeling(BEiTPreTrainedModel):
         return output
 
 
-class BEiTForImageClassification(BEiTPreTrainedModel):
-    """BEiT fine-tuning head: mean-pooled patch tokens -> ``fc_norm`` -> Linear (or the final-normed
-    CLS token when ``use_mean_pooling=False``). The mask token, LM head and v2 CLS head of a
-    pre-training checkpoint are not used; with mean pooling neither is its final norm (reported
-    unused, as in the reference)."""
+class BEiTForImageClassification(ImageClassificationMixin, BEiTPreTrainedModel):
+    """BEiT fine-tuning: mean-pooled patch tokens -> ``fc_norm`` -> Linear (or the final-normed CLS
+    token when ``use_mean_pooling=False``); see :class:`ImageClassificationMixin`. The mask token,
+    LM head and v2 CLS head of a pre-training checkpoint are not used."""
 
     _keys_to_ignore_on_load_unexpected = [
         r"relative_position_index", r"^lm_head\.", r"^cls_pt_layers\.", r"(^|\.)mask_token$",
@@ -410,22 +409,14 @@ class BEiTForImageClassification(BEiTPreTrainedModel):
 
     def __init__(self, config: BEiTConfig):
         super().__init__(config)
-        self.num_labels = config.num_labels
         self.beit = BEiTModel(config, use_mask_token=False, use_final_norm=not config.use_mean_pooling)
-        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_mean_pooling else None
-        self.head = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.build_classification_head(config)
         self.post_init()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if module is getattr(self, "head", None) and isinstance(module, nn.Linear):
-            init.trunc_normal_(module.weight, std=2e-5)  # the reference head: std 0.02 scaled by init_scale 0.001
-
-    def pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.fc_norm is None:
-            return hidden_states[:, 0]  # [B, D] normed CLS
-        return self.fc_norm(hidden_states[:, 1:].mean(dim=1))  # [B, D]
+        self.init_classification_head(module)
 
     def forward(
         self,
@@ -435,13 +426,7 @@ class BEiTForImageClassification(BEiTPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
-        encoded = self.beit(pixel_values, output_hidden_states=output_hidden_states)
-        logits = self.head(self.pool(encoded.last_hidden_state))  # [B, num_labels]
-        loss = None
-        if labels is not None:
-            # Integer class ids, or soft targets [B, num_labels] (mixup/cutmix).
-            loss = F.cross_entropy(logits.float(), labels if labels.is_floating_point() else labels.long())
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+        return self.classify(self.beit(pixel_values, output_hidden_states=output_hidden_states), labels)
 
 
 __all__ = [

@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
+from .classification import ImageClassificationMixin
 from .configuration_mae import MaeConfig
 from .losses import masked_mse_loss, normalize_patches
 from .masking import gather_tokens, random_masking
@@ -252,29 +252,20 @@ class MaeForPreTraining(MaePreTrainedModel):
         )
 
 
-class MaeForImageClassification(MaePreTrainedModel):
-    """MAE fine-tuning head: mean-pooled patch tokens -> `fc_norm` -> Linear (or the normed CLS
-    token when `use_mean_pooling=False`). With mean pooling the encoder's final norm is not
-    built, so `encoder.norm.*` of a pre-training checkpoint is reported unused, as in the reference."""
+class MaeForImageClassification(ImageClassificationMixin, MaePreTrainedModel):
+    """MAE fine-tuning: mean-pooled patch tokens -> `fc_norm` -> Linear (or the normed CLS token
+    when `use_mean_pooling=False`); see :class:`ImageClassificationMixin`."""
 
     def __init__(self, config: MaeConfig):
         super().__init__(config)
-        self.num_labels = config.num_labels
         self.encoder = MaeModel(config, use_final_norm=not config.use_mean_pooling)
-        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_mean_pooling else None
-        self.head = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.build_classification_head(config)
         self.post_init()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if module is getattr(self, "head", None) and isinstance(module, nn.Linear):
-            init.trunc_normal_(module.weight, std=2e-5)  # the MAE fine-tuning head init
-
-    def pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.fc_norm is None:
-            return hidden_states[:, 0]  # [B, D] normed CLS
-        return self.fc_norm(hidden_states[:, 1:].mean(dim=1))  # [B, D]
+        self.init_classification_head(module)
 
     def forward(
         self,
@@ -284,13 +275,7 @@ class MaeForImageClassification(MaePreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
-        encoded = self.encoder(pixel_values, output_hidden_states=output_hidden_states)
-        logits = self.head(self.pool(encoded.last_hidden_state))  # [B, num_labels]
-        loss = None
-        if labels is not None:
-            # Integer class ids, or soft targets [B, num_labels] (mixup/cutmix).
-            loss = F.cross_entropy(logits.float(), labels if labels.is_floating_point() else labels.long())
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+        return self.classify(self.encoder(pixel_values, output_hidden_states=output_hidden_states), labels)
 
 
 __all__ = ["MaeForImageClassification", "MaeForPreTraining", "MaeModel", "MaePreTrainedModel"]

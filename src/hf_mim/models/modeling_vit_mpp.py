@@ -17,13 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
+from .classification import ImageClassificationMixin
 from .configuration_vit_mpp import VitMppConfig
 from .losses import masked_token_loss, mean_color_targets
 from .masking import corrupt_patch_embeddings, random_patch_selection
@@ -253,25 +253,24 @@ class VitMppForPreTraining(VitMppPreTrainedModel):
         return output
 
 
-class VitMppForImageClassification(VitMppPreTrainedModel):
-    """Fine-tuning head: mean-pooled patch tokens -> ``fc_norm`` -> Linear, or the final-normed CLS
-    token when ``use_mean_pooling=False`` (the ViT paper). The mask token and the colour head of a
-    pre-training checkpoint are not used; with mean pooling neither is its final norm (reported unused)."""
+class VitMppForImageClassification(ImageClassificationMixin, VitMppPreTrainedModel):
+    """Fine-tuning: mean-pooled patch tokens -> ``fc_norm`` -> Linear, or the final-normed CLS token
+    when ``use_mean_pooling=False`` (the ViT paper); see :class:`ImageClassificationMixin`. The
+    mask token and the colour head of a pre-training checkpoint are not used. The head starts near
+    zero (the ViT paper fine-tunes from a zero-initialised head)."""
 
     _keys_to_ignore_on_load_unexpected = [r"^mpp_head\.", r"(^|\.)mask_token$"]
 
     def __init__(self, config: VitMppConfig):
         super().__init__(config)
-        self.num_labels = config.num_labels
         self.vit = VitMppModel(config, use_mask_token=False, use_final_norm=not config.use_mean_pooling)
-        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_mean_pooling else None
-        self.head = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.build_classification_head(config)
         self.post_init()
 
-    def pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.fc_norm is None:
-            return hidden_states[:, 0]  # [B, D] normed CLS
-        return self.fc_norm(hidden_states[:, 1:].mean(dim=1))  # [B, D]
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        self.init_classification_head(module)
 
     def forward(
         self,
@@ -281,13 +280,7 @@ class VitMppForImageClassification(VitMppPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
-        encoded = self.vit(pixel_values, output_hidden_states=output_hidden_states)
-        logits = self.head(self.pool(encoded.last_hidden_state))  # [B, num_labels]
-        loss = None
-        if labels is not None:
-            # Integer class ids, or soft targets [B, num_labels] (mixup/cutmix).
-            loss = F.cross_entropy(logits.float(), labels if labels.is_floating_point() else labels.long())
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+        return self.classify(self.vit(pixel_values, output_hidden_states=output_hidden_states), labels)
 
 
 __all__ = ["VitMppForImageClassification", "VitMppForPreTraining", "VitMppModel", "VitMppPreTrainedModel"]

@@ -1,0 +1,57 @@
+"""The image-classification head that every hf_mim encoder shares (the MAE / BEiT fine-tuning recipe).
+
+Its parameters keep the reference names, ``fc_norm`` and ``head``, at the top of the model, so
+fine-tuned reference checkpoints load by identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput
+
+# The reference fine-tuning code initialises the head with std 0.02 * init_scale 0.001: a near-zero
+# head keeps the first steps from wrecking the pre-trained features.
+HEAD_INIT_STD = 2e-5
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits [B, K] against class ids [B] or soft targets [B, K] (mixup / cutmix,
+    label smoothing), computed in float32."""
+    return F.cross_entropy(logits.float(), labels if labels.is_floating_point() else labels.long())
+
+
+class ImageClassificationMixin:
+    """For ``*ForImageClassification`` models: with ``config.use_mean_pooling`` the patch tokens are
+    averaged and normalised by ``fc_norm`` (the encoder is then built without its final norm, whose
+    weights a pre-training checkpoint reports unused, as in the reference); without it the
+    encoder's final-normed CLS token is classified (the ViT paper). Call
+    :meth:`build_classification_head` in ``__init__`` and :meth:`classify` in ``forward``."""
+
+    def build_classification_head(self, config) -> None:
+        self.num_labels = config.num_labels
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_mean_pooling else None
+        self.head = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+
+    def init_classification_head(self, module: nn.Module) -> None:
+        """Call from ``_init_weights`` (after the family's own init) to give the head the reference init."""
+        if module is getattr(self, "head", None) and isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=HEAD_INIT_STD)
+            init.zeros_(module.bias)
+
+    def pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, 1+N, D] (CLS first) -> [B, D]."""
+        if self.fc_norm is None:
+            return hidden_states[:, 0]  # [B, D] the final-normed CLS token
+        return self.fc_norm(hidden_states[:, 1:].mean(dim=1))  # [B, D]
+
+    def classify(self, encoded, labels: torch.Tensor | None) -> ImageClassifierOutput:
+        """`encoded`: the encoder's output (``last_hidden_state`` [B, 1+N, D], ``hidden_states``)."""
+        logits = self.head(self.pool(encoded.last_hidden_state))  # [B, num_labels]
+        loss = None if labels is None else classification_loss(logits, labels)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+
+
+__all__ = ["HEAD_INIT_STD", "ImageClassificationMixin", "classification_loss"]
