@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
 
-from .vit_core import grid_size_for
+from .configuration_vit import VitBackboneConfig
 
 
 @strict
-class BEiTConfig(PreTrainedConfig):
+class BEiTConfig(VitBackboneConfig):
     r"""BEiT (Bao et al., 2022) and BEiT v2 (Peng et al., 2022): predict the visual-token ids of the
     masked patches.
 
@@ -48,19 +47,7 @@ class BEiTConfig(PreTrainedConfig):
     model_type = "hf_mim_beit"
 
     vocab_size: int = 8192
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float | int = 0.0
-    attention_probs_dropout_prob: float | int = 0.0
-    drop_path_rate: float | int = 0.1
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-6
-    image_size: int | list[int] | tuple[int, int] = 224
-    patch_size: int | list[int] | tuple[int, int] = 16
-    num_channels: int = 3
+    drop_path_rate: float | int = 0.1  # BEiT pre-trains with drop path
     layer_scale_init_value: float | int = 0.1
     use_absolute_position_embeddings: bool = False
     use_shared_relative_position_bias: bool = True
@@ -72,11 +59,6 @@ class BEiTConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
-        grid_size_for(self.image_size, self.patch_size)
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}."
-            )
         if self.vocab_size < 1:
             raise ValueError(f"vocab_size must be at least 1 (the tokenizer's codebook size), got {self.vocab_size}.")
         if self.use_shared_relative_position_bias and self.use_relative_position_bias:
@@ -85,8 +67,6 @@ class BEiTConfig(PreTrainedConfig):
                 "(shared for pre-training, per-block for fine-tuning; loading a shared table into a per-block "
                 "model copies it into every block)."
             )
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}. BEiT uses 0.1.")
         if self.use_cls_pretext_head:
             if not 1 <= self.cls_head_early_layer <= self.num_hidden_layers:
                 raise ValueError(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
 
+from .configuration_vit import VitBackboneConfig, check_heads
 from .masking import check_mask_ratio
-from .vit_core import grid_size_for
 
 
 @strict
-class MaeConfig(PreTrainedConfig):
+class MaeConfig(VitBackboneConfig):
     r"""MAE (He et al., 2022): encode the visible patches only, reconstruct the pixels of the rest.
 
     Defaults are the published ViT-B/16 (encoder 768 x 12, decoder 512 x 8 with 16 heads,
@@ -27,19 +26,6 @@ class MaeConfig(PreTrainedConfig):
 
     model_type = "hf_mim_mae"
 
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float | int = 0.0
-    attention_probs_dropout_prob: float | int = 0.0
-    drop_path_rate: float | int = 0.0
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-6
-    image_size: int | list[int] | tuple[int, int] = 224
-    patch_size: int | list[int] | tuple[int, int] = 16
-    num_channels: int = 3
     qkv_bias: bool = True
     decoder_num_attention_heads: int = 16
     decoder_hidden_size: int = 512
@@ -53,16 +39,9 @@ class MaeConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
-        grid_size_for(self.image_size, self.patch_size)
         check_mask_ratio(self.mask_ratio)
-        for width, heads, name in (
-            (self.hidden_size, self.num_attention_heads, ""),
-            (self.decoder_hidden_size, self.decoder_num_attention_heads, "decoder_"),
-        ):
-            if width % heads:
-                raise ValueError(
-                    f"{name}hidden_size={width} is not divisible by {name}num_attention_heads={heads}."
-                )
+        check_heads(self.decoder_hidden_size, self.decoder_num_attention_heads, "decoder_")
+        for width, name in ((self.hidden_size, ""), (self.decoder_hidden_size, "decoder_")):
             if width % 4:
                 raise ValueError(f"{name}hidden_size={width} must be divisible by 4 for the 2-D sin-cos table.")
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
 
+from .configuration_vit import VitBackboneConfig
 from .losses import num_color_classes
 from .masking import check_corruption_probs
-from .vit_core import grid_size_for
 
 
 @strict
-class VitMppConfig(PreTrainedConfig):
+class VitMppConfig(VitBackboneConfig):
     r"""ViT masked patch prediction (Dosovitskiy et al., 2021, the ViT paper's self-supervision):
     corrupt a fraction ``mask_ratio`` of the patch embeddings (of those, ``replace_prob`` become a
     learned mask embedding, ``random_prob`` a random other patch embedding of the same image, the
@@ -36,19 +35,6 @@ class VitMppConfig(PreTrainedConfig):
 
     model_type = "hf_mim_vit_mpp"
 
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float | int = 0.0
-    attention_probs_dropout_prob: float | int = 0.0
-    drop_path_rate: float | int = 0.0
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-6
-    image_size: int | list[int] | tuple[int, int] = 224
-    patch_size: int | list[int] | tuple[int, int] = 16
-    num_channels: int = 3
     qkv_bias: bool = True
     mask_ratio: float | int = 0.5
     replace_prob: float | int = 0.8
@@ -63,11 +49,6 @@ class VitMppConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
-        grid_size_for(self.image_size, self.patch_size)
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}."
-            )
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(
                 f"mask_ratio (the fraction of patches corrupted) must be in [0, 1), got {self.mask_ratio}. ViT uses 0.5."
@@ -80,8 +61,6 @@ class VitMppConfig(PreTrainedConfig):
                 f"color_bits={self.color_bits} with num_channels={self.num_channels} gives {self.num_color_classes} "
                 "classes; lower color_bits (ViT: 3 bits x 3 channels = 512)."
             )
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
 
 
 __all__ = ["VitMppConfig"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
 
+from .configuration_vit import VitBackboneConfig, check_heads
 from .quantizer import EmaVectorQuantizer
 from .vit_core import grid_size_for
 
@@ -14,7 +14,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @strict
-class VqkdConfig(PreTrainedConfig):
+class VqkdConfig(VitBackboneConfig):
     r"""VQ-KD (Peng et al., 2022): a ViT encoder whose patch tokens are quantized against an EMA codebook,
     and a small ViT decoder that predicts the features of a frozen teacher from the codes.
 
@@ -48,20 +48,7 @@ class VqkdConfig(PreTrainedConfig):
 
     model_type = "hf_mim_vqkd"
 
-    # encoder
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float | int = 0.0
-    attention_probs_dropout_prob: float | int = 0.0
-    drop_path_rate: float | int = 0.0  # encoder only, as the reference (which uses 0)
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-6
-    image_size: int | list[int] | tuple[int, int] = 224
-    patch_size: int | list[int] | tuple[int, int] = 16
-    num_channels: int = 3
+    # encoder: the VitBackboneConfig fields (drop_path_rate: encoder only; the reference uses 0), and
     qkv_bias: bool = True  # BEiT layout: q_bias and v_bias, no key bias
     # codebook
     code_dim: int = 32
@@ -93,19 +80,11 @@ class VqkdConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
-        grid_size_for(self.image_size, self.patch_size)
-        for width, heads, name in (
-            (self.hidden_size, self.num_attention_heads, ""),
-            (self.decoder_hidden_size, self.decoder_num_attention_heads, "decoder_"),
-        ):
-            if width % heads:
-                raise ValueError(f"{name}hidden_size={width} is not divisible by {name}num_attention_heads={heads}.")
+        check_heads(self.decoder_hidden_size, self.decoder_num_attention_heads, "decoder_")
         EmaVectorQuantizer.check_settings(
             self.num_codes, self.code_dim, self.decay, self.kmeans_iters, self.commitment_weight,
             self.dead_code_threshold, self.usage_warning_threshold,
         )
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}. VQ-KD uses 0.")
         self.validate_teacher()
 
     def validate_teacher(self) -> None:
