@@ -27,16 +27,20 @@ class ImageClassificationMixin:
     """For ``*ForImageClassification`` models: with ``config.use_mean_pooling`` the patch tokens are
     averaged and normalised by ``fc_norm`` (the encoder is then built without its final norm, whose
     weights a pre-training checkpoint reports unused, as in the reference); without it the
-    encoder's final-normed CLS token is classified (the ViT paper). Call
-    :meth:`build_classification_head` in ``__init__`` and :meth:`classify` in ``forward``."""
+    encoder's final-normed CLS token is classified (the ViT paper).
+
+    A model builds its encoder under its ``base_model_prefix`` and calls
+    :meth:`build_classification_head` in ``__init__``; ``forward`` and the head's init are here.
+    """
 
     def build_classification_head(self, config) -> None:
         self.num_labels = config.num_labels
         self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_mean_pooling else None
         self.head = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
 
-    def init_classification_head(self, module: nn.Module) -> None:
-        """Call from ``_init_weights`` (after the family's own init) to give the head the reference init."""
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # the family's init, then the reference head init
         if module is getattr(self, "head", None) and isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=HEAD_INIT_STD)
             init.zeros_(module.bias)
@@ -47,8 +51,16 @@ class ImageClassificationMixin:
             return hidden_states[:, 0]  # [B, D] the final-normed CLS token
         return self.fc_norm(hidden_states[:, 1:].mean(dim=1))  # [B, D]
 
-    def classify(self, encoded, labels: torch.Tensor | None) -> ImageClassifierOutput:
-        """`encoded`: the encoder's output (``last_hidden_state`` [B, 1+N, D], ``hidden_states``)."""
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        """`labels`: class ids [B], or soft targets [B, num_labels] (mixup / cutmix)."""
+        encoded = self.base_model(pixel_values, output_hidden_states=output_hidden_states)
         logits = self.head(self.pool(encoded.last_hidden_state))  # [B, num_labels]
         loss = None if labels is None else classification_loss(logits, labels)
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 from .classification import ImageClassificationMixin
@@ -261,21 +260,6 @@ class MaeForImageClassification(ImageClassificationMixin, MaePreTrainedModel):
         self.encoder = MaeModel(config, use_final_norm=not config.use_mean_pooling)
         self.build_classification_head(config)
         self.post_init()
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        self.init_classification_head(module)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput:
-        return self.classify(self.encoder(pixel_values, output_hidden_states=output_hidden_states), labels)
 
 
 __all__ = ["MaeForImageClassification", "MaeForPreTraining", "MaeModel", "MaePreTrainedModel"]

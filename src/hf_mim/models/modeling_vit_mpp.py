@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 from .classification import ImageClassificationMixin
@@ -266,21 +265,6 @@ class VitMppForImageClassification(ImageClassificationMixin, VitMppPreTrainedMod
         self.vit = VitMppModel(config, use_mask_token=False, use_final_norm=not config.use_mean_pooling)
         self.build_classification_head(config)
         self.post_init()
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        self.init_classification_head(module)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput:
-        return self.classify(self.vit(pixel_values, output_hidden_states=output_hidden_states), labels)
 
 
 __all__ = ["VitMppForImageClassification", "VitMppForPreTraining", "VitMppModel", "VitMppPreTrainedModel"]
