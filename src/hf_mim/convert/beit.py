@@ -28,7 +28,6 @@ Any BEiTConfig field can be set with --config KEY=VALUE; a value the weights con
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -41,8 +40,8 @@ from ..models import BEiTConfig, BEiTForImageClassification, BEiTForMaskedImageM
 from ..models.relative_position import NUM_CLS_ROWS
 from ..models.vit_core import to_2tuple
 from .common import (
-    count_indexed, is_transformers_dir, load_into, load_reference_state_dict, load_transformers_state_dict,
-    parse_overrides, read_model_type,
+    check_config_fields, count_indexed, is_transformers_dir, load_reference_state_dict,
+    load_transformers_state_dict, parse_overrides, read_model_type, rename_keys, save_converted,
 )
 
 NAME = "beit"
@@ -87,15 +86,15 @@ TRANSFORMERS_TO_REFERENCE = [
     (r"\.output\.dense\.", ".mlp.fc2."),
 ]
 
-# reference names -> hf_mim names; `{base}` is "beit." inside the heads, "" for BEiTModel.
+# reference names -> hf_mim names; `{prefix}` is "beit." inside the heads, "" for BEiTModel.
 _BLOCK_PART = (
     r"(?:norm1|norm2|mlp\.fc1|mlp\.fc2|attn\.proj)\.(?:weight|bias)|attn\.qkv\.weight|attn\.[qv]_bias|gamma_[12]"
 )
 REFERENCE_TO_HF_MIM = [
-    (r"(cls_token|mask_token|pos_embed|patch_embed\.proj\.(?:weight|bias)|norm\.(?:weight|bias))", r"{base}\1"),
-    (rf"rel_pos_bias\.{TABLE}", rf"{{base}}rel_pos_bias.{TABLE}"),
-    (rf"blocks\.(\d+)\.({_BLOCK_PART})", r"{base}blocks.\1.\2"),
-    (rf"blocks\.(\d+)\.attn\.{TABLE}", rf"{{base}}blocks.\1.rel_pos_bias.{TABLE}"),
+    (r"(cls_token|mask_token|pos_embed|patch_embed\.proj\.(?:weight|bias)|norm\.(?:weight|bias))", r"{prefix}\1"),
+    (rf"rel_pos_bias\.{TABLE}", rf"{{prefix}}rel_pos_bias.{TABLE}"),
+    (rf"blocks\.(\d+)\.({_BLOCK_PART})", r"{prefix}blocks.\1.\2"),
+    (rf"blocks\.(\d+)\.attn\.{TABLE}", rf"{{prefix}}blocks.\1.rel_pos_bias.{TABLE}"),
     (rf"cls_pt_layers\.(\d+)\.({_BLOCK_PART})", r"cls_pt_layers.\1.\2"),
     (rf"cls_pt_layers\.(\d+)\.attn\.{TABLE}", rf"cls_pt_layers.\1.rel_pos_bias.{TABLE}"),
     (r"(lm_head|fc_norm|head)\.(weight|bias)", r"\1.\2"),
@@ -110,7 +109,7 @@ def add_arguments(parser) -> None:
 
 def convert(args, method: str = NAME):
     overrides = parse_overrides(args.config)
-    check_override_names(overrides)
+    check_config_fields(overrides, BEiTConfig, extra=("num_labels",))
     if os.path.isdir(args.src):
         state_dict, source_config = read_transformers_dir(args.src)
     else:
@@ -120,17 +119,12 @@ def convert(args, method: str = NAME):
     check_method(state_dict, method, args.src)
     model_class = model_class_for(state_dict)
     config = build_config(state_dict, source_config, overrides, model_class)
-    weights = to_hf_mim_names(state_dict, base="" if model_class is BEiTModel else "beit.")
+    weights = rename_keys(state_dict, REFERENCE_TO_HF_MIM, "" if model_class is BEiTModel else "beit.", "a BEiT")
     if model_class is BEiTModel:
         model = BEiTModel(config, use_mask_token="mask_token" in state_dict)
     else:
         model = model_class(config)
-    try:
-        load_into(model, weights)
-    except RuntimeError as error:  # shape mismatches
-        raise ValueError(f"The weights do not fit the config: {error}") from error
-    model.eval()
-    model.save_pretrained(args.out)
+    save_converted(model, weights, args.out)
     return model
 
 
@@ -223,31 +217,11 @@ def model_class_for(state_dict: dict) -> type:
     return BEiTModel
 
 
-def to_hf_mim_names(state_dict: dict, base: str) -> dict:
-    renamed, unknown = {}, []
-    for key, value in state_dict.items():
-        for pattern, replacement in REFERENCE_TO_HF_MIM:
-            if re.fullmatch(pattern, key):
-                renamed[re.sub(pattern, replacement.replace("{base}", base), key)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"Keys that are not part of a BEiT model: {sorted(unknown)[:8]}"
-                         f"{' ...' if len(unknown) > 8 else ''}. Is this a BEiT checkpoint?")
-    return renamed
-
 
 # ---------------------------------------------------------------------------------------------
 # The config
 # ---------------------------------------------------------------------------------------------
 
-
-def check_override_names(overrides: dict) -> None:
-    known = {field.name for field in dataclasses.fields(BEiTConfig)} | {"num_labels"}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"--config: {unknown} are not BEiTConfig fields. Known fields: {sorted(known)}.")
 
 
 def relative_tables(state_dict: dict) -> list[torch.Tensor]:

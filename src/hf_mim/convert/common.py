@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterable
 
 import torch
@@ -29,6 +31,43 @@ def parse_overrides(pairs: Iterable[str]) -> dict:
                 value = raw
         overrides[key.strip()] = value
     return overrides
+
+
+def check_config_fields(overrides: dict, config_class: type, extra: Iterable[str] = ()) -> None:
+    """Every ``--config`` key must be a field of `config_class` (or one of `extra`)."""
+    known = {field.name for field in dataclasses.fields(config_class)} | set(extra)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"--config: {unknown} are not {config_class.__name__} fields. Known fields: {sorted(known)}.")
+
+
+def rename_keys(state_dict: dict, mapping: list[tuple[str, str]], prefix: str, what: str) -> dict:
+    """Rename each key by the first ``(pattern, replacement)`` of `mapping` that matches it whole;
+    ``{prefix}`` in a replacement becomes `prefix` (e.g. ``"beit."`` inside a head model). A key that
+    no pattern matches is an error naming `what` the checkpoint should have been."""
+    renamed, unknown = {}, []
+    for key, value in state_dict.items():
+        for pattern, replacement in mapping:
+            if re.fullmatch(pattern, key):
+                renamed[re.sub(pattern, replacement.replace("{prefix}", prefix), key)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"Keys that are not part of {what} model: {sorted(unknown)[:8]}"
+                         f"{' ...' if len(unknown) > 8 else ''}. Is this {what} checkpoint?")
+    return renamed
+
+
+def save_converted(model: torch.nn.Module, weights: dict, out: str) -> torch.nn.Module:
+    """Load `weights` strictly into `model` and ``save_pretrained`` it (in eval mode) to `out`."""
+    try:
+        load_into(model, weights)
+    except RuntimeError as error:  # shape mismatches
+        raise ValueError(f"The weights do not fit the config: {error}") from error
+    model.eval()
+    model.save_pretrained(out)
+    return model
 
 
 def load_reference_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

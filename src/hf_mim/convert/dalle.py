@@ -22,7 +22,6 @@ weights contradict is an error.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 
@@ -31,8 +30,8 @@ from huggingface_hub.errors import StrictDataclassError
 
 from ..models import DvaeConfig, DvaeTokenizer
 from .common import (
-    is_transformers_dir, load_into, load_reference_state_dict, load_transformers_state_dict, parse_overrides,
-    read_model_type,
+    check_config_fields, is_transformers_dir, load_reference_state_dict, load_transformers_state_dict,
+    parse_overrides, read_model_type, save_converted,
 )
 
 NAME = "dalle"
@@ -52,10 +51,7 @@ def add_arguments(parser) -> None:
 
 def convert(args):
     overrides = parse_overrides(args.config)
-    known = {field.name for field in dataclasses.fields(DvaeConfig)}
-    if sorted(set(overrides) - known):
-        raise ValueError(f"--config: {sorted(set(overrides) - known)} are not DvaeConfig fields. "
-                         f"Known fields: {sorted(known)}.")
+    check_config_fields(overrides, DvaeConfig)
     if os.path.isdir(args.src):
         encoder = read_flava_dir(args.src)
     else:
@@ -69,12 +65,7 @@ def convert(args):
     model = DvaeTokenizer(config)
     weights = {f"encoder.{k}": v for k, v in encoder.items()}
     weights.update({f"decoder.{k}": v for k, v in (decoder or {}).items()})
-    try:
-        load_into(model, weights)
-    except RuntimeError as error:  # shape mismatches
-        raise ValueError(f"The weights do not fit the config: {error}") from error
-    model.eval()
-    model.save_pretrained(args.out)
+    save_converted(model, weights, args.out)
     return model
 
 

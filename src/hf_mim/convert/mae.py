@@ -35,7 +35,6 @@ KEY=VALUE; a value the weights contradict (say hidden_size) is an error.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -47,8 +46,8 @@ from huggingface_hub.errors import StrictDataclassError
 from ..models import MaeConfig, MaeForPreTraining, MaeModel, MimImageProcessor
 from ..models.vit_core import grid_size_for, sincos_2d_table, to_2tuple
 from .common import (
-    count_indexed, is_transformers_dir, load_into, load_reference_state_dict, load_transformers_state_dict,
-    parse_overrides, read_model_type,
+    check_config_fields, count_indexed, is_transformers_dir, load_reference_state_dict,
+    load_transformers_state_dict, parse_overrides, read_model_type, rename_keys, save_converted,
 )
 
 NAME = "mae"
@@ -86,11 +85,11 @@ TRANSFORMERS_TO_REFERENCE = [
     (r"\.output\.dense\.", ".mlp.fc2."),
 ]
 
-# reference names -> hf_mim names; `{enc}` is "encoder." inside MaeForPreTraining, "" for MaeModel.
+# reference names -> hf_mim names; `{prefix}` is "encoder." inside MaeForPreTraining, "" for MaeModel.
 _BLOCK_PART = r"(?:norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(?:weight|bias)"
 REFERENCE_TO_HF_MIM = [
-    (r"(cls_token|patch_embed\.proj\.(?:weight|bias)|norm\.(?:weight|bias))", r"{enc}\1"),
-    (rf"blocks\.(\d+)\.({_BLOCK_PART})", r"{enc}blocks.\1.\2"),
+    (r"(cls_token|patch_embed\.proj\.(?:weight|bias)|norm\.(?:weight|bias))", r"{prefix}\1"),
+    (rf"blocks\.(\d+)\.({_BLOCK_PART})", r"{prefix}blocks.\1.\2"),
     (r"mask_token", "decoder.mask_token"),
     (r"decoder_(embed|norm|pred)\.(weight|bias)", r"decoder.\1.\2"),
     (rf"decoder_blocks\.(\d+)\.({_BLOCK_PART})", r"decoder.blocks.\1.\2"),
@@ -105,7 +104,7 @@ def add_arguments(parser) -> None:
 
 def convert(args):
     overrides = parse_overrides(args.config)
-    check_override_names(overrides)
+    check_config_fields(overrides, MaeConfig)
     if os.path.isdir(args.src):
         state_dict, source_config = read_transformers_dir(args.src)
     else:
@@ -113,16 +112,11 @@ def convert(args):
     check_is_mae(state_dict, args.src)
     tables = {name: state_dict.pop(name) for name in TABLES if name in state_dict}
     has_decoder = any(key.startswith(("decoder_", "mask_token")) for key in state_dict)
-    weights = to_hf_mim_names(state_dict, encoder_prefix="encoder." if has_decoder else "")
+    weights = rename_keys(state_dict, REFERENCE_TO_HF_MIM, "encoder." if has_decoder else "", "an MAE")
     config = build_config(state_dict, tables, source_config, overrides, has_decoder)
     check_position_tables(tables, config)
     model = (MaeForPreTraining if has_decoder else MaeModel)(config)
-    try:
-        load_into(model, weights)
-    except RuntimeError as error:  # shape mismatches
-        raise ValueError(f"The weights do not fit the config: {error}") from error
-    model.eval()
-    model.save_pretrained(args.out)
+    save_converted(model, weights, args.out)
     save_image_processor(config, args.out)
     return model
 
@@ -189,31 +183,11 @@ def check_is_mae(state_dict: dict, src: str) -> None:
                          f"(found keys such as {sorted(keys)[:6]}).")
 
 
-def to_hf_mim_names(state_dict: dict, encoder_prefix: str) -> dict:
-    renamed, unknown = {}, []
-    for key, value in state_dict.items():
-        for pattern, replacement in REFERENCE_TO_HF_MIM:
-            if re.fullmatch(pattern, key):
-                renamed[re.sub(pattern, replacement.replace("{enc}", encoder_prefix), key)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"Keys that are not part of an MAE model: {sorted(unknown)[:8]}"
-                         f"{' ...' if len(unknown) > 8 else ''}. Is this an MAE checkpoint?")
-    return renamed
-
 
 # ---------------------------------------------------------------------------------------------
 # The config
 # ---------------------------------------------------------------------------------------------
 
-
-def check_override_names(overrides: dict) -> None:
-    known = {field.name for field in dataclasses.fields(MaeConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"--config: {unknown} are not MaeConfig fields. Known fields: {sorted(known)}.")
 
 
 def shape_fields(state_dict: dict) -> dict:

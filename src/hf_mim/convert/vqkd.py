@@ -21,7 +21,6 @@ a value the weights contradict is an error.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 
@@ -29,7 +28,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from ..models import VqkdConfig, VqkdTokenizer
-from .common import count_indexed, load_into, load_reference_state_dict, parse_overrides
+from .common import check_config_fields, count_indexed, load_reference_state_dict, parse_overrides, save_converted
 
 NAME = "vqkd"
 HELP = "BEiT v2 VQ-KD tokenizer: microsoft/unilm beit2 vqkd .pth -> hf_mim VqkdTokenizer (teacher keys dropped)"
@@ -56,10 +55,7 @@ def add_arguments(parser) -> None:
 
 def convert(args):
     overrides = parse_overrides(args.config)
-    known = {field.name for field in dataclasses.fields(VqkdConfig)}
-    if sorted(set(overrides) - known):
-        raise ValueError(f"--config: {sorted(set(overrides) - known)} are not VqkdConfig fields. "
-                         f"Known fields: {sorted(known)}.")
+    check_config_fields(overrides, VqkdConfig)
     state_dict = strip_module_prefix(load_reference_state_dict(args.src, allow_pickle=args.allow_pickle))
     check_is_vqkd(state_dict, args.src)
     weights, dropped = split_reference_keys(state_dict)
@@ -67,12 +63,7 @@ def convert(args):
     weights["quantize.initted"] = initted_flag(state_dict)
     weights["quantize.steps_since_used"] = torch.zeros(config.num_codes)
     model = VqkdTokenizer(config)
-    try:
-        load_into(model, weights)
-    except RuntimeError as error:  # shape mismatches
-        raise ValueError(f"The weights do not fit the config: {error}") from error
-    model.eval()
-    model.save_pretrained(args.out)
+    save_converted(model, weights, args.out)
     for what, keys in dropped.items():
         if keys:
             examples = ", ".join(sorted(keys)[:3]) + (", ..." if len(keys) > 3 else "")
