@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput, logging
 from .configuration_dvae import DvaeConfig
 from .losses import dvae_loss, gumbel_temperature, kl_weight_at
 from .remote_code import HubCodeMixin
+from .visual_tokenizer import VisualTokenizerMixin, check_token_ids
 
 logger = logging.get_logger(__name__)
 
@@ -178,11 +179,13 @@ class DvaeOutput(ModelOutput):
     reconstruction: torch.FloatTensor | None = None
 
 
-class DvaeTokenizer(HubCodeMixin, PreTrainedModel):
+class DvaeTokenizer(VisualTokenizerMixin, HubCodeMixin, PreTrainedModel):
     """The DALL-E dVAE as an image tokenizer (`get_codebook_indices`, `decode`) and as a trainable
     model: `forward` returns the Gumbel-softmax training loss (in eval mode, with argmax codes)."""
 
     hub_auto_map = {"AutoModel": "modeling_dvae.DvaeTokenizer"}
+    pixel_mapping = "applies its own map (0.8 * x + 0.1)"
+    channels_field = "input_channels"
     config_class = DvaeConfig
     config: DvaeConfig
     main_input_name = "pixel_values"
@@ -205,10 +208,6 @@ class DvaeTokenizer(HubCodeMixin, PreTrainedModel):
 
     # ------------------------------------------------------------------ tokenizer interface
 
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
     def token_grid(self, image_size: int | Sequence[int]) -> tuple[int, int]:
         """(h, w) of the token grid for an image of `image_size` (int or (height, width))."""
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
@@ -219,21 +218,6 @@ class DvaeTokenizer(HubCodeMixin, PreTrainedModel):
                 f"Resize the tokenizer view to a multiple of {factor} (BEiT uses 112 for a 14x14 grid)."
             )
         return (height // factor, width // factor)
-
-    def check_pixels(self, pixel_values: torch.Tensor) -> None:
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.input_channels:
-            raise ValueError(
-                f"Expected pixel_values [B, {self.config.input_channels}, H, W], got {tuple(pixel_values.shape)}."
-            )
-        if not pixel_values.is_floating_point():
-            raise ValueError(f"Expected float pixels in [0, 1], got dtype {pixel_values.dtype}; divide uint8 by 255.")
-        self.token_grid(tuple(pixel_values.shape[-2:]))
-        low, high = pixel_values.aminmax()
-        if low < -0.1 or high > 1.1:  # slack for resampling overshoot
-            raise ValueError(
-                f"Expected [0, 1] RGB pixels, got values in [{low:.2f}, {high:.2f}]. Do not normalise the tokenizer "
-                "view with a mean/std: the tokenizer applies its own map (0.8 * x + 0.1)."
-            )
 
     def get_codebook_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[0, 1] RGB [B, C, H, W] -> logits [B, vocab, h, w] (fp32 in both precision modes)."""
@@ -266,11 +250,7 @@ class DvaeTokenizer(HubCodeMixin, PreTrainedModel):
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Token ids [B, h, w] -> images [B, C, h*f, w*f] in [0, 1]."""
         decoder = self.require_decoder()
-        if indices.ndim != 3 or indices.is_floating_point():
-            raise ValueError(f"Expected integer token ids [B, h, w], got {tuple(indices.shape)} {indices.dtype}.")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.vocab_size):
-            raise ValueError(f"Token ids must lie in [0, {self.vocab_size}), got [{indices.min()}, {indices.max()}].")
-        return self.stats_to_pixels(decoder.from_indices(indices.long()))
+        return self.stats_to_pixels(decoder.from_indices(check_token_ids(indices, self.vocab_size)))
 
     # ------------------------------------------------------------------ training
 

@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput
 from .configuration_peco import PecoConfig
 from .quantizer import EmaVectorQuantizer
 from .remote_code import HubCodeMixin
+from .visual_tokenizer import VisualTokenizerMixin, check_token_ids
 
 
 @dataclass
@@ -228,11 +229,12 @@ class PecoDecoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))  # [B, C, H, W]
 
 
-class PecoTokenizer(HubCodeMixin, PreTrainedModel):
+class PecoTokenizer(VisualTokenizerMixin, HubCodeMixin, PreTrainedModel):
     """PeCo's VQ-VAE tokenizer: ``get_codebook_indices`` for MIM targets, ``decode`` back to images,
     ``forward`` for training (reconstruction, pixel and commitment losses, codebook EMA step)."""
 
     hub_auto_map = {"AutoModel": "modeling_peco.PecoTokenizer"}
+    pixel_mapping = "maps [0, 1] to [-1, 1] itself (and the perceptual network applies its own normalisation)"
     config_class = PecoConfig
     config: PecoConfig
     main_input_name = "pixel_values"
@@ -271,28 +273,9 @@ class PecoTokenizer(HubCodeMixin, PreTrainedModel):
 
     # ------------------------------------------------------------------ tokenizer interface
 
-    @property
-    def vocab_size(self) -> int:
-        return self.config.num_codes
-
     def token_grid(self, image_size: int | Sequence[int]) -> tuple[int, int]:
         """(h, w) of the token grid for an image of `image_size` (int or (height, width))."""
         return self.config.token_grid(image_size)
-
-    def check_pixels(self, pixel_values: torch.Tensor) -> None:
-        channels = self.config.num_channels
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
-            raise ValueError(f"Expected pixel_values [B, {channels}, H, W], got {tuple(pixel_values.shape)}.")
-        if not pixel_values.is_floating_point():
-            raise ValueError(f"Expected float pixels in [0, 1], got dtype {pixel_values.dtype}; divide uint8 by 255.")
-        self.token_grid(tuple(pixel_values.shape[-2:]))
-        low, high = pixel_values.aminmax()
-        if low < -0.1 or high > 1.1:  # slack for resampling overshoot
-            raise ValueError(
-                f"Expected [0, 1] RGB pixels, got values in [{low:.2f}, {high:.2f}]. Do not normalise the tokenizer "
-                "view with a mean/std: the tokenizer maps [0, 1] to [-1, 1] itself (and the perceptual network "
-                "applies its own normalisation)."
-            )
 
     def encode_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[0, 1] RGB [B, C, H, W] -> features before quantization [B, h, w, code_dim], float32."""
@@ -318,11 +301,7 @@ class PecoTokenizer(HubCodeMixin, PreTrainedModel):
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Token ids [B, h, w] -> images [B, C, h*f, w*f] in [0, 1] (float32, clamped)."""
-        if indices.ndim != 3 or indices.is_floating_point():
-            raise ValueError(f"Expected integer token ids [B, h, w], got {tuple(indices.shape)} {indices.dtype}.")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.vocab_size):
-            raise ValueError(f"Token ids must lie in [0, {self.vocab_size}), got [{indices.min()}, {indices.max()}].")
-        decoded = self.decode_codes(self.quantize.decode_indices(indices.long()))  # [B, C, H, W]
+        decoded = self.decode_codes(self.quantize.decode_indices(check_token_ids(indices, self.vocab_size)))  # [B, C, H, W]
         return ((decoded.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def last_layer_weight(self) -> torch.Tensor:

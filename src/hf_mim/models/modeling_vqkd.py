@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput
 from .configuration_vqkd import VqkdConfig
 from .quantizer import EmaVectorQuantizer
 from .remote_code import HubCodeMixin
+from .visual_tokenizer import VisualTokenizerMixin, check_token_ids
 from .vit_core import Attention, Block, PatchEmbed, drop_path_rates, grid_size_for, resize_pos_embed
 
 
@@ -112,11 +113,12 @@ class VqkdViT(nn.Module):
         return self.fc_norm(x[:, 1:])  # [B, N, D]
 
 
-class VqkdTokenizer(HubCodeMixin, PreTrainedModel):
+class VqkdTokenizer(VisualTokenizerMixin, HubCodeMixin, PreTrainedModel):
     """BEiT v2's VQ-KD tokenizer: ``get_codebook_indices`` for MIM targets, ``forward`` for training
     (with the teacher's patch features as ``teacher_features``)."""
 
     hub_auto_map = {"AutoModel": "modeling_vqkd.VqkdTokenizer"}
+    pixel_mapping = "maps [0, 1] to [-1, 1] itself (and the teacher applies its own normalisation)"
     config_class = VqkdConfig
     config: VqkdConfig
     main_input_name = "pixel_values"
@@ -193,28 +195,9 @@ class VqkdTokenizer(HubCodeMixin, PreTrainedModel):
 
     # ------------------------------------------------------------------ tokenizer interface
 
-    @property
-    def vocab_size(self) -> int:
-        return self.config.num_codes
-
     def token_grid(self, image_size: int | Sequence[int]) -> tuple[int, int]:
         """(h, w) of the token grid for an image of `image_size` (int or (height, width))."""
         return grid_size_for(image_size, self.config.patch_size)
-
-    def check_pixels(self, pixel_values: torch.Tensor) -> None:
-        channels = self.config.num_channels
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
-            raise ValueError(f"Expected pixel_values [B, {channels}, H, W], got {tuple(pixel_values.shape)}.")
-        if not pixel_values.is_floating_point():
-            raise ValueError(f"Expected float pixels in [0, 1], got dtype {pixel_values.dtype}; divide uint8 by 255.")
-        self.token_grid(tuple(pixel_values.shape[-2:]))
-        low, high = pixel_values.aminmax()
-        if low < -0.1 or high > 1.1:  # slack for resampling overshoot
-            raise ValueError(
-                f"Expected [0, 1] RGB pixels, got values in [{low:.2f}, {high:.2f}]. Do not normalise the tokenizer "
-                "view with a mean/std: the tokenizer maps [0, 1] to [-1, 1] itself (and the teacher applies its own "
-                "normalisation)."
-            )
 
     def encode_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[0, 1] RGB [B, C, H, W] -> features before quantization [B, h, w, code_dim], float32."""
@@ -242,11 +225,7 @@ class VqkdTokenizer(HubCodeMixin, PreTrainedModel):
     @torch.no_grad()
     def decode_features(self, indices: torch.Tensor) -> torch.Tensor:
         """Token ids [B, h, w] -> the teacher features the decoder predicts from them [B, h*w, teacher_dim]."""
-        if indices.ndim != 3 or indices.is_floating_point():
-            raise ValueError(f"Expected integer token ids [B, h, w], got {tuple(indices.shape)} {indices.dtype}.")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.vocab_size):
-            raise ValueError(f"Token ids must lie in [0, {self.vocab_size}), got [{indices.min()}, {indices.max()}].")
-        return self.decode_codes(self.quantize.decode_indices(indices.long()))
+        return self.decode_codes(self.quantize.decode_indices(check_token_ids(indices, self.vocab_size)))
 
     # ------------------------------------------------------------------ training
 
