@@ -81,3 +81,17 @@ def local_hub(hub_server, tmp_path_factory, monkeypatch):
     hub_server.clear_failures()
     yield HubSession(hub_server, dict(os.environ), hf_home)
     hub_server.clear_failures()
+
+
+# ---------------------------------------------------------------------------------------------
+# One torch thread for a test module (`pytestmark = pytest.mark.usefixtures("single_torch_thread")`):
+# on busy shared CPU cores torch's default of one thread per core runs tiny models many times slower.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

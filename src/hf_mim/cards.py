@@ -115,6 +115,13 @@ def config_dict(config: Any) -> dict:
     raise TypeError(f"config must be a dict or a PreTrainedConfig, got {type(config).__name__}.")
 
 
+def with_num_labels(config: dict) -> dict:
+    """A saved config holds `id2label`, not `num_labels` (a property in transformers 5): add it."""
+    if "num_labels" in config or not config.get("id2label"):
+        return config
+    return {**config, "num_labels": len(config["id2label"])}
+
+
 def auto_class_for(config: dict, task: str) -> str:
     """The Auto class that loads the saved architecture, read from the config's auto_map."""
     architecture = (config.get("architectures") or [None])[0]
@@ -197,6 +204,8 @@ def make_model_card(
     `from_scratch`: a classifier trained from random weights (no pre-training to name)."""
     check_arguments(method, task, tokenizer, tokenizer_revision, results, dataset)
     config = config_dict(config)
+    if task == "image-classification":
+        config = with_num_labels(config)
     if model_type is None:
         model_type = config.get("model_type")
     if not model_type:

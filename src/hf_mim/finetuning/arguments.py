@@ -113,9 +113,26 @@ def given(argv: list[str], name: str) -> bool:
     return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
 
 
+class CheckpointingSteps(argparse.Action):
+    """accelerate-script style `--checkpointing_steps N | epoch | no` -> save_strategy (+ save_steps)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = values.strip().lower()
+        if value in ("epoch", "no"):
+            namespace.save_strategy = value
+        elif value.isdigit() and int(value) > 0:
+            namespace.save_strategy, namespace.save_steps = "steps", int(value)
+        else:
+            parser.error(f"{option_string} takes a number of optimizer steps, 'epoch' or 'no', got {values!r}.")
+
+
 def add_aliases(parser: argparse.ArgumentParser) -> None:
     """Names of transformers 4 / accelerate / timm scripts, mapped onto TrainingArguments fields."""
     parser.add_argument("--max_train_steps", dest="max_steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing_steps", action=CheckpointingSteps, metavar="{N,epoch,no}",
+                        dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                        help="save a checkpoint-<step> every N optimizer steps, at each epoch's end, or never "
+                             "(= --save_strategy / --save_steps)")
     for old, dest, kind, replacement in (
         ("--warmup_ratio", "warmup_steps", float, "pass the ratio to --warmup_steps (a float in [0, 1))"),
         ("--num_warmup_steps", "warmup_steps", float, "use --warmup_steps"),

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, HfArgumentParser
+from transformers import AutoModel, HfArgumentParser, set_seed
 
 from ..data import ImageExamples, load_image_datasets
 from .arguments import DataArguments, ModelArguments, default_num_workers
@@ -201,6 +201,7 @@ def run_probe(model_args, data_args, probe_args) -> dict:
                         level=logging.INFO)
     if probe_args.pooling not in POOLINGS:
         raise ValueError(f"--pooling must be one of {POOLINGS}, got {probe_args.pooling!r}.")
+    set_seed(probe_args.seed)  # a random-init baseline (--config_name) is the same encoder every run
     if probe_args.dataloader_num_workers is None:
         probe_args.dataloader_num_workers = default_num_workers()
     data = load_image_datasets(

@@ -147,8 +147,8 @@ def check_training_args(training_args, data: ImageDatasets) -> None:
     if training_args.label_smoothing_factor:
         raise ValueError("Use --smoothing for label smoothing (it combines with MixUp / CutMix); "
                          "--label_smoothing_factor is the Trainer's own and would ignore them.")
-    if training_args.push_to_hub and not training_args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id NAMESPACE/NAME.")
+    if training_args.push_to_hub:
+        check_can_push(training_args)
     if data.eval is None and training_args.eval_strategy != IntervalStrategy.NO:
         logger.warning("No evaluation data (no validation split and --train_val_split 0): evaluation is off.")
         training_args.eval_strategy = IntervalStrategy.NO
@@ -157,6 +157,19 @@ def check_training_args(training_args, data: ImageDatasets) -> None:
                          "False --do_eval).")
     training_args.remove_unused_columns = False  # examples are tensors already; nothing to remove
     training_args.label_names = ["labels"]
+
+
+def check_can_push(training_args) -> None:
+    """Fail before training, not after it, when the final upload could not happen."""
+    from huggingface_hub import get_token
+
+    from ..hub import TOKEN_HELP
+
+    if not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id NAMESPACE/NAME (the repository to create or update).")
+    if not (training_args.hub_token or get_token()):
+        raise ValueError(f"--push_to_hub: no Hugging Face token to upload {training_args.hub_model_id} with: "
+                         f"{TOKEN_HELP}.")
 
 
 def resume_checkpoint(training_args) -> str | None:

@@ -34,7 +34,12 @@ class FinetuningTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         model = self.model if model is None else model
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        if self.optimizer_cls_and_kwargs is not None:  # Trainer(optimizer_cls_and_kwargs=...)
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+            optimizer_kwargs = {"lr": self.args.learning_rate, **optimizer_kwargs}
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs = dict(optimizer_kwargs)  # popped below; never the caller's dict
         special = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
         if is_optimizer_factory(optimizer_cls) or special:
             raise ValueError(
