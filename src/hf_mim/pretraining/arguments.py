@@ -40,7 +40,7 @@ examples:
 # Settings of the no-argument demo (no data source given) that differ from the general defaults.
 DEMO_DEFAULTS = {"num_train_epochs": 25.0, "base_learning_rate": 6e-3, "eval_strategy": "steps",
                  "eval_steps": 100, "eval_on_start": True}
-GENERAL_DEFAULTS = {"num_train_epochs": 3.0, "eval_strategy": "no", "eval_on_start": False}
+GENERAL_DEFAULTS = {"num_train_epochs": 3.0, "eval_strategy": "no", "eval_on_start": False, "lr_scheduler_type": "cosine"}
 
 
 def warmup_type(text: str) -> int | float:
@@ -150,9 +150,12 @@ def add_optimization_arguments(parser: argparse.ArgumentParser, method_cls) -> N
                             f"{DEMO_DEFAULTS['num_train_epochs']:g} for the digits demo)")
     group.add_argument("--max_steps", "--max_train_steps", type=int,
                        help="optimiser steps in all; overrides --num_train_epochs")
-    group.add_argument("--lr_scheduler_type", default="cosine",
-                       help="any transformers scheduler: cosine, linear, constant_with_warmup, cosine_with_min_lr ...")
-    group.add_argument("--lr_scheduler_kwargs", type=json_dict, help='JSON, e.g. \'{"min_lr": 1e-5}\'')
+    group.add_argument("--lr_scheduler_type",
+                       help="any transformers scheduler: cosine, linear, constant_with_warmup, cosine_with_min_lr ... "
+                            f"(default: {defaults.get('lr_scheduler_type', GENERAL_DEFAULTS['lr_scheduler_type'])})")
+    group.add_argument("--lr_scheduler_kwargs", type=json_dict,
+                       help='JSON, e.g. \'{"min_lr": 1e-5}\' (default: the method\'s, with its default scheduler: '
+                            f"{defaults.get('lr_scheduler_kwargs')})")
     group.add_argument("--warmup_steps", "--num_warmup_steps", type=warmup_type,
                        help=f"an int: steps; a float in [0, 1): a ratio of the run (default: {defaults.get('warmup_steps')})")
     group.add_argument("--warmup_ratio", dest="warmup_steps", type=warmup_type, action=DeprecatedAlias,
@@ -249,12 +252,16 @@ def is_demo(args: argparse.Namespace) -> bool:
     return not any((args.dataset_name, args.train_dir, args.validation_dir, args.train_file, args.validation_file))
 
 
-def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Defaults that depend on the method, on the demo, and on other arguments."""
+def fill_defaults(args: argparse.Namespace, method_cls=None) -> argparse.Namespace:
+    """Defaults that depend on the method (`method_cls`, default: `--method` in METHODS), on the demo, and
+    on other arguments. Only options still None are filled."""
     if args.eval_strategy is None and args.eval_steps:
         args.eval_strategy = "steps"
-    profile = {**GENERAL_DEFAULTS, **(DEMO_DEFAULTS if is_demo(args) else {})}
-    for key, value in {**get_method(args.method).defaults, **profile}.items():
+    method_defaults = dict((method_cls or get_method(args.method)).defaults)
+    if args.lr_scheduler_type is not None:  # the method's scheduler arguments belong to the method's scheduler
+        method_defaults.pop("lr_scheduler_kwargs", None)
+    # general < the method's recipe < the digits demo
+    for key, value in {**GENERAL_DEFAULTS, **method_defaults, **(DEMO_DEFAULTS if is_demo(args) else {})}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.max_grad_norm = args.max_grad_norm or None  # 0 = no clipping

@@ -15,6 +15,7 @@ import logging
 from typing import ClassVar
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torchvision.transforms import v2
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForPreTraining, PreTrainedModel
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -53,14 +54,28 @@ class PretrainingMethod:
     no_weight_decay_names: ClassVar[tuple[str, ...]] = ("cls_token", "pos_embed", "mask_token")
     # The processor's mask generator (None: the model masks by itself, as MAE does).
     mask_generator: ClassVar[str | None] = None
+    # The Auto class that loads --model_name_or_path (tokenizers: AutoModel).
+    auto_model_class: ClassVar[type] = AutoModelForPreTraining
+    # The method's name in `hf_mim.cards.METHODS` when it differs from `name`.
+    card_name: ClassVar[str | None] = None
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.config = None  # set by build_model
+        self.step = 0  # the optimiser step of the current micro-batch (set by the loop)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add the method's own command-line options (a titled argument group)."""
+
+    def setup(self, accelerator) -> None:
+        """Called once the model is prepared, before resuming: move frozen auxiliary networks (a teacher)
+        to `accelerator.device`. They are never prepared, trained or saved with the model."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Values logged with the loss at each logging step besides it (every process calls this at the
+        same step, so it may reduce over processes)."""
+        return {}
 
     # ------------------------------------------------------------------ model and processor
 
@@ -78,11 +93,11 @@ class PretrainingMethod:
         if args.model_name_or_path:
             config = AutoConfig.from_pretrained(args.model_name_or_path, **self.hub_kwargs())
             config = self.checked_config(config, args.model_name_or_path, overrides)
-            model = AutoModelForPreTraining.from_pretrained(args.model_name_or_path, config=config, **self.hub_kwargs())
+            model = self.auto_model_class.from_pretrained(args.model_name_or_path, config=config, **self.hub_kwargs())
         else:
             name = args.config_name or default_preset
             if name in self.presets:
-                config = self.config_class(**self.presets[name])
+                config = build_config(self.config_class, self.presets[name], name)
             else:
                 config = AutoConfig.from_pretrained(name, **self.hub_kwargs())
             config = self.checked_config(config, name, overrides)
@@ -112,7 +127,7 @@ class PretrainingMethod:
         fields = {**config.to_dict(), **overrides}
         fields.pop("model_type", None)
         fields.pop("transformers_version", None)
-        return type(config)(**fields)  # re-validates the architecture
+        return build_config(type(config), fields, source)  # re-validates the architecture
 
     def image_mean_std(self) -> tuple[list[float], list[float]]:
         channels = self.config.num_channels
@@ -143,8 +158,12 @@ class PretrainingMethod:
         return MimImageProcessor(
             size={"height": height, "width": width}, image_mean=mean, image_std=std,
             patch_size=self.config.patch_size, mask_generator=self.mask_generator,
-            do_convert_rgb=self.config.num_channels == 3,
+            mask_generator_kwargs=self.mask_generator_kwargs(), do_convert_rgb=self.config.num_channels == 3,
         )
+
+    def mask_generator_kwargs(self) -> dict:
+        """Settings of the processor's `mask_generator` (saved with the model, so users get the same masks)."""
+        return {}
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -184,17 +203,35 @@ class PretrainingMethod:
         """Method settings worth recording in the model card."""
         return {}
 
+    def card_tokenizer(self) -> tuple[str | None, str | None]:
+        """(id or path, revision) of the frozen tokenizer whose codes the model learned to predict, for the card."""
+        return None, None
 
-def training_augmentation(image_size, mean, std, scale=(0.2, 1.0)) -> v2.Compose:
-    """RandomResizedCrop (bicubic) + horizontal flip + to float + normalise: MAE's augmentation."""
+
+def crop_and_flip(image_size, scale=(0.2, 1.0)) -> v2.Compose:
+    """RandomResizedCrop (bicubic) + horizontal flip + to float in [0, 1], not normalised."""
     return v2.Compose([
         v2.RandomResizedCrop(to_2tuple(image_size), scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
                              antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(mean), std=list(std)),
     ])
+
+
+def build_config(config_class: type, fields: dict, source: str):
+    """`config_class(**fields)`, with its validation error (huggingface_hub's strict-dataclass wrapper
+    around the message that names the field and the fix) raised as a plain ValueError."""
+    try:
+        return config_class(**fields)
+    except (StrictDataclassError, TypeError, ValueError) as error:
+        reason = error.__cause__ if isinstance(error, StrictDataclassError) and error.__cause__ else error
+        raise ValueError(f"Invalid {config_class.model_type} config ({source}): {reason}") from error
+
+
+def training_augmentation(image_size, mean, std, scale=(0.2, 1.0)) -> v2.Compose:
+    """RandomResizedCrop (bicubic) + horizontal flip + to float + normalise: MAE's augmentation."""
+    return v2.Compose([crop_and_flip(image_size, scale), v2.Normalize(mean=list(mean), std=list(std))])
 
 
 def processor_pixels(processor, image) -> torch.Tensor:
@@ -289,4 +326,7 @@ class MaeMethod(PretrainingMethod):
         return {"mask_ratio": self.config.mask_ratio, "norm_pix_loss": self.config.norm_pix_loss}
 
 
-__all__ = ["METHODS", "MaeMethod", "PretrainingMethod", "get_method", "register_method", "training_augmentation"]
+__all__ = [
+    "METHODS", "MaeMethod", "PretrainingMethod", "crop_and_flip", "get_method", "processor_pixels", "register_method",
+    "training_augmentation",
+]

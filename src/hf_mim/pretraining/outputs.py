@@ -87,12 +87,13 @@ def card_kwargs(run, results: dict) -> dict:
     measured = {key: value for key, value in results.items()
                 if key.startswith("eval_") and not key.endswith(RUNTIME_KEYS) and isinstance(value, float)}
     model = run.accelerator.unwrap_model(run.model, keep_torch_compile=False)
+    tokenizer, tokenizer_revision = run.method.card_tokenizer()
     return {
-        "method": run.method.name, "model_type": model.config.model_type, "task": "pretraining",
+        "method": run.method.card_name or run.method.name, "model_type": model.config.model_type, "task": "pretraining",
         "recipe": {key: value for key, value in recipe(run, results).items() if value is not None},
         "results": measured, "dataset": card_dataset(run), "dataset_config": args.dataset_config_name,
         "eval_split": run.data.eval_split or "validation", "base_model": args.model_name_or_path,
-        "tokenizer": None, "tokenizer_revision": None, "config": model.config, "image_processor": True,
+        "tokenizer": tokenizer, "tokenizer_revision": tokenizer_revision, "config": model.config, "image_processor": True,
         "repo_id": args.hub_model_id, "revision": args.hub_revision,
     }
 

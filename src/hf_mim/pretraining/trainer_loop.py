@@ -172,6 +172,10 @@ def build_loaders(run: Run) -> None:
 def make_plan(run: Run) -> Plan:
     args, accelerator = run.args, run.accelerator
     batches = None if isinstance(run.train_examples, StreamingImageExamples) else len(run.train_loader)
+    if batches is not None:
+        # Per process: `prepare` shards the (drop_last) batches, and each process gets floor(n / processes).
+        # Counting the unsharded ones made an epoch never end with several processes (the loop then spun).
+        batches //= accelerator.num_processes
     total_batch = effective_batch_size(args.per_device_train_batch_size, accelerator.num_processes,
                                        args.gradient_accumulation_steps)
     if batches == 0:
@@ -305,6 +309,7 @@ def train_micro_batch(run: Run, batch: dict) -> float | None:
     grad_norm = None
     with accelerator.accumulate(run.model):
         seed_micro_batch(run)
+        run.method.step = run.state.global_step  # schedules inside a method (e.g. the dVAE temperature)
         loss = run.method.training_loss(run.model, batch)
         accelerator.backward(loss)
         if accelerator.sync_gradients and args.max_grad_norm:
@@ -341,6 +346,7 @@ def log_step(run: Run, learning_rate: float, grad_norm: float | None, progress) 
     values.update(learning_rate=learning_rate, epoch=fractional_epoch(run), skipped_images=run.state.skipped_images)
     if grad_norm is not None:
         values["grad_norm"] = grad_norm
+    values.update(run.method.step_metrics())  # collective, like the flush above
     run.accelerator.log(values, step=run.state.global_step)
     progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{learning_rate:.2e}",
                          img_s=f"{values['images_per_second']:.0f}", refresh=False)
@@ -474,13 +480,14 @@ def configure_backends(args, accelerator: Accelerator) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def run_pretraining(args) -> dict:
-    """Build everything, train, evaluate, save. Returns the results that were written to all_results.json."""
+def run_pretraining(args, method_class: type[PretrainingMethod] | None = None) -> dict:
+    """Build everything, train, evaluate, save. Returns the results that were written to all_results.json.
+    `method_class`: a method from another registry (the tokenizers'); default: `get_method(args.method)`."""
     accelerator = build_accelerator(args)
     setup_logging(accelerator)
     configure_backends(args, accelerator)
     set_seed(args.seed)  # the model's initial weights
-    method = get_method(args.method)(args)
+    method = (method_class or get_method(args.method))(args)
     data = load_data(args, accelerator)
     logger.info("Data: %s (train: %s, eval: %s from %s)", data.source, size_of(data.train), size_of(data.eval),
                 data.eval_split)
@@ -495,6 +502,7 @@ def run_pretraining(args) -> dict:
         run.plan = make_plan(run)
         build_optimization(run)
     prepare(run)
+    method.setup(accelerator)  # frozen auxiliary networks to the device (never prepared, trained or saved)
     accelerator.init_trackers(args.run_name, config=hyperparameters(args))
     results = {}
     if args.do_train:
