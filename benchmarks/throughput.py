@@ -114,15 +114,117 @@ def build_mae_pair(preset: Preset, device: torch.device) -> Pair:
     return Pair(ours.to(device), peer.to(device), make_batch, output_loss)
 
 
-# name -> builder(preset, device) -> Pair. To come, once hf_mim has the models:
-#   "beit":   our BEiT MIM step vs transformers BeitForMaskedImageModeling (sdpa, shared rel-pos bias,
-#             vocab 8192); the batch holds random token ids and a blockwise mask; peer_loss passes
-#             labels=tokens[bool_masked_pos]. Tokenizer not included (as PEER_BASELINES.md).
-#   "beitv2": our full BEiT v2 step including the tokenizer forward, peer=None (no transformers model;
-#             compare with the reference figures of PEER_BASELINES.md); plus "beitv2-tokenizer", the
-#             tokenizer forward alone with train=False, so its share of the step is visible.
+# BEiT masks 75 of its 14x14 patches; the count is what costs, so the benchmark draws that share at random.
+BEIT_MASK_RATIO = 75 / 196
+BEIT_VOCAB_SIZE = 8192
+
+
+def beit_shape(preset: Preset) -> dict:
+    """The BEiT v1 pre-training model at the preset's size: shared relative position bias, no absolute
+    positions, layer scale 0.1, drop path 0.1, LayerNorm eps 1e-6, 8192 visual tokens."""
+    shape = {field: getattr(preset, field) for field in (
+        "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    )}
+    return dict(shape, vocab_size=BEIT_VOCAB_SIZE, use_absolute_position_embeddings=False,
+                use_shared_relative_position_bias=True, use_relative_position_bias=False, layer_scale_init_value=0.1,
+                drop_path_rate=0.1, layer_norm_eps=1e-6, hidden_act="gelu", attn_implementation="sdpa")
+
+
+def beit_batch_maker(preset: Preset, device: torch.device, with_tokenizer_view: bool):
+    """make_batch: normalised pixels, a mask of BEIT_MASK_RATIO of the patches, random token ids of all
+    patches (v1 timing excludes the tokenizer) or [0, 1] pixels for the tokenizer (v2's full step)."""
+    from hf_mim.models.masking import random_patch_selection
+
+    num_patches = (preset.image_size // preset.patch_size) ** 2
+
+    def make_batch(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        size = (preset.batch_size, 3, preset.image_size, preset.image_size)
+        batch = {"pixel_values": torch.randn(size, generator=generator),  # [B, 3, H, W]
+                 "bool_masked_pos": random_patch_selection(preset.batch_size, num_patches, BEIT_MASK_RATIO, generator)}
+        if with_tokenizer_view:
+            batch["tokenizer_pixel_values"] = torch.rand(size, generator=generator)  # [B, 3, H, W] in [0, 1]
+        else:
+            batch["labels"] = torch.randint(0, BEIT_VOCAB_SIZE, (preset.batch_size, num_patches), generator=generator)
+        return {key: value.to(device) for key, value in batch.items()}
+
+    return make_batch
+
+
+def build_beit_pair(preset: Preset, device: torch.device) -> Pair:
+    """hf_mim BEiTForMaskedImageModeling vs transformers BeitForMaskedImageModeling (sdpa), tokenizer excluded
+    (as PEER_BASELINES.md): ours takes the token ids of all patches, transformers only the masked ones."""
+    from transformers import BeitConfig, BeitForMaskedImageModeling
+
+    from hf_mim.models import BEiTConfig, BEiTForMaskedImageModeling
+
+    ours = BEiTForMaskedImageModeling(BEiTConfig(**beit_shape(preset)))
+    peer = BeitForMaskedImageModeling(BeitConfig(**beit_shape(preset), use_mask_token=True))
+
+    def peer_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        mask = batch["bool_masked_pos"]
+        return model(pixel_values=batch["pixel_values"], bool_masked_pos=mask, labels=batch["labels"][mask]).loss
+
+    return Pair(ours.to(device), peer.to(device), beit_batch_maker(preset, device, False), output_loss, peer_loss)
+
+
+class CodebookIndices(nn.Module):
+    """A tokenizer's `get_codebook_indices` as `forward`, so that torch.compile compiles it."""
+
+    def __init__(self, tokenizer: nn.Module):
+        super().__init__()
+        self.tokenizer = tokenizer.requires_grad_(False).eval()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.get_codebook_indices(pixel_values).flatten(1)  # [B, N]
+
+
+def build_vqkd_tokenizer(preset: Preset, device: torch.device) -> CodebookIndices:
+    """BEiT v2's VQ-KD encoder at the preset's size (8192 x 32 codebook); the decoder is never run."""
+    from hf_mim.models import VqkdConfig, VqkdTokenizer
+
+    shape = {field: getattr(preset, field) for field in (
+        "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    )}
+    config = VqkdConfig(**shape, decoder_hidden_size=preset.hidden_size, decoder_num_hidden_layers=1,
+                        decoder_num_attention_heads=preset.num_attention_heads,
+                        decoder_intermediate_size=preset.intermediate_size, num_codes=BEIT_VOCAB_SIZE, code_dim=32,
+                        teacher_name_or_path=None, teacher_type="auto", attn_implementation="sdpa")
+    return CodebookIndices(VqkdTokenizer(config)).to(device)
+
+
+def build_beitv2_pair(preset: Preset, device: torch.device) -> Pair:
+    """Our full BEiT v2 step: the VQ-KD tokenizer's forward (no grad, eager, under the step's autocast, as in
+    the training loop) and the MIM model with its CLS-aggregation head. No transformers peer exists."""
+    from hf_mim.models import BEiTConfig, BEiTForMaskedImageModeling
+
+    config = BEiTConfig(**beit_shape(preset), use_cls_pretext_head=True,
+                        cls_head_early_layer=max(1, preset.num_hidden_layers - 3))  # 9 of 12
+    tokenizer = build_vqkd_tokenizer(preset, device)
+
+    def full_step_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            labels = tokenizer(batch["tokenizer_pixel_values"])  # [B, N]
+        return model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"], labels=labels).loss
+
+    model = BEiTForMaskedImageModeling(config).to(device)
+    return Pair(model, None, beit_batch_maker(preset, device, True), full_step_loss)
+
+
+def build_beitv2_tokenizer_pair(preset: Preset, device: torch.device) -> Pair:
+    """The VQ-KD tokenizer's forward alone (train=False), to show its share of the BEiT v2 step."""
+    def tokenize(model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(batch["tokenizer_pixel_values"])
+
+    return Pair(build_vqkd_tokenizer(preset, device), None, beit_batch_maker(preset, device, True), tokenize,
+                train=False)
+
+
+# name -> builder(preset, device) -> Pair.
 PAIRS: dict[str, Callable[[Preset, torch.device], Pair]] = {
     "mae": build_mae_pair,
+    "beit": build_beit_pair,
+    "beitv2": build_beitv2_pair,
+    "beitv2-tokenizer": build_beitv2_tokenizer_pair,
 }
 
 
@@ -237,18 +339,19 @@ def run_pair(name: str, preset: Preset, device: torch.device, modes=("eager", "c
 
 def format_table(results: list[Result]) -> str:
     by_key = {(r.pair, r.mode, r.side): r for r in results}
-    lines = [f"{'pair':<8}{'mode':<9}{'ours img/s':>12}{'peer img/s':>12}{'ours/peer':>11}"
+    width = max([8] + [len(r.pair) + 2 for r in results])  # "beitv2-tokenizer" is longer than the header
+    lines = [f"{'pair':<{width}}{'mode':<9}{'ours img/s':>12}{'peer img/s':>12}{'ours/peer':>11}"
              f"{'ours GB':>9}{'peer GB':>9}"]
     for pair, mode in dict.fromkeys((r.pair, r.mode) for r in results):
         ours, peer = by_key[(pair, mode, "ours")], by_key.get((pair, mode, "peer"))
         ratio = f"{ours.images_per_s / peer.images_per_s:.2f}x" if peer else "-"
         memory = [f"{r.peak_memory_gb:.1f}" if r and r.peak_memory_gb is not None else "-" for r in (ours, peer)]
         peer_speed = f"{peer.images_per_s:,.0f}" if peer else "-"
-        lines.append(f"{pair:<8}{mode:<9}{ours.images_per_s:>12,.0f}{peer_speed:>12}{ratio:>11}"
+        lines.append(f"{pair:<{width}}{mode:<9}{ours.images_per_s:>12,.0f}{peer_speed:>12}{ratio:>11}"
                      f"{memory[0]:>9}{memory[1]:>9}")
         if mode == "compile" and peer and (pair, "eager", "ours") in by_key:
             best = max(ours.images_per_s, by_key[(pair, "eager", "ours")].images_per_s)
-            lines.append(f"{'':<8}best ours / peer compiled: {best / peer.images_per_s:.2f}x")
+            lines.append(f"{'':<{width}}best ours / peer compiled: {best / peer.images_per_s:.2f}x")
     return "\n".join(lines)
 
 

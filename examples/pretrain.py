@@ -1,6 +1,7 @@
 """Masked-image-modeling pre-training with Accelerate.
 
     python examples/pretrain.py                      # tiny MAE on the embedded digits, a few CPU minutes
+    python examples/pretrain.py --method beit --tokenizer PATH_OR_ID    # also beitv2, peco; vit_mpp needs none
     accelerate launch examples/pretrain.py --help    # every option, grouped
 
 The loop, the methods and the data pipeline live in `hf_mim.pretraining` and `hf_mim.data`.

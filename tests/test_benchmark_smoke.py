@@ -54,6 +54,25 @@ def test_forward_only_pair_without_peer(throughput, micro, monkeypatch):
     assert "-" in throughput.format_table(results)
 
 
+def test_beit_pair_same_model_on_both_sides(throughput, micro):
+    # Ours takes the token ids of every patch, transformers' only the masked ones: the same work. Not
+    # fullgraph: gathering the masked tokens with a boolean index has a data-dependent shape (both models).
+    results = throughput.run_pair("beit", micro, torch.device("cpu"), ("eager", "compile"),
+                                  {"fullgraph": False, "backend": "eager"})
+    assert {(r.mode, r.side) for r in results} == {(m, s) for m in ("eager", "compile") for s in ("ours", "peer")}
+    ours, peer = (next(r for r in results if r.side == side and r.mode == "eager") for side in ("ours", "peer"))
+    assert ours.trainable_params == peer.trainable_params and ours.images_per_s > 0 < peer.images_per_s
+
+
+def test_beitv2_full_step_and_tokenizer_alone(throughput, micro):
+    step, = throughput.run_pair("beitv2", micro, torch.device("cpu"), ("eager",))
+    tokenizer, = throughput.run_pair("beitv2-tokenizer", micro, torch.device("cpu"), ("eager",))
+    assert step.side == tokenizer.side == "ours" and step.images_per_s > 0 and tokenizer.images_per_s > 0
+    assert tokenizer.trainable_params == 0  # frozen, timed without an optimizer
+    table = throughput.format_table([step, tokenizer])
+    assert "beitv2-tokenizer  eager" in table
+
+
 def test_cli_writes_json(throughput, tmp_path):
     out = tmp_path / "results.json"
     throughput.main(["--preset", "cpu-tiny", "--batch_size", "2", "--steps", "1", "--warmup", "0",

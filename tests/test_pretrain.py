@@ -4,6 +4,7 @@ crash-safe checkpoints, two real gloo processes under `accelerate launch`, and b
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -296,3 +297,42 @@ def test_push_to_hub_at_the_end(local_hub, tmp_path):
     assert measured["eval_loss"] == pytest.approx(results["eval_loss"], rel=1e-4)  # the model-index holds what ran
     model = AutoModelForPreTraining.from_pretrained(repo_id)
     assert type(model) is hf_mim.MaeForPreTraining and results["train_steps"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe defaults, learning rate and schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def test_recipe_defaults_and_explicit_values():
+    from hf_mim.pretraining import parse_args
+
+    mae = parse_args(["--train_dir", "data"])
+    assert (mae.base_learning_rate, mae.adam_beta2, mae.weight_decay, mae.lr_scheduler_type) == (1.5e-4, 0.95, 0.05,
+                                                                                                  "cosine")
+    beit = parse_args(["--method", "beit", "--tokenizer", "tok", "--train_dir", "data"])
+    assert (beit.adam_beta2, beit.max_grad_norm, beit.lr_scheduler_type, beit.lr_scheduler_kwargs) == (
+        0.999, 3.0, "cosine_with_min_lr", {"min_lr": 1e-5})  # BEiT: per-step cosine down to 1e-5
+    own = parse_args(["--method", "beit", "--tokenizer", "tok", "--lr_scheduler_type", "linear", "--adam_beta2", "0.98"])
+    assert (own.lr_scheduler_type, own.lr_scheduler_kwargs, own.adam_beta2) == ("linear", None, 0.98)
+    with pytest.warns(FutureWarning, match="--warmup_ratio is deprecated"):
+        assert parse_args(["--warmup_ratio", "0.1"]).warmup_steps == 0.1
+
+
+def test_learning_rate_rule_and_schedule():
+    from hf_mim.pretraining.optimization import build_scheduler, resolve_learning_rate, resolve_warmup_steps
+
+    assert resolve_learning_rate(None, 1.5e-4, 4096) == pytest.approx(2.4e-3)  # blr * batch / 256
+    assert resolve_learning_rate(1e-3, 1.5e-4, 4096) == 1e-3  # an explicit lr wins (unlike run_mae.py)
+    assert (resolve_warmup_steps(0.05, 1000), resolve_warmup_steps(40, 1000)) == (50, 40)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    scheduler = build_scheduler(optimizer, "cosine_with_min_lr", 10, 110, {"min_lr": 1e-5})
+    rates = []
+    for _ in range(110):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == 0.0 and rates[10] == pytest.approx(1.0) and rates[5] == pytest.approx(0.5)
+    assert rates[60] == pytest.approx(1e-5 + (1 - 1e-5) * 0.5, rel=1e-6)  # half-way down the cosine
+    assert rates[-1] == pytest.approx(1e-5 + (1 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 99 / 100)), rel=1e-6)
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-5) and min(rates[10:]) >= 1e-5  # ends at the floor

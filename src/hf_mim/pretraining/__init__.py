@@ -6,6 +6,7 @@
 
 from .arguments import build_parser, parse_args
 from .methods import METHODS, PretrainingMethod, get_method, register_method
+from . import token_methods  # noqa: F401,E402  registers beit, beitv2, peco and vit_mpp before any parser is built
 from .trainer_loop import run_pretraining
 
 

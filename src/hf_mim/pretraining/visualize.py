@@ -74,9 +74,83 @@ def save_mae_reconstructions(path, pixel_values, pred, mask, config, mean, std, 
     return True
 
 
+def token_palette(vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """[V, 3] a fixed random colour per visual token (ids carry no order, so neither do the colours)."""
+    return torch.rand(vocab_size, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def color_class_palette(num_channels: int, bits: int = 3) -> torch.Tensor:
+    """[(2**bits)**C, 3] the colour each ViT-MPP class stands for (the centre of its level per channel,
+    first channel most significant, as `losses.mean_color_targets`)."""
+    levels = 2**bits
+    classes = torch.arange(levels**num_channels)  # [K]
+    digits = torch.stack([(classes // levels**(num_channels - 1 - c)) % levels for c in range(num_channels)], -1)
+    colors = (digits.float() + 0.5) / levels  # [K, C]
+    return colors.expand(-1, 3) if num_channels == 1 else colors[:, :3]
+
+
+def token_panels(images, mask, targets, predictions, grid, palette, patch_size) -> dict[str, torch.Tensor]:
+    """[B, H, W, 3] display images: the input, the input with its masked patches grey, the target map, the
+    predictions on masked patches (pale blue: visible), and which of those are right (green) or wrong (red)."""
+    rows, cols = grid
+
+    def to_map(values: torch.Tensor) -> torch.Tensor:  # [B, N, 3] -> [B, rows, cols, 3]
+        return values.reshape(len(values), rows, cols, 3)
+
+    def upsample(maps: torch.Tensor) -> torch.Tensor:  # [B, rows, cols, 3] -> [B, H, W, 3]
+        return maps.repeat_interleave(patch_size[0], 1).repeat_interleave(patch_size[1], 2)
+
+    shown = mask.unsqueeze(-1)  # [B, N, 1]
+    # Pale blue, not white, for visible patches: white is a class colour of ViT-MPP (and of the digits' paper).
+    visible, green, red = torch.tensor([0.75, 0.85, 1.0]), torch.tensor([0.2, 0.7, 0.2]), torch.tensor([0.9, 0.2, 0.2])
+    right = torch.where((predictions == targets).unsqueeze(-1), green, red)  # [B, N, 3]
+    rgb = images.expand(-1, -1, -1, 3) if images.shape[-1] == 1 else images  # [B, H, W, 3]
+    return {
+        "input": rgb,
+        "masked": torch.where(upsample(to_map(shown.expand(-1, -1, 3))), torch.tensor(0.5), rgb),
+        "targets": to_map(palette[targets]),
+        "predicted (masked)": to_map(torch.where(shown, palette[predictions.clamp_min(0)], visible)),
+        "right / wrong": to_map(torch.where(shown, right, visible)),
+    }
+
+
+def save_token_predictions(path, images, mask, targets, predictions, grid, palette, title, max_images: int = 8) -> bool:
+    """Figure of a token-predicting model on held-out images. images [B, H, W, C] in [0, 1]; mask,
+    targets and predictions [B, N] (predictions -1 where visible); palette [V, 3]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = min(max_images, len(images))
+    images, mask, targets, predictions = (t[:count].cpu() for t in (images, mask, targets, predictions))
+    patch_size = (images.shape[1] // grid[0], images.shape[2] // grid[1])
+    panels = token_panels(images.float(), mask.bool(), targets, predictions, grid, palette.cpu(), patch_size)
+    figure, axes = plt.subplots(count, len(panels), figsize=(2.0 * len(panels), 2.0 * count + 0.8), squeeze=False)
+    for column, (name, shown) in enumerate(panels.items()):
+        for row in range(count):
+            axis = axes[row][column]
+            axis.imshow(shown[row].numpy(), interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(name, fontsize=9)
+    masked = mask.bool()
+    accuracy = float((predictions[masked] == targets[masked]).float().mean()) if masked.any() else 0.0
+    figure.suptitle(f"{title}\nmasked-patch accuracy {accuracy:.1%} over {int(masked.sum())} masked patches",
+                    fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
 def normalized_target(pixel_values: torch.Tensor, patch_size) -> torch.Tensor:
     """What a norm_pix_loss model regresses, for tests and notebooks."""
     return normalize_patches(patchify(pixel_values, patch_size))
 
 
-__all__ = ["mae_panels", "save_mae_reconstructions", "unnormalize_with_true_stats"]
+__all__ = [
+    "color_class_palette", "mae_panels", "save_mae_reconstructions", "save_token_predictions", "token_palette",
+    "token_panels", "unnormalize_with_true_stats",
+]
