@@ -53,7 +53,7 @@ class PecoConfig(PreTrainedConfig):
         ``hidden_states``: 0 = the embeddings, k = the output of block k) of
         ``perceptual_layer_weights`` (None: 1 each) times the mean squared distance between the
         ``perceptual_feature_norm``-normalised patch tokens of the input and of the reconstruction;
-        the network is loaded by ``hf_mim.teachers.load_feature_network_for(config)`` from
+        the network is loaded by ``hf_mim.tokenizer_training.load_feature_network_for(config)`` from
         ``perceptual_network_name_or_path`` (a self-supervised ViT id or directory), at
         ``perceptual_input_size`` (None: the tokenizer's image size), normalised with its image
         processor's mean/std or else ``perceptual_image_mean/std``;

@@ -1,0 +1,122 @@
+"""Command line of `examples/train_tokenizer.py`: the pre-training script's options (same names, same
+groups, same deprecated aliases) plus each tokenizer's own, with the tokenizers' recipe defaults."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..pretraining.arguments import (
+    add_checkpoint_arguments, add_data_arguments, add_evaluation_arguments, add_hub_arguments, add_model_arguments,
+    add_optimization_arguments, add_speed_arguments, check_arguments, fill_defaults, is_demo,
+)
+from .methods import TOKENIZER_METHODS, add_crop_argument, get_tokenizer_method
+
+DESCRIPTION = """\
+Train a visual tokenizer (the discrete targets of BEiT-style masked image modeling) with Accelerate:
+  dvae  DALL-E's discrete VAE (BEiT v1's targets): Gumbel-softmax relaxation, KL to a uniform prior,
+        temperature annealed from the optimiser step;
+  vqkd  BEiT v2's VQ-KD: a ViT encoder + EMA codebook whose codes must predict the patch features of a
+        frozen --teacher (any transformers vision model);
+  peco  PeCo's VQ-VAE: pixel + commitment + perceptual loss from a frozen --perceptual_model ViT.
+
+Every logging step (default: every step) logs the loss terms and the codebook's health (usage and
+perplexity of the window's codes over all processes, dead codes, and for vqkd/peco a fingerprint of
+every process's codebook) to <output_dir>/log.jsonl. The run saves the tokenizer, its image processor
+(resize + rescale to [0, 1], no mean/std) and a model card, and the figures codebook_usage.png,
+token_maps.png and, for dvae/peco, reconstructions.png. The teacher and the perceptual network are
+never saved in the tokenizer. With no data source it trains on the embedded digits (32 px, 8x8
+tokens, 64 codes) in a few CPU minutes.
+"""
+
+EPILOG = """\
+launch modes:
+  python examples/train_tokenizer.py --method dvae                       # one process (CPU or one GPU)
+  accelerate launch examples/train_tokenizer.py --method vqkd ...        # your `accelerate config`
+  accelerate launch --multi_gpu --num_processes 8 examples/train_tokenizer.py --method vqkd ...
+  torchrun --nproc_per_node 8 examples/train_tokenizer.py --method vqkd ...
+  ACCELERATE_USE_CPU=1 accelerate launch --config_file examples/accelerate_configs/cpu_2proc.yaml \\
+      examples/train_tokenizer.py --method vqkd ...                      # two CPU processes (CI)
+
+examples:
+  # the digits demos: an MAE first (the teacher / perceptual network), then the tokenizers
+  python examples/pretrain.py
+  python examples/train_tokenizer.py --method vqkd --teacher outputs/pretrain-mae
+  python examples/train_tokenizer.py --method peco --perceptual_model outputs/pretrain-mae
+  python examples/train_tokenizer.py --method dvae
+  # BEiT v2's VQ-KD on ImageNet-1k (the reference recipe: batch 512 = 8 x 64, 100 epochs, lr 2e-4)
+  accelerate launch --multi_gpu --num_processes 8 examples/train_tokenizer.py --method vqkd \\
+      --dataset_name ILSVRC/imagenet-1k --teacher openai/clip-vit-base-patch16 --teacher_type clip \\
+      --per_device_train_batch_size 64 --bf16 --output_dir outputs/vqkd-base
+"""
+
+# Help texts of shared options whose pre-training wording would mislead here.
+HELP_OVERRIDES = {
+    "base_learning_rate": "lr = blr * (batch per device * processes * accumulation) / 256 (default: the method's "
+                          "recipe, see --method NAME --help; a higher one for the digits demo)",
+    "num_train_epochs": "(default: the method's recipe; 10 for the digits demo)",
+    "logging_steps": "log the loss terms and codebook health every N optimiser steps (default: 1)",
+    "do_eval": "distillation / reconstruction loss and codebook usage on held-out images (default: when there are "
+               "some)",
+}
+
+
+def set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
+    for action in parser._actions:
+        if action.dest == dest and action.help is not argparse.SUPPRESS:
+            action.help = text
+
+
+def describe_defaults(method_cls) -> str:
+    recipe = ", ".join(f"{key}={value}" for key, value in method_cls.defaults.items())
+    demo = ", ".join(f"{key}={value}" for key, value in method_cls.demo_defaults.items())
+    return f"{method_cls.summary}.\nRecipe defaults: {recipe}.\nDigits-demo defaults: {demo}."
+
+
+def build_parser(method_name: str = "vqkd") -> argparse.ArgumentParser:
+    method_cls = get_tokenizer_method(method_name)
+    parser = argparse.ArgumentParser(
+        prog="train_tokenizer.py", description=DESCRIPTION + "\n--method " + method_name + ": " +
+        describe_defaults(method_cls), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument_group("method").add_argument(
+        "--method", default="vqkd", choices=sorted(TOKENIZER_METHODS),
+        help="the tokenizer; `--method NAME --help` lists its own options and recipe")
+    add_data_arguments(parser)
+    add_model_arguments(parser, method_cls)
+    method_cls.add_arguments(parser)
+    add_crop_argument(parser)
+    add_optimization_arguments(parser, method_cls)
+    add_speed_arguments(parser)
+    add_checkpoint_arguments(parser, method_name)
+    add_evaluation_arguments(parser)
+    add_hub_arguments(parser)
+    parser.set_defaults(output_dir=f"outputs/tokenizer-{method_name}", logging_steps=1)
+    for dest, text in HELP_OVERRIDES.items():
+        set_help(parser, dest, text)
+    return parser
+
+
+def fill_tokenizer_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """The method's demo settings (digits) win over its recipe, which wins over the pre-training defaults."""
+    method_cls = get_tokenizer_method(args.method)
+    preferred = {**method_cls.defaults, **(method_cls.demo_defaults if is_demo(args) else {})}
+    for key, value in preferred.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return fill_defaults(args, method_cls)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Two passes: `--method` first, then the full parser with that method's options."""
+    method_parser = argparse.ArgumentParser(add_help=False)
+    method_parser.add_argument("--method", default="vqkd")
+    known, _ = method_parser.parse_known_args(argv)
+    get_tokenizer_method(known.method)  # a clear error for an unknown method
+    args = fill_tokenizer_defaults(build_parser(known.method).parse_args(argv))
+    check_arguments(args)
+    if args.crop_min_scale is not None and not 0 < args.crop_min_scale <= 1:
+        raise ValueError(f"--crop_min_scale must be in (0, 1], got {args.crop_min_scale}.")
+    return args
+
+
+__all__ = ["build_parser", "parse_args"]
