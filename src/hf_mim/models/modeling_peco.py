@@ -295,7 +295,10 @@ class PecoTokenizer(VisualTokenizerMixin, HubCodeMixin, PreTrainedModel):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors [B, h, w, code_dim] -> [-1, 1]-scale pixels [B, C, h*f, w*f] (not clamped)."""
         weight = self.post_quant_conv.weight
-        hidden = self.post_quant_conv(codes.permute(0, 3, 1, 2).to(weight.dtype))  # [B, code_dim, h, w]
+        # contiguous: a permuted (channels-last) input gives the conv weight channels-last gradients, which
+        # DDP then copies into its buckets on every step ("grad strides do not match").
+        codes = codes.permute(0, 3, 1, 2).to(weight.dtype).contiguous()  # [B, code_dim, h, w]
+        hidden = self.post_quant_conv(codes)  # [B, code_dim, h, w]
         return self.decoder(hidden)  # [B, C, H, W]
 
     @torch.no_grad()

@@ -219,7 +219,8 @@ class VqkdTokenizer(VisualTokenizerMixin, HubCodeMixin, PreTrainedModel):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors [B, h, w, code_dim] -> predicted teacher features [B, h*w, teacher_dim]."""
         weight = self.decoder.patch_embed.proj.weight
-        tokens = self.decoder(codes.permute(0, 3, 1, 2).to(weight.dtype))  # [B, N, Dd]
+        # contiguous: a permuted input gives the patch conv channels-last weight gradients (slow under DDP).
+        tokens = self.decoder(codes.permute(0, 3, 1, 2).to(weight.dtype).contiguous())  # [B, N, Dd]
         return self.decode_task_layer(tokens)  # [B, N, T]
 
     @torch.no_grad()
