@@ -15,6 +15,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..pretraining.arguments import DeprecatedAlias
+from .ema import DEFAULT_DECAY, check_decay
 
 
 def option(default=None, help: str = "", **metadata):
@@ -82,6 +83,13 @@ class FinetuningArguments:
     crop_min_scale: float = option(0.08, help="RandomResizedCrop smallest area fraction")
     hflip: float = option(0.5, help="horizontal flip probability")
     crop_pct: float = option(0.875, help="evaluation: resize to image_size / crop_pct, then centre crop")
+    model_ema: bool = option(
+        False, help="keep an exponential moving average of the weights (timm's): updated after every optimizer step, "
+                    "saved as ema.safetensors in each checkpoint-<step> and restored on resume; the final evaluation "
+                    "and the saved model are the EMA weights (evaluations during training are of the raw ones). "
+                    "One device or DDP, not FSDP / DeepSpeed; not with --load_best_model_at_end")
+    model_ema_decay: float = option(
+        DEFAULT_DECAY, help="EMA decay, in (0, 1): ema = decay * ema + (1 - decay) * weights, each optimizer step")
 
 
 # Settings of the digits demo (no data source given) that differ from the general defaults; a
@@ -146,6 +154,13 @@ def add_aliases(parser: argparse.ArgumentParser) -> None:
                         help=argparse.SUPPRESS)
 
 
+def check_model_ema(argv: list[str], finetuning_args: FinetuningArguments) -> None:
+    if finetuning_args.model_ema:
+        check_decay(finetuning_args.model_ema_decay)
+    elif given(argv, "model_ema_decay"):
+        warnings.warn("--model_ema_decay does nothing without --model_ema.", stacklevel=3)
+
+
 def parse_finetuning_args(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, FinetuningArguments, TrainingArguments) with the fine-tuning
     defaults, the demo's where it applies, and no boilerplate flags needed."""
@@ -167,6 +182,7 @@ def parse_finetuning_args(argv: list[str] | None = None):
         finetuning_args.base_learning_rate = None  # an explicit learning rate wins over a default blr
     elif finetuning_args.base_learning_rate is None:
         finetuning_args.base_learning_rate = DEFAULT_BASE_LEARNING_RATE
+    check_model_ema(argv, finetuning_args)
     if training_args.push_to_hub and given(argv, "hub_strategy") and training_args.hub_strategy != "end":
         warnings.warn(f"--hub_strategy {training_args.hub_strategy}: hf_mim uploads once, at the end of the run "
                       "(model, processor, model card), with hf_mim.hub.publish.", stacklevel=2)

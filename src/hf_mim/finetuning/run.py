@@ -23,6 +23,7 @@ from ..metrics import load_top_k_accuracy
 from ..pretraining.methods import METHODS
 from .arguments import DataArguments, FinetuningArguments, ModelArguments, parse_finetuning_args
 from .classifier import Labels, build_classifier, load_classifier, read_labels
+from .ema import ModelEmaCallback, check_ema_compatible
 from .mixup import SoftTargets
 from .trainer import FinetuningTrainer
 from .transforms import (
@@ -143,12 +144,14 @@ def set_learning_rate(training_args, finetuning_args: FinetuningArguments) -> No
                 finetuning_args.base_learning_rate, total)
 
 
-def check_training_args(training_args, data: ImageDatasets) -> None:
+def check_training_args(training_args, data: ImageDatasets, finetuning_args: FinetuningArguments) -> None:
     if training_args.label_smoothing_factor:
         raise ValueError("Use --smoothing for label smoothing (it combines with MixUp / CutMix); "
                          "--label_smoothing_factor is the Trainer's own and would ignore them.")
     if training_args.push_to_hub:
         check_can_push(training_args)
+    if finetuning_args.model_ema:
+        check_ema_compatible(training_args)
     if data.eval is None and training_args.eval_strategy != IntervalStrategy.NO:
         logger.warning("No evaluation data (no validation split and --train_val_split 0): evaluation is off.")
         training_args.eval_strategy = IntervalStrategy.NO
@@ -209,6 +212,7 @@ def recipe(model, training_args, finetuning_args: FinetuningArguments, trainer) 
         "aa": finetuning_args.aa, "reprob": finetuning_args.reprob, "crop_min_scale": finetuning_args.crop_min_scale,
         "hflip": finetuning_args.hflip, "crop_pct": finetuning_args.crop_pct, "image_size": model.config.image_size,
         "max_grad_norm": training_args.max_grad_norm, "bf16": training_args.bf16, "fp16": training_args.fp16,
+        "model_ema_decay": finetuning_args.model_ema_decay if finetuning_args.model_ema else None,
         "seed": training_args.seed,
     }
     return {key: value for key, value in values.items() if value is not None}
@@ -232,24 +236,27 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, finetun
     setup_logging(training_args)
     set_seed(training_args.seed)
     data = load_data(data_args, model_args, training_args)
-    check_training_args(training_args, data)
+    check_training_args(training_args, data, finetuning_args)
     labels = read_labels(data)
     model = build_model(model_args, finetuning_args, labels, data)
     processor = build_processor(model_args, finetuning_args.crop_pct, model.config)
     train_examples, eval_examples = build_examples(data, processor, model.config, finetuning_args)
     set_learning_rate(training_args, finetuning_args)
     push, training_args.push_to_hub = training_args.push_to_hub, False  # uploaded once at the end, by publish()
+    checkpoint = resume_checkpoint(training_args) if training_args.do_train else None
+    # The EMA callback loads its average from the checkpoint the Trainer resumes from.
+    callbacks = [ModelEmaCallback(finetuning_args.model_ema_decay, checkpoint)] if finetuning_args.model_ema else None
     soft_targets = SoftTargets(model.config.num_labels, finetuning_args.mixup, finetuning_args.cutmix,
                                finetuning_args.smoothing, finetuning_args.mixup_prob, finetuning_args.mixup_switch_prob)
     trainer = FinetuningTrainer(
         model=model, args=training_args, train_dataset=train_examples, eval_dataset=eval_examples,
         processing_class=processor, data_collator=ClassificationCollator(model.config.num_labels),
         compute_metrics=metrics_function(model.config.num_labels) if eval_examples is not None else None,
-        layer_decay=finetuning_args.layer_decay, soft_targets=soft_targets,
+        layer_decay=finetuning_args.layer_decay, soft_targets=soft_targets, callbacks=callbacks,
     )
     metrics = {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+        result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()  # model (with its remote code) and the image processor
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
