@@ -26,7 +26,7 @@ from .configuration_beit import BEiTConfig
 from .losses import masked_token_loss
 from .relative_position import RelativePositionBias, relative_position_index
 from .remote_code import HubCodeMixin
-from .vit_core import Attention, Block, PatchEmbed, drop_path_rates, grid_size_for, resize_pos_embed
+from .vit_core import Attention, Block, PatchEmbed, drop_path_rates, grid_size_for, resize_pos_embed, run_blocks
 
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 
@@ -318,16 +318,10 @@ class BEiTModel(BEiTPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         x = self.embed(pixel_values, mask, grid)  # [B, 1+N, D]
         shared_bias = self.shared_attention_bias(grid)  # [1, H, 1+N, 1+N] or None
-        hidden_states = [x] if output_hidden_states else None
-        for block in self.blocks:
-            x = block(x, shared_bias, grid)  # [B, 1+N, D]
-            if output_hidden_states:
-                hidden_states.append(x)
-        if self.norm is not None:
-            x = self.norm(x)
-        return BEiTModelOutput(
-            last_hidden_state=x, hidden_states=tuple(hidden_states) if output_hidden_states else None
+        x, hidden_states = run_blocks(  # [B, 1+N, D]
+            self.blocks, x, self.norm, output_hidden_states, shared_bias, grid
         )
+        return BEiTModelOutput(last_hidden_state=x, hidden_states=hidden_states)
 
 
 class BEiTForMaskedImageModeling(BEiTPreTrainedModel):

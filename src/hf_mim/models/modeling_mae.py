@@ -22,7 +22,7 @@ from .losses import masked_mse_loss, normalize_patches
 from .masking import gather_tokens, random_masking
 from .remote_code import HubCodeMixin
 from .vit_core import (
-    Block, PatchEmbed, drop_path_rates, grid_size_for, patchify, sincos_2d_table, to_2tuple, unpatchify,
+    Block, PatchEmbed, drop_path_rates, grid_size_for, patchify, run_blocks, sincos_2d_table, to_2tuple, unpatchify,
 )
 
 
@@ -156,17 +156,8 @@ class MaeModel(MaePreTrainedModel):
             ids_keep, mask, ids_restore = random_masking(noise, ratio)  # [B, K], [B, L], [B, L]
             tokens = gather_tokens(tokens, ids_keep)  # [B, K, D]
         x = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # [B, 1+K, D]
-        hidden_states = [x] if output_hidden_states else None
-        for block in self.blocks:
-            x = block(x)  # [B, 1+K, D]
-            if output_hidden_states:
-                hidden_states.append(x)
-        if self.norm is not None:
-            x = self.norm(x)
-        return MaeModelOutput(
-            last_hidden_state=x, mask=mask, ids_restore=ids_restore,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-        )
+        x, hidden_states = run_blocks(self.blocks, x, self.norm, output_hidden_states)  # [B, 1+K, D]
+        return MaeModelOutput(last_hidden_state=x, mask=mask, ids_restore=ids_restore, hidden_states=hidden_states)
 
 
 class MaeDecoder(nn.Module):

@@ -27,7 +27,7 @@ from .configuration_vit_mpp import VitMppConfig
 from .losses import masked_token_loss, mean_color_targets
 from .masking import corrupt_patch_embeddings, random_patch_selection
 from .remote_code import HubCodeMixin
-from .vit_core import Block, PatchEmbed, drop_path_rates, grid_size_for, resize_pos_embed
+from .vit_core import Block, PatchEmbed, drop_path_rates, grid_size_for, resize_pos_embed, run_blocks
 
 
 @dataclass
@@ -189,17 +189,8 @@ class VitMppModel(VitMppPreTrainedModel):
         cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)  # [B, 1, D]
         x = torch.cat([cls, tokens], dim=1)  # [B, 1+N, D]
         x = self.pos_drop(x + resize_pos_embed(self.pos_embed, self.grid_size, grid).to(x.dtype))
-        hidden_states = [x] if output_hidden_states else None
-        for block in self.blocks:
-            x = block(x)  # [B, 1+N, D]
-            if output_hidden_states:
-                hidden_states.append(x)
-        if self.norm is not None:
-            x = self.norm(x)
-        return VitMppModelOutput(
-            last_hidden_state=x, corruption_branch=branch,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-        )
+        x, hidden_states = run_blocks(self.blocks, x, self.norm, output_hidden_states)  # [B, 1+N, D]
+        return VitMppModelOutput(last_hidden_state=x, corruption_branch=branch, hidden_states=hidden_states)
 
 
 class VitMppForPreTraining(VitMppPreTrainedModel):

@@ -261,6 +261,23 @@ class Block(GradientCheckpointingLayer):
         return x + self.drop_path(mlp if self.gamma_2 is None else self.gamma_2 * mlp)
 
 
+def run_blocks(
+    blocks: nn.ModuleList, x: torch.Tensor, norm: nn.Module | None, output_hidden_states: bool, *block_args
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """The encoder trunk every model shares: tokens [B, T, D] through `blocks` (each called as
+    `block(x, *block_args)`, e.g. BEiT's shared relative bias), then the final `norm` when there is
+    one. Returns the output [B, T, D] and, with `output_hidden_states`, the input and each block's
+    output (before the norm), as transformers does."""
+    hidden_states = [x] if output_hidden_states else None
+    for block in blocks:
+        x = block(x, *block_args)  # [B, T, D]
+        if output_hidden_states:
+            hidden_states.append(x)
+    if norm is not None:
+        x = norm(x)
+    return x, tuple(hidden_states) if output_hidden_states else None
+
+
 def drop_path_rates(rate: float, depth: int) -> list[float]:
     """Stochastic-depth rate per block, linearly increasing from 0 to `rate` (timm/BEiT/MAE)."""
     return [rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
@@ -268,5 +285,5 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
 
 __all__ = [
     "Attention", "Block", "DropPath", "Mlp", "PatchEmbed", "drop_path_rates", "grid_size_for", "patchify",
-    "resize_pos_embed", "sincos_2d_table", "to_2tuple", "unpatchify",
+    "resize_pos_embed", "run_blocks", "sincos_2d_table", "to_2tuple", "unpatchify",
 ]
