@@ -192,6 +192,22 @@ def test_config_errors_name_the_fix():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cls_head", [False, True], ids=["v1", "v2"])
+def test_compiles_with_one_graph_break_for_the_masked_count(cls_head):
+    """The number of masked patches varies per batch: read once after the encoder, it is the only
+    graph break, so the encoder, the LM head and the loss compile whole; the result equals eager."""
+    config = tiny_config(use_cls_pretext_head=cls_head, cls_head_early_layer=1, cls_head_depth=1)
+    model = randomize(BEiTForMaskedImageModeling(config))
+    pixels, mask, labels = batch()
+    explanation = torch._dynamo.explain(model)(pixels, mask, labels)
+    assert explanation.graph_break_count == 1, [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")(pixels, mask, labels)
+    eager = model(pixels, mask, labels)
+    torch.testing.assert_close(compiled.logits, eager.logits)
+    torch.testing.assert_close(compiled.loss, eager.loss)
+
+
 def test_v2_cls_head_shapes_names_and_loss_sum():
     config = tiny_config(use_cls_pretext_head=True, cls_head_early_layer=2, cls_head_depth=2)
     model = randomize(BEiTForMaskedImageModeling(config))

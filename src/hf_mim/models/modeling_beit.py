@@ -95,6 +95,8 @@ def check_labels(labels: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]
     if labels.is_floating_point():
         raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}.")
     labels = labels.reshape(mask.shape).long()
+    if torch.compiler.is_compiling():  # reading values back is a graph break; eager runs keep the clear error
+        return labels
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= vocab_size:
         raise ValueError(
@@ -353,10 +355,11 @@ class BEiTForMaskedImageModeling(BEiTPreTrainedModel):
             x = block(x, shared_bias, grid)  # [B, 1+N, D]
         return x
 
-    def predict_masked(self, tokens: torch.Tensor, mask: torch.Tensor, norm: bool) -> torch.Tensor:
-        """tokens [B, 1+N, D] -> logits [M, V] of the masked patches (a boolean gather: M varies per sample)."""
-        masked = tokens[:, 1:][mask]  # [M, D]
-        return self.lm_head(self.beit.norm(masked) if norm else masked)  # [M, V]
+    def predict_masked(self, tokens: torch.Tensor, masked: tuple[torch.Tensor, torch.Tensor], norm: bool):
+        """tokens [B, 1+N, D] -> logits [M, V] of the masked patches; `masked`: their (sample, patch) indices."""
+        samples, patches = masked
+        selected = tokens[samples, patches + 1]  # [M, D] (+1: the CLS token comes first)
+        return self.lm_head(self.beit.norm(selected) if norm else selected)  # [M, V]
 
     def forward(
         self,
@@ -369,15 +372,19 @@ class BEiTForMaskedImageModeling(BEiTPreTrainedModel):
     ) -> BEiTForMaskedImageModelingOutput:
         grid = self.beit.patch_embed.grid_size(pixel_values)
         mask = check_bool_masked_pos(bool_masked_pos, pixel_values.shape[0], grid)  # [B, N]
-        targets = None if labels is None else check_labels(labels, mask, grid, self.config.vocab_size)[mask]  # [M]
+        labels = None if labels is None else check_labels(labels, mask, grid, self.config.vocab_size)  # [B, N]
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         need_states = output_hidden_states or self.cls_pt_layers is not None
         encoded = self.beit(pixel_values, bool_masked_pos=mask, output_hidden_states=need_states)
-        logits = self.predict_masked(encoded.last_hidden_state, mask, norm=False)  # [M, V], already normed
+        # The masked count M varies per batch (BEiT's blockwise masks), so it is read once, here, after the
+        # encoder: the one data-dependent shape of the step (one graph break under torch.compile).
+        masked = mask.nonzero(as_tuple=True)  # (sample, patch) indices [M] each, row-major
+        targets = None if labels is None else labels[masked]  # [M]
+        logits = self.predict_masked(encoded.last_hidden_state, masked, norm=False)  # [M, V], already normed
         cls_logits = None
         if self.cls_pt_layers is not None:
-            cls_logits = self.predict_masked(self.forward_cls_head(encoded.hidden_states, grid), mask, norm=True)
+            cls_logits = self.predict_masked(self.forward_cls_head(encoded.hidden_states, grid), masked, norm=True)
         output = BEiTForMaskedImageModelingOutput(
             logits=logits, cls_head_logits=cls_logits,
             hidden_states=encoded.hidden_states if output_hidden_states else None,
