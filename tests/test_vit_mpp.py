@@ -237,6 +237,20 @@ def test_loss_and_accuracy_over_corrupted_patches_only():
     assert model(pixels, mask, generator=torch.Generator().manual_seed(0)).loss is None
 
 
+def test_compiles_with_one_graph_break_for_the_corrupted_count():
+    """The corrupted count is read once after the encoder: the only graph break; compiled equals eager
+    (the corruption's random draws come from the same generator seed)."""
+    model = randomize(VitMppForPreTraining(tiny_config()))
+    pixels, _, labels, mask = batch()
+    explanation = torch._dynamo.explain(model)(pixels, mask, labels)
+    assert explanation.graph_break_count == 1, [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")(pixels, mask, labels, generator=torch.Generator().manual_seed(1))
+    eager = model(pixels, mask, labels, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(compiled.logits, eager.logits)
+    torch.testing.assert_close(compiled.loss, eager.loss)
+
+
 def test_varying_counts_grid_masks_and_an_empty_mask():
     model = randomize(VitMppForPreTraining(tiny_config()))
     pixels, _, labels, _ = batch()

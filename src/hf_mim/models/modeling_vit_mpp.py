@@ -86,6 +86,8 @@ def check_color_labels(labels: torch.Tensor, batch: int, grid: tuple[int, int], 
     if labels.is_floating_point():
         raise ValueError(f"labels must be integer classes (mean_color_targets), got dtype {labels.dtype}.")
     labels = labels.reshape(batch, rows * cols).long()
+    if torch.compiler.is_compiling():  # reading values back is a graph break; eager runs keep the clear error
+        return labels
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         raise ValueError(
@@ -228,12 +230,14 @@ class VitMppForPreTraining(VitMppPreTrainedModel):
             mask = random_patch_selection(batch, num_patches, self.config.mask_ratio, generator, pixel_values.device)
         else:
             mask = check_patch_mask(bool_masked_pos, batch, grid)  # [B, N]
-        targets = None
         if labels is not None:
-            targets = check_color_labels(labels, batch, grid, self.config.num_color_classes)[mask]  # [M]
+            labels = check_color_labels(labels, batch, grid, self.config.num_color_classes)  # [B, N]
         encoded = self.vit(pixel_values, corrupt_mask=mask, generator=generator,
                            output_hidden_states=output_hidden_states)
-        logits = self.mpp_head(encoded.last_hidden_state[:, 1:][mask])  # [M, classes], row-major
+        # The corrupted count M is read once, after the encoder (one graph break under torch.compile).
+        samples, patches = mask.nonzero(as_tuple=True)  # [M] each, row-major
+        targets = None if labels is None else labels[samples, patches]  # [M]
+        logits = self.mpp_head(encoded.last_hidden_state[samples, patches + 1])  # [M, classes] (+1: CLS first)
         output = VitMppForPreTrainingOutput(
             logits=logits, bool_masked_pos=mask, corruption_branch=encoded.corruption_branch,
             hidden_states=encoded.hidden_states,
