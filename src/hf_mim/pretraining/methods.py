@@ -27,18 +27,26 @@ from .overrides import apply_config_overrides
 
 logger = logging.getLogger(__name__)
 
-METHODS: dict[str, type[PretrainingMethod]] = {}
+class MethodRegistry(dict):
+    """`--method` name -> method class. `register` is the class decorator; `lookup` names the choices
+    when a name is unknown. The pre-training methods and the tokenizer methods each have one."""
+
+    def __init__(self, label: str = "available"):
+        super().__init__()
+        self.label = label
+
+    def register(self, cls: type[PretrainingMethod]) -> type[PretrainingMethod]:
+        self[cls.name] = cls
+        return cls
+
+    def lookup(self, name: str) -> type[PretrainingMethod]:
+        if name not in self:
+            raise ValueError(f"Unknown --method {name!r}; {self.label}: {sorted(self)}.")
+        return self[name]
 
 
-def register_method(cls: type[PretrainingMethod]) -> type[PretrainingMethod]:
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(name: str) -> type[PretrainingMethod]:
-    if name not in METHODS:
-        raise ValueError(f"Unknown --method {name!r}; available: {sorted(METHODS)}.")
-    return METHODS[name]
+METHODS = MethodRegistry()
+register_method, get_method = METHODS.register, METHODS.lookup
 
 
 class PretrainingMethod:
@@ -327,6 +335,6 @@ class MaeMethod(PretrainingMethod):
 
 
 __all__ = [
-    "METHODS", "MaeMethod", "PretrainingMethod", "crop_and_flip", "get_method", "processor_pixels", "register_method",
+    "METHODS", "MaeMethod", "MethodRegistry", "PretrainingMethod", "crop_and_flip", "get_method", "processor_pixels", "register_method",
     "training_augmentation",
 ]

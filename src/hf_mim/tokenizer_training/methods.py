@@ -32,7 +32,7 @@ from ..models import DvaeConfig, DvaeTokenizer, MimImageProcessor, PecoConfig, P
 from ..models.modeling_vqkd import cosine_distillation_loss
 from ..models.quantizer import usage_and_perplexity
 from ..models.vit_core import to_2tuple
-from ..pretraining.methods import PretrainingMethod, crop_and_flip, processor_pixels
+from ..pretraining.methods import MethodRegistry, PretrainingMethod, crop_and_flip, processor_pixels
 from ..pretraining.optimization import effective_batch_size, resolve_learning_rate
 from ..teachers import TeacherLoadError, load_teacher, load_teacher_for
 from . import figures
@@ -40,22 +40,12 @@ from .peco_losses import PecoLoss, check_image_size, load_feature_network_for, p
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_METHODS: dict[str, type[TokenizerMethod]] = {}
+TOKENIZER_METHODS = MethodRegistry("tokenizers")
+register_tokenizer_method, get_tokenizer_method = TOKENIZER_METHODS.register, TOKENIZER_METHODS.lookup
 # The fraction of the codes a logging window could have used (min(codes, tokens seen)) below which a
 # dVAE run warns; the EMA quantizer warns by itself (its `usage_warning_threshold`).
 DVAE_USAGE_WARNING = 0.5
 DVAE_WARNING_INTERVAL = 100  # optimiser steps between two collapse warnings
-
-
-def register_tokenizer_method(cls: type[TokenizerMethod]) -> type[TokenizerMethod]:
-    TOKENIZER_METHODS[cls.name] = cls
-    return cls
-
-
-def get_tokenizer_method(name: str) -> type[TokenizerMethod]:
-    if name not in TOKENIZER_METHODS:
-        raise ValueError(f"Unknown --method {name!r}; tokenizers: {sorted(TOKENIZER_METHODS)}.")
-    return TOKENIZER_METHODS[name]
 
 
 def codebook_fingerprint(codebook: torch.Tensor) -> str:
