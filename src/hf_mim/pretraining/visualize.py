@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..models.losses import normalize_patches
 from ..models.vit_core import grid_size_for, patchify, unpatchify
 
 NORM_PIX_NOTE = ("norm_pix_loss: the model predicts per-patch normalised pixels; shown un-normalised with the TRUE "
@@ -143,11 +142,6 @@ def save_token_predictions(path, images, mask, targets, predictions, grid, palet
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return True
-
-
-def normalized_target(pixel_values: torch.Tensor, patch_size) -> torch.Tensor:
-    """What a norm_pix_loss model regresses, for tests and notebooks."""
-    return normalize_patches(patchify(pixel_values, patch_size))
 
 
 __all__ = [
