@@ -50,8 +50,12 @@ FAMILIES = {
         "fc_norm.": 3, "head.": 3,
     }),
 }
-# The only weight-decayed parameters: the matrices of linear layers and the patch projection.
-DECAYED_SUFFIXES = ("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight", "head.weight")
+# The only weight-decayed parameters: the matrices of linear layers and the patch projection, and
+# BEiT's relative position tables (the reference fine-tuning code exempts only `cls_token` and
+# `pos_embed`; the tables only with --disable_weight_decay_on_rel_pos_bias, off by default).
+DECAYED_SUFFIXES = (
+    "qkv.weight", "proj.weight", "fc1.weight", "fc2.weight", "head.weight", "relative_position_bias_table",
+)
 
 
 def expected_layer(name: str, prefixes: dict[str, int]) -> int:

@@ -16,7 +16,9 @@ and ``layer_id`` are kept in the group only as information.
 Layers are found from parameter names alone (``blocks.N.``, ``patch_embed``, the token and table
 names of ``vit_core``), so every hf_mim encoder and any new family built from ``vit_core`` works
 without change. No weight decay on 1-D parameters (norms, biases, q/v biases, layer scales) nor on
-tokens and position tables.
+the tokens and the absolute position table (the reference's ``no_weight_decay()``: ``cls_token``,
+``pos_embed``). The relative position tables ARE decayed: the reference fine-tuning code exempts
+them only with ``--disable_weight_decay_on_rel_pos_bias``, off by default.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ BLOCK_PATTERN = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 EMBEDDING_NAMES = ("cls_token", "mask_token", "pos_embed")
 EMBEDDING_MODULES = ("patch_embed",)
 # Not weight-decayed although not 1-D (matched on the last name part).
-NO_WEIGHT_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "relative_position_bias_table")
+NO_WEIGHT_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
 
 
 def block_index(name: str) -> int | None:
