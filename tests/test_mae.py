@@ -284,6 +284,14 @@ def assert_xavier_uniform(weight: torch.Tensor, fan_in: int, fan_out: int):
     assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
 
 
+def assert_conv2d_default_bias(bias: torch.Tensor, fan_in: int):
+    """The reference re-initialises only the patch projection's weight, so its bias is what
+    nn.Conv2d.reset_parameters draws: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (std bound/sqrt(3))."""
+    bound = 1 / math.sqrt(fan_in)
+    assert bias.abs().max() <= bound and bias.abs().max() > 0.9 * bound
+    assert bias.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)
+
+
 def assert_reference_init(model: MaeForPreTraining):
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -296,7 +304,7 @@ def assert_reference_init(model: MaeForPreTraining):
     # fans would give a 8x smaller bound, its default init 1/sqrt(fan_in)).
     proj = model.encoder.patch_embed.proj
     assert_xavier_uniform(proj.weight, 3 * 8 * 8, 256)
-    assert torch.equal(proj.bias, torch.zeros(256))
+    assert_conv2d_default_bias(proj.bias, fan_in=3 * 8 * 8)
     for token in (model.encoder.cls_token, model.decoder.mask_token):
         assert token.mean().abs() < 0.01 and 0.016 < token.std() < 0.024
 

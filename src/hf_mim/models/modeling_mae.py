@@ -80,7 +80,8 @@ class MaePreTrainedModel(HubCodeMixin, PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The reference MAE init: xavier-uniform Linear and patch projection, normal(0.02) tokens."""
+        """The reference MAE init: xavier-uniform Linear and patch projection weights (the projection's
+        bias keeps the Conv2d default), normal(0.02) tokens."""
         if isinstance(module, nn.Linear):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
@@ -93,7 +94,9 @@ class MaePreTrainedModel(HubCodeMixin, PreTrainedModel):
             weight = module.weight
             if not getattr(weight, "_is_hf_initialized", False):  # a view would lose the loaded flag
                 nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-            init.zeros_(module.bias)
+            # The reference re-draws only the weight: the bias keeps nn.Conv2d's default, U(+-1/sqrt(fan_in)).
+            bound = weight[0].numel() ** -0.5  # fan_in = C * p * p
+            init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, MaeModel):
             init.normal_(module.cls_token, std=self.config.initializer_range)
             init.copy_(module.pos_embed, sincos_2d_table(module.grid_size, self.config.hidden_size))

@@ -255,6 +255,8 @@ class MaeMethod(PretrainingMethod):
     model_class = MaeForPreTraining
     defaults = {"base_learning_rate": 1.5e-4, "adam_beta1": 0.9, "adam_beta2": 0.95, "weight_decay": 0.05,
                 "warmup_steps": 0.05, "max_grad_norm": None}
+    # The reference (timm's param_groups_weight_decay, no skip list) decays cls_token and mask_token too.
+    no_weight_decay_names = ()
     presets = {
         # Learns the embedded digits in minutes on two CPU cores.
         "mae-demo": dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
