@@ -19,6 +19,7 @@ from transformers.models.vit_mae.modeling_vit_mae import ViTMAEEmbeddings
 from hf_mim.models.masking import (
     MASK_GENERATORS,
     BlockwiseMaskGenerator,
+    ExactBlockwiseMaskGenerator,
     RandomMaskGenerator,
     _Uniforms,
     build_mask_generator,
@@ -239,6 +240,32 @@ def test_blockwise_non_square_grid_and_scaling():
     assert (built.num_masking_patches, built.min_num_patches) == (24, 5)
 
 
+def test_exact_blockwise_masks_exactly_the_target_as_beit2():
+    """beit2's generator: BEiT's blocks, then uniformly chosen unmasked patches until the count is exact."""
+    blockwise, exact = BlockwiseMaskGenerator((14, 14)), ExactBlockwiseMaskGenerator((14, 14))
+    draws = 2000  # one seed per mask: both generators then place the same blocks
+    blocks = torch.stack([blockwise(seeded(seed)) for seed in range(draws)])  # [draws, 196]
+    masks = torch.stack([exact(seeded(seed)) for seed in range(draws)])
+    assert (masks.sum(1) == 75).all()  # every mask, where v1's mean is 74.5
+    assert (blocks.sum(1) < 75).any()
+    assert (masks >= blocks).all()  # the same blocks, only topped up
+    # The top-up patches are uniform over the unmasked ones: each unmasked patch of a mask short by
+    # k of n unmasked is picked with probability k / n. Compare the picks with that expectation.
+    short = blocks.sum(1) < 75
+    added = (masks & ~blocks)[short].double()  # [S, 196]
+    expected = ((75 - blocks[short].sum(1, keepdim=True)) / (~blocks[short]).sum(1, keepdim=True)) * (~blocks[short])
+    assert added.sum() == pytest.approx(expected.sum().item())
+    rows = added.view(-1, 14, 14).sum((0, 2)), expected.view(-1, 14, 14).sum((0, 2))  # per grid row
+    assert ((rows[0] - rows[1]).abs() <= 4 * rows[1].sqrt() + 1).all()
+
+
+def test_exact_blockwise_is_reproducible_and_scales():
+    generator = ExactBlockwiseMaskGenerator.scaled((8, 12))
+    assert generator.num_masking_patches == 37  # 75 * 96 / 196
+    assert torch.equal(draw(generator, 20, seed=1), draw(generator, 20, seed=1))
+    assert (draw(generator, 200).sum(1) == 37).all()
+
+
 def test_blockwise_is_reproducible_under_a_generator():
     generator = BlockwiseMaskGenerator(14)
     assert torch.equal(draw(generator, 5, seed=1), draw(generator, 5, seed=1))
@@ -268,10 +295,13 @@ def test_blockwise_errors(kwargs, message):
 
 
 def test_build_mask_generator():
-    assert set(MASK_GENERATORS) == {"random", "blockwise"}
+    assert set(MASK_GENERATORS) == {"random", "blockwise", "blockwise_exact"}
     assert isinstance(build_mask_generator("random", 14, mask_ratio=0.5), RandomMaskGenerator)
-    assert isinstance(build_mask_generator("blockwise", 14), BlockwiseMaskGenerator)
-    with pytest.raises(ValueError, match=r"Unknown mask generator 'block'; choose one of \['blockwise', 'random'\]"):
+    assert type(build_mask_generator("blockwise", 14)) is BlockwiseMaskGenerator
+    exact = build_mask_generator("blockwise_exact", 8, reference_grid=14)  # 75 and 16 of 14x14 scaled to 8x8
+    assert type(exact) is ExactBlockwiseMaskGenerator and exact.num_masking_patches == 24
+    with pytest.raises(ValueError, match=r"Unknown mask generator 'block'; choose one of \['blockwise', "
+                       r"'blockwise_exact', 'random'\]"):
         build_mask_generator("block", 14)
     with pytest.raises(ValueError, match=r"does not take \['ratio'\]; it accepts \['mask_ratio'\]"):
         build_mask_generator("random", 14, ratio=0.5)

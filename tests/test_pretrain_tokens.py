@@ -19,6 +19,7 @@ from transformers import AutoModelForPreTraining
 from hf_mim.data import FixedSampler, ImageExamples, load_image_datasets
 from hf_mim.models import BEiTForMaskedImageModeling, DvaeConfig, DvaeTokenizer, PecoConfig, PecoTokenizer
 from hf_mim.models import VitMppForPreTraining, VqkdConfig, VqkdTokenizer
+from hf_mim.models.masking import ExactBlockwiseMaskGenerator
 from hf_mim.pretraining import build_parser, get_method, main, parse_args
 from hf_mim.pretraining.token_methods import TwoViewCrop, load_frozen_tokenizer, masked_prediction_sums
 from hf_mim.pretraining.tracking import LOG_FILE, read_log
@@ -194,6 +195,9 @@ def test_beitv2_training_loss_includes_the_cls_head(tmp_path, tokenizers):
     method, model, batch = method_and_batch(run_args("beitv2", tmp_path, tokenizers["vqkd"]))
     views = batch["tokenizer_pixel_values"]  # the tokenizer's own 32 px input, unnormalised
     assert views.shape == (4, 3, 32, 32) and 0.0 <= float(views.min()) and float(views.max()) <= 1.0
+    # beit2's masking: every mask has exactly the target count (v1's blockwise masks may fall short)
+    assert isinstance(method.build_masks(), ExactBlockwiseMaskGenerator)
+    assert batch["bool_masked_pos"].sum(1).tolist() == [method.mask_generator_kwargs()["num_masking_patches"]] * 4
     torch.manual_seed(0)
     loss = method.training_loss(model, batch)
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ Two backends share one set of settings: `MimImageProcessor` (torchvision, batche
 - ``pixel_values`` [B, C, H, W];
 - ``patches`` [B, N, ph*pw*C] with `do_patchify`: `vit_core.patchify` of the normalized pixels, the
   model's patch order (row-major grid; each vector ordered row, column, channel);
-- ``bool_masked_pos`` [B, N] (True = masked) with `mask_generator` "random" (MAE) or "blockwise"
-  (BEiT), built by `masking.build_mask_generator(name, grid, **mask_generator_kwargs)`. Pass
+- ``bool_masked_pos`` [B, N] (True = masked) with `mask_generator` "random" (MAE), "blockwise"
+  (BEiT) or "blockwise_exact" (BEiT v2: exactly the requested count), built by `masking.build_mask_generator(name, grid, **mask_generator_kwargs)`. Pass
   `generator=` (a torch.Generator) or `seed=` to the call for reproducible masks; without them
   torch's global RNG is used (so `torch.manual_seed` and DataLoader worker seeding apply).
 
@@ -46,11 +46,12 @@ class MimImageProcessorKwargs(ImagesKwargs, total=False):
     do_patchify (`bool`, defaults to `False`):
         Also return `patches` [B, N, ph*pw*C], the normalized pixels in the model's patch order.
     mask_generator (`str`, *optional*):
-        "random" (MAE) or "blockwise" (BEiT): also return `bool_masked_pos` [B, N], True = masked.
+        "random" (MAE), "blockwise" (BEiT) or "blockwise_exact" (BEiT v2): also return `bool_masked_pos`
+        [B, N], True = masked.
     mask_generator_kwargs (`dict`, defaults to `{}`):
         Arguments of the mask generator: `mask_ratio` for "random"; `num_masking_patches`,
         `min_num_patches`, `max_num_patches`, `min_aspect`, `max_aspect` (and `reference_grid` to
-        scale the counts from that grid to the image's) for "blockwise".
+        scale the counts from that grid to the image's) for the blockwise ones.
     generator (`torch.Generator`, *optional*, call only):
         Random generator for the masks.
     seed (`int`, *optional*, call only):

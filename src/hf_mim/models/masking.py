@@ -234,7 +234,29 @@ class BlockwiseMaskGenerator:
         )
 
 
-MASK_GENERATORS = {"random": RandomMaskGenerator, "blockwise": BlockwiseMaskGenerator}
+class ExactBlockwiseMaskGenerator(BlockwiseMaskGenerator):
+    """BEiT v2's masking (beit2's ``masking_generator.py``): BEiT's blockwise masking, then the count is
+    made exactly `num_masking_patches` by masking uniformly chosen unmasked patches (or, should the
+    blocks overshoot, unmasking uniformly chosen masked ones). Every mask then has the same count."""
+
+    def __call__(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        mask = super().__call__(generator)  # [N], count <= num_masking_patches
+        missing = self.num_masking_patches - int(mask.sum())
+        if missing == 0:
+            return mask
+        # One uniform subset of the patches to flip: masking the missing ones, or unmasking the surplus.
+        candidates = (~mask if missing > 0 else mask).nonzero().squeeze(1)  # [K] flat indices
+        chosen = torch.randperm(len(candidates), generator=generator)[: abs(missing)]
+        mask[candidates[chosen]] = missing > 0
+        return mask
+
+    def __repr__(self) -> str:
+        return "Exact" + super().__repr__()
+
+
+MASK_GENERATORS = {
+    "random": RandomMaskGenerator, "blockwise": BlockwiseMaskGenerator, "blockwise_exact": ExactBlockwiseMaskGenerator,
+}
 
 
 def mask_generator_class(name: str) -> type:
@@ -244,12 +266,14 @@ def mask_generator_class(name: str) -> type:
 
 
 def build_mask_generator(name: str, grid_size: int | Sequence[int], **kwargs):
-    """`build_mask_generator("blockwise", (14, 14), num_masking_patches=75)`. For "blockwise", passing
-    `reference_grid` means the counts are given for that grid and are scaled to `grid_size`."""
+    """`build_mask_generator("blockwise", (14, 14), num_masking_patches=75)`. For "blockwise" (BEiT) and
+    "blockwise_exact" (BEiT v2), passing `reference_grid` means the counts are given for that grid and
+    are scaled to `grid_size`."""
     cls = mask_generator_class(name)
-    factory = cls.scaled if name == "blockwise" and "reference_grid" in kwargs else cls
+    blockwise = issubclass(cls, BlockwiseMaskGenerator)
+    factory = cls.scaled if blockwise and "reference_grid" in kwargs else cls
     accepted = [p for p in inspect.signature(factory).parameters if p != "grid_size"]
-    if name == "blockwise" and "reference_grid" not in accepted:
+    if blockwise and "reference_grid" not in accepted:
         accepted.append("reference_grid")
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:

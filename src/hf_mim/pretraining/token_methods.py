@@ -478,6 +478,7 @@ class Beitv2Method(TokenPredictionMethod):
                          "cls_head_early_layer": 21},
     }
     defaults = {**BEIT_DEFAULTS, "warmup_steps": 10 / 1600}  # 10 warm-up epochs of 1600
+    mask_generator = "blockwise_exact"  # beit2 tops the blocks up to exactly --num_mask_patches (v1 does not)
     crop_scale = (0.2, 1.0)
     tokenizer_interpolation = BICUBIC  # the VQ-KD view is 224 px bicubic, the model's own resampling
     heads = {"logits": "", "cls_head_logits": "cls_head_"}
