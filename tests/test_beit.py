@@ -256,9 +256,7 @@ def test_reference_init_statistics():
         assert weight.std().item() == pytest.approx(std * ONE_SIGMA_STD, rel=0.06), name
     for token in (model.beit.cls_token, model.beit.mask_token):
         assert token.abs().max() <= std and token.abs().max() > 0
-    layers = [(i + 1, block) for i, block in enumerate(model.beit.blocks)]
-    layers += [(config.cls_head_early_layer + j + 1, block) for j, block in enumerate(model.cls_pt_layers)]
-    for layer_id, block in layers:
+    for layer_id, block in enumerate(model.beit.blocks, start=1):
         scale = math.sqrt(2 * layer_id)
         for weight in (block.attn.proj.weight, block.mlp.fc2.weight):
             assert weight.abs().max() <= std / scale + 1e-7
@@ -267,6 +265,70 @@ def test_reference_init_statistics():
         assert torch.all(block.gamma_1 == 0.1) and torch.all(block.gamma_2 == 0.1)
     assert torch.count_nonzero(model.beit.rel_pos_bias.relative_position_bias_table) == 0
     assert torch.count_nonzero(model.lm_head.bias) == 0
+
+
+def assert_torch_default_linear(weight: torch.Tensor, scale: float = 1.0, name: str = ""):
+    """nn.Linear.reset_parameters: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (std bound/sqrt(3)), weights / `scale`."""
+    bound = weight.shape[1] ** -0.5 / scale
+    assert bound * 0.95 < weight.abs().max() <= bound + 1e-7, name
+    assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.06), name
+
+
+def test_v2_cls_head_keeps_the_torch_default_init_then_the_rescale():
+    """beit2 builds cls_pt_layers after its init pass: PyTorch's default Linear init (weights and biases),
+    q/v biases zero, layer scales at their value, then proj/fc2 divided by sqrt(2 * (early + j + 1))."""
+    config = tiny_config(hidden_size=96, intermediate_size=384, num_attention_heads=4, num_hidden_layers=3,
+                         use_cls_pretext_head=True, cls_head_early_layer=2, cls_head_depth=2, vocab_size=256)
+    model = BEiTForMaskedImageModeling(config)
+    for j, block in enumerate(model.cls_pt_layers):
+        scale = math.sqrt(2 * (config.cls_head_early_layer + j + 1))
+        assert_torch_default_linear(block.attn.qkv.weight, name="qkv")
+        assert_torch_default_linear(block.mlp.fc1.weight, name="fc1")
+        assert_torch_default_linear(block.attn.proj.weight, scale, "proj")
+        assert_torch_default_linear(block.mlp.fc2.weight, scale, "fc2")
+        for bias in (block.attn.proj.bias, block.mlp.fc1.bias, block.mlp.fc2.bias):  # not rescaled
+            fan_in = 384 if bias is block.mlp.fc2.bias else 96
+            assert 0.9 * fan_in**-0.5 < bias.abs().max() <= fan_in**-0.5
+        assert torch.count_nonzero(block.attn.q_bias) == 0 and torch.count_nonzero(block.attn.v_bias) == 0
+        assert torch.all(block.gamma_1 == 0.1) and torch.all(block.norm1.weight == 1)
+
+
+@pytest.mark.parametrize("early, head, expected", [
+    (2, 1, [0.0, 0.05, 0.1, 0.1]),  # within the depth: the encoder's own ramp (block 2's rate)
+    (2, 2, [0.0, 0.05, 0.1, 0.2 / 3, 0.1]),  # past it: linspace(0, 0.1, max(3, 2 + 2)) for the head
+])
+def test_v2_cls_head_drop_path_rates_follow_beit2(early, head, expected):
+    """beit2: the encoder's blocks take linspace(0, rate, depth); the head's block j takes element
+    early + j of linspace(0, rate, max(depth, early + head))."""
+    config = tiny_config(num_hidden_layers=3, drop_path_rate=0.1, use_cls_pretext_head=True,
+                         cls_head_early_layer=early, cls_head_depth=head)
+    model = BEiTForMaskedImageModeling(config)
+    encoder = [block.drop_path.rate for block in model.beit.blocks]
+    heads = [block.drop_path.rate for block in model.cls_pt_layers]
+    ramp = torch.linspace(0, 0.1, max(3, early + head)).tolist()
+    assert encoder == pytest.approx(torch.linspace(0, 0.1, 3).tolist())
+    assert heads == pytest.approx(ramp[early:early + head])
+    assert encoder + heads == pytest.approx(expected)
+
+
+def test_v2_cls_head_with_its_own_norm_and_lm_head():
+    """beit2's shared_lm_head=False: the head's tokens go through cls_pt_norm and cls_pt_lm_head."""
+    config = tiny_config(use_cls_pretext_head=True, cls_head_early_layer=2, cls_head_depth=1, shared_lm_head=False)
+    model = randomize(BEiTForMaskedImageModeling(config))
+    assert {"cls_pt_norm.weight", "cls_pt_lm_head.weight", "cls_pt_lm_head.bias"} <= set(model.state_dict())
+    pixels, mask, labels = batch()
+    out = model(pixels, mask, labels)
+    with torch.no_grad():
+        states = model.beit(pixels, bool_masked_pos=mask, output_hidden_states=True).hidden_states
+        x = model.cls_pt_layers[0](torch.cat([states[3][:, :1], states[2][:, 1:]], dim=1),
+                                   model.beit.rel_pos_bias().unsqueeze(0))
+        expected = model.cls_pt_lm_head(model.cls_pt_norm(x[:, 1:][mask]))
+    torch.testing.assert_close(out.cls_head_logits, expected)
+    out.loss.backward()
+    assert model.cls_pt_lm_head.weight.grad.abs().sum() > 0 and model.cls_pt_norm.weight.grad.abs().sum() > 0
+    # Its init is the reference's for a fresh LM head: truncated normal std 0.02 cut at one sigma.
+    fresh = BEiTForMaskedImageModeling(config)
+    assert fresh.cls_pt_lm_head.weight.abs().max() <= 0.02 and torch.count_nonzero(fresh.cls_pt_lm_head.bias) == 0
 
 
 def test_loading_does_not_rescale_and_fills_missing_weights_freshly(tmp_path):

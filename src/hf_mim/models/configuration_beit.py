@@ -34,7 +34,10 @@ class BEiTConfig(VitBackboneConfig):
     ``blocks[cls_head_early_layer - 1]``, which is ``hidden_states[cls_head_early_layer]``: 9 of 12
     for base, 21 of 24 for large) are concatenated with the CLS token of the last block (before the
     final norm) and passed through ``cls_head_depth`` extra blocks (``cls_pt_layers``); the final
-    norm and the LM head are shared, and their loss is added 1:1 to the main loss.
+    norm and the LM head are shared (``shared_lm_head``, the published models; ``False`` gives the head
+    its own ``cls_pt_norm`` and ``cls_pt_lm_head``, beit2's option), and their loss is added 1:1 to
+    the main loss. The head's drop-path rates continue the encoder's ramp as in beit2:
+    ``linspace(0, drop_path_rate, max(num_hidden_layers, cls_head_early_layer + cls_head_depth))``.
 
     Example:
 
@@ -56,6 +59,7 @@ class BEiTConfig(VitBackboneConfig):
     use_cls_pretext_head: bool = False
     cls_head_early_layer: int = 9
     cls_head_depth: int = 2
+    shared_lm_head: bool = True
 
     def validate_architecture(self):
         super().validate_architecture()

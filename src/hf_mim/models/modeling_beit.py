@@ -6,7 +6,8 @@ masked patch (the ids come from a frozen tokenizer: the DALL-E dVAE for v1, VQ-K
 loss is the cross-entropy over all masked tokens of the batch. Blocks are ``vit_core.Block`` with
 BEiT's q/v biases and layer scale; positions come from a relative position bias (one table shared
 by all blocks in pre-training, one per block in fine-tuning). BEiT v2 adds a CLS-aggregation head
-(``cls_pt_layers``) whose loss is added 1:1.
+(``cls_pt_layers``, with its own ``cls_pt_norm`` and ``cls_pt_lm_head`` when ``shared_lm_head=False``)
+whose loss is added 1:1.
 """
 
 from __future__ import annotations
@@ -137,11 +138,20 @@ class BEiTBlock(Block):
 
 
 def build_blocks(config: BEiTConfig, grid_size: tuple[int, int], depths: range) -> nn.ModuleList:
-    """Blocks at the given depths (0-based): the drop-path rate and init layer id (depth + 1) of that depth."""
-    rates = drop_path_rates(config.drop_path_rate, config.num_hidden_layers)
-    return nn.ModuleList(
-        BEiTBlock(config, grid_size, rates[min(depth, len(rates) - 1)], layer_id=depth + 1) for depth in depths
-    )
+    """Blocks at the given depths (0-based): the drop-path rate and init layer id (depth + 1) of that depth.
+    The rates are ``linspace(0, drop_path_rate, max(num_hidden_layers, depths.stop))``: the encoder's for
+    the encoder's blocks and, as in beit2, a longer ramp when the v2 head's depths run past the encoder."""
+    rates = drop_path_rates(config.drop_path_rate, max(config.num_hidden_layers, depths.stop))
+    return nn.ModuleList(BEiTBlock(config, grid_size, rates[depth], layer_id=depth + 1) for depth in depths)
+
+
+def use_torch_default_init(module: nn.Module) -> nn.Module:
+    """Mark the Linear layers under `module` to keep PyTorch's default init (then the residual
+    rescale): beit2 builds its CLS-head blocks after its init pass, so they never get the truncated normal."""
+    for linear in module.modules():
+        if isinstance(linear, nn.Linear):
+            linear.torch_default_init = True
+    return module
 
 
 def expand_shared_relative_position_bias(state_dict: dict, model_keys) -> dict | None:
@@ -212,16 +222,24 @@ class BEiTPreTrainedModel(HubCodeMixin, PreTrainedModel):
         conv weights and the tokens, zero biases and relative tables, layer scales at their init
         value; the residual projections of the block at layer id i (1-based) then divided by
         sqrt(2 * i), only when freshly drawn (a weight loaded from a checkpoint carries
-        ``_is_hf_initialized`` and is neither redrawn nor rescaled)."""
+        ``_is_hf_initialized`` and is neither redrawn nor rescaled). The BEiT v2 CLS-head blocks keep
+        PyTorch's default Linear init before that rescale, as in beit2."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             fresh = not getattr(module.weight, "_is_hf_initialized", False)
-            init.trunc_normal_(module.weight, std=std, a=-std, b=std)
+            if getattr(module, "torch_default_init", False):
+                # nn.Linear.reset_parameters: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)), bias alike
+                init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+                if module.bias is not None:
+                    bound = module.weight.shape[1] ** -0.5
+                    init.uniform_(module.bias, -bound, bound)
+            else:
+                init.trunc_normal_(module.weight, std=std, a=-std, b=std)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
             layer_id = getattr(module, "residual_layer_id", None)
             if fresh and layer_id is not None:
                 module.weight.div_(math.sqrt(2.0 * layer_id))
-            if module.bias is not None:
-                init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -263,7 +281,7 @@ class BEiTModel(BEiTPreTrainedModel):
     """The BEiT encoder: patch embedding, mask token (before positions), CLS, optional learned
     absolute positions, relative position bias, blocks, final norm."""
 
-    _keys_to_ignore_on_load_unexpected = [r"relative_position_index", r"^lm_head\.", r"^cls_pt_layers\."]
+    _keys_to_ignore_on_load_unexpected = [r"relative_position_index", r"^lm_head\.", r"^cls_pt_(layers|norm|lm_head)\."]
 
     def __init__(self, config: BEiTConfig, use_mask_token: bool = True, use_final_norm: bool = True):
         super().__init__(config)
@@ -337,10 +355,14 @@ class BEiTForMaskedImageModeling(BEiTPreTrainedModel):
     def __init__(self, config: BEiTConfig):
         super().__init__(config)
         self.beit = BEiTModel(config)
-        self.cls_pt_layers = None
+        self.cls_pt_layers = self.cls_pt_norm = self.cls_pt_lm_head = None
         if config.use_cls_pretext_head:
             first = config.cls_head_early_layer
-            self.cls_pt_layers = build_blocks(config, self.beit.grid_size, range(first, first + config.cls_head_depth))
+            depths = range(first, first + config.cls_head_depth)
+            self.cls_pt_layers = use_torch_default_init(build_blocks(config, self.beit.grid_size, depths))
+            if not config.shared_lm_head:  # the head's own final norm and LM head (reference init)
+                self.cls_pt_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+                self.cls_pt_lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.post_init()
 
@@ -355,11 +377,13 @@ class BEiTForMaskedImageModeling(BEiTPreTrainedModel):
             x = block(x, shared_bias, grid)  # [B, 1+N, D]
         return x
 
-    def predict_masked(self, tokens: torch.Tensor, masked: tuple[torch.Tensor, torch.Tensor], norm: bool):
+    @staticmethod
+    def predict_masked(tokens: torch.Tensor, masked: tuple[torch.Tensor, torch.Tensor], head: nn.Module,
+                       norm: nn.Module | None = None) -> torch.Tensor:
         """tokens [B, 1+N, D] -> logits [M, V] of the masked patches; `masked`: their (sample, patch) indices."""
         samples, patches = masked
         selected = tokens[samples, patches + 1]  # [M, D] (+1: the CLS token comes first)
-        return self.lm_head(self.beit.norm(selected) if norm else selected)  # [M, V]
+        return head(selected if norm is None else norm(selected))  # [M, V]
 
     def forward(
         self,
@@ -381,10 +405,12 @@ class BEiTForMaskedImageModeling(BEiTPreTrainedModel):
         # encoder: the one data-dependent shape of the step (one graph break under torch.compile).
         masked = mask.nonzero(as_tuple=True)  # (sample, patch) indices [M] each, row-major
         targets = None if labels is None else labels[masked]  # [M]
-        logits = self.predict_masked(encoded.last_hidden_state, masked, norm=False)  # [M, V], already normed
+        logits = self.predict_masked(encoded.last_hidden_state, masked, self.lm_head)  # [M, V], already normed
         cls_logits = None
         if self.cls_pt_layers is not None:
-            cls_logits = self.predict_masked(self.forward_cls_head(encoded.hidden_states, grid), masked, norm=True)
+            shared = self.cls_pt_lm_head is None  # the encoder's norm and LM head, or the head's own
+            head, norm = (self.lm_head, self.beit.norm) if shared else (self.cls_pt_lm_head, self.cls_pt_norm)
+            cls_logits = self.predict_masked(self.forward_cls_head(encoded.hidden_states, grid), masked, head, norm)
         output = BEiTForMaskedImageModelingOutput(
             logits=logits, cls_head_logits=cls_logits,
             hidden_states=encoded.hidden_states if output_hidden_states else None,
@@ -404,7 +430,7 @@ class BEiTForImageClassification(ImageClassificationMixin, BEiTPreTrainedModel):
     LM head and v2 CLS head of a pre-training checkpoint are not used."""
 
     _keys_to_ignore_on_load_unexpected = [
-        r"relative_position_index", r"^lm_head\.", r"^cls_pt_layers\.", r"(^|\.)mask_token$",
+        r"relative_position_index", r"^lm_head\.", r"^cls_pt_(layers|norm|lm_head)\.", r"(^|\.)mask_token$",
     ]
 
     def __init__(self, config: BEiTConfig):
