@@ -67,8 +67,10 @@ def test_reference_beit_v1_pretraining_round_trip(tmp_path):
         assert torch.equal(original(pixels, mask, labels).logits, converted(pixels, mask, labels).logits)
 
 
-def test_reference_beit_v2_with_cls_head(tmp_path):
-    config = BEiTConfig(**TINY, use_cls_pretext_head=True, cls_head_early_layer=2, cls_head_depth=2)
+@pytest.mark.parametrize("shared_lm_head", [True, False])  # False: beit2's cls_pt_norm / cls_pt_lm_head
+def test_reference_beit_v2_with_cls_head(tmp_path, shared_lm_head):
+    config = BEiTConfig(**TINY, use_cls_pretext_head=True, cls_head_early_layer=2, cls_head_depth=2,
+                        shared_lm_head=shared_lm_head)
     original = randomized(BEiTForMaskedImageModeling(config))
     torch.save({"module": reference_state_dict(original)}, tmp_path / "beitv2.pth")
     # The plain BEiT converter points at the v2 one.
@@ -78,6 +80,7 @@ def test_reference_beit_v2_with_cls_head(tmp_path):
                          "--config", "cls_head_early_layer=2"]) == 0
     converted = BEiTForMaskedImageModeling.from_pretrained(tmp_path / "out").eval()
     assert converted.config.use_cls_pretext_head and converted.config.cls_head_depth == 2
+    assert converted.config.shared_lm_head is shared_lm_head  # told by the weights (cls_pt_lm_head)
     assert_same_weights(original, converted)
     pixels, mask, labels = inputs()
     with torch.no_grad():

@@ -210,6 +210,20 @@ def test_beitv2_training_loss_includes_the_cls_head(tmp_path, tokenizers):
     assert all(p.grad is None for p in method.tokenizer.model.parameters())  # frozen
 
 
+def test_beitv2_trains_a_cls_head_with_its_own_lm_head(tmp_path, tokenizers):
+    """beit2's shared_lm_head=False: the head's own norm and LM head are trained, saved and loaded."""
+    output_dir = tmp_path / "run"
+    main(run_args("beitv2", output_dir, tokenizers["vqkd"], "--max_steps", "2", "--checkpointing_steps", "no",
+                  "--max_train_samples", "16", "--config_overrides", "shared_lm_head=False"))
+    model = AutoModelForPreTraining.from_pretrained(output_dir)
+    assert model.config.shared_lm_head is False
+    initial = BEiTForMaskedImageModeling(model.config)  # a fresh head: the trained one has moved away from it
+    saved = load_file(output_dir / "model.safetensors")
+    assert {"cls_pt_norm.weight", "cls_pt_lm_head.weight"} <= set(saved)
+    torch.testing.assert_close(model.cls_pt_lm_head.weight, saved["cls_pt_lm_head.weight"])
+    assert not torch.equal(model.cls_pt_norm.weight, initial.cls_pt_norm.weight)  # ones at init, trained here
+
+
 def test_a_batch_without_masked_patches_gives_zero_not_nan(tmp_path, tokenizers):
     method, model, batch = method_and_batch(run_args("beit", tmp_path, tokenizers["dvae"]))
     batch["bool_masked_pos"] = torch.zeros_like(batch["bool_masked_pos"])

@@ -13,7 +13,8 @@ SRC is either
 
 The weights tell the width, depth, MLP width, patch size, channels, vocabulary (``lm_head``),
 number of classes (``head``), which position information is used (shared table, per-block tables,
-absolute table), layer scale or not, the CLS head depth (``cls_pt_layers``), the number of heads
+absolute table), layer scale or not, the CLS head depth (``cls_pt_layers``) and whether it has its own
+norm and LM head (``cls_pt_norm``, ``cls_pt_lm_head``: ``shared_lm_head=False``), the number of heads
 (columns of a relative table) and, for a square grid, the image size (rows of a relative table or
 length of the absolute one).
 
@@ -97,7 +98,7 @@ REFERENCE_TO_HF_MIM = [
     (rf"blocks\.(\d+)\.attn\.{TABLE}", rf"{{prefix}}blocks.\1.rel_pos_bias.{TABLE}"),
     (rf"cls_pt_layers\.(\d+)\.({_BLOCK_PART})", r"cls_pt_layers.\1.\2"),
     (rf"cls_pt_layers\.(\d+)\.attn\.{TABLE}", rf"cls_pt_layers.\1.rel_pos_bias.{TABLE}"),
-    (r"(lm_head|fc_norm|head)\.(weight|bias)", r"\1.\2"),
+    (r"(lm_head|fc_norm|head|cls_pt_norm|cls_pt_lm_head)\.(weight|bias)", r"\1.\2"),
 ]
 
 
@@ -251,6 +252,7 @@ def shape_fields(state_dict: dict) -> dict:
         fields["use_mean_pooling"] = "fc_norm.weight" in state_dict
     if fields["use_cls_pretext_head"]:
         fields["cls_head_depth"] = count_indexed(state_dict, "cls_pt_layers.")
+        fields["shared_lm_head"] = "cls_pt_lm_head.weight" not in state_dict  # beit2's --shared_lm_head False
     if "blocks.0.gamma_1" not in state_dict:
         fields["layer_scale_init_value"] = 0.0
     return fields

@@ -2,7 +2,8 @@
 
 SRC is a reference checkpoint of microsoft/unilm beit2 (``{'model'|'module': state_dict}``): the
 pre-training files hold the backbone, ``lm_head`` and the CLS-aggregation head ``cls_pt_layers.N``,
-which becomes ``use_cls_pretext_head=True`` with ``cls_head_depth`` = the number of stored blocks.
+which becomes ``use_cls_pretext_head=True`` with ``cls_head_depth`` = the number of stored blocks (and
+``shared_lm_head=False`` when the file has the head's own ``cls_pt_norm`` / ``cls_pt_lm_head``).
 Which block's patch tokens feed that head is not in the weights: ``cls_head_early_layer`` defaults
 to the published depth - 3 (9 of 12, 21 of 24); pass --config cls_head_early_layer=K otherwise.
 A file without ``cls_pt_layers`` is converted without the CLS head (with a warning); fine-tuned
