@@ -1,5 +1,6 @@
 """`python -m hf_mim.convert mae`: transformers ViTMAE directories and reference MAE `.pth` files
-become hf_mim MaeForPreTraining / MaeModel directories that compute the same outputs."""
+become hf_mim MaeForPreTraining / MaeModel / MaeForImageClassification directories that compute the
+same outputs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import subprocess
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,12 +18,12 @@ import torch
 from mae_testing import perturb_parameters_, reference_sincos_table, tiny_mae_config
 from safetensors.torch import load_file, save_file
 from transformers import (
-    AutoImageProcessor, AutoModel, AutoModelForPreTraining, ViTConfig, ViTMAEConfig, ViTMAEForPreTraining,
-    ViTMAEModel,
+    AutoImageProcessor, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining, ViTConfig, ViTMAEConfig,
+    ViTMAEForPreTraining, ViTMAEModel,
 )
 from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
 
-from hf_mim import MaeForPreTraining, MaeModel
+from hf_mim import MaeForImageClassification, MaeForPreTraining, MaeModel
 from hf_mim.convert import mae
 from hf_mim.convert.__main__ import main
 
@@ -203,6 +205,30 @@ def test_encoder_only_checkpoint_becomes_mae_model(tmp_path):
         assert torch.equal(model(pixels).last_hidden_state, original.encoder(pixels).last_hidden_state)
 
 
+@pytest.mark.parametrize("global_pool", [True, False])  # main_finetune.py's default, and its --cls_token
+def test_reference_fine_tuned_classifier_computes_what_timm_computes(tmp_path, global_pool):
+    """A main_finetune.py checkpoint is a timm VisionTransformer (MAE's models_vit) with a TRAINED
+    pos_embed: the converted MaeForImageClassification keeps it and gives timm's logits."""
+    vision_transformer = pytest.importorskip("timm.models.vision_transformer")
+    torch.manual_seed(0)
+    reference = vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, qkv_bias=True, num_classes=5,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), global_pool="avg" if global_pool else "token",
+        fc_norm=global_pool,
+    )
+    with torch.no_grad():
+        perturb_parameters_(reference, scale=0.2).eval()  # the table is far from sin-cos, as after fine-tuning
+    torch.save({"model": reference.state_dict()}, tmp_path / "mae_finetuned_tiny.pth")
+    run_convert(tmp_path / "mae_finetuned_tiny.pth", tmp_path / "out", "num_attention_heads=4")
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()
+    assert type(model) is MaeForImageClassification and model.config.num_labels == 5
+    assert model.config.use_mean_pooling is global_pool and model.config.learned_position_embeddings
+    assert torch.equal(model.encoder.pos_embed, reference.pos_embed)
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels).logits, reference(pixels), rtol=1e-5, atol=1e-5)
+
+
 def test_non_square_reference_checkpoint_needs_image_size(tmp_path):
     original = random_mae(image_size=[32, 48])
     src = reference_checkpoint(original, tmp_path / "wide.pth")
@@ -285,10 +311,14 @@ def test_wrong_kind_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="looks like a BEiT checkpoint"):
         run_convert(tmp_path / "beit.pth", tmp_path / "out")
 
-    finetuned = {**reference_state(tmp_path), "head.weight": torch.zeros(10, 32), "head.bias": torch.zeros(10)}
-    torch.save({"model": finetuned}, tmp_path / "finetuned.pth")
-    with pytest.raises(ValueError, match="fine-tuned MAE classifier"):
+    with_decoder = {**reference_state(tmp_path), "head.weight": torch.zeros(10, 32), "head.bias": torch.zeros(10)}
+    torch.save({"model": with_decoder}, tmp_path / "finetuned.pth")
+    with pytest.raises(ValueError, match="both a classification head and an MAE decoder"):
         run_convert(tmp_path / "finetuned.pth", tmp_path / "out")
+    no_table = {k: v for k, v in with_decoder.items() if k != "pos_embed"}
+    torch.save({"model": no_table}, tmp_path / "no_table.pth")
+    with pytest.raises(ValueError, match="without its position table"):
+        run_convert(tmp_path / "no_table.pth", tmp_path / "out")
 
     torch.save({"model": {"encoder.weight": torch.zeros(2)}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="does not look like an MAE checkpoint"):

@@ -31,7 +31,8 @@ TINY = dict(hidden_size=32, num_hidden_layers=NUM_LAYERS, num_attention_heads=2,
 # Per family: the classifier, and every parameter's layer written out by name prefix (L = 2).
 FAMILIES = {
     "mae": (lambda: MaeForImageClassification(MaeConfig(**TINY)), {
-        "encoder.patch_embed.": 0, "encoder.cls_token": 0, "encoder.blocks.0.": 1, "encoder.blocks.1.": 2,
+        "encoder.patch_embed.": 0, "encoder.cls_token": 0, "encoder.pos_embed": 0, "encoder.blocks.0.": 1,
+        "encoder.blocks.1.": 2,
         "fc_norm.": 3, "head.": 3,
     }),
     # BEiT pre-training layout: one relative position table shared by every block, trained at the

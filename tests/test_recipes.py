@@ -47,3 +47,41 @@ def test_mae_pretraining_groups_are_timms():
         return {group["weight_decay"]: {name_of[id(p)] for p in group["params"]} for group in groups}
 
     assert by_decay(ours.param_groups) == by_decay(reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# MAE fine-tuning: models_vit is a timm VisionTransformer whose pos_embed is a Parameter, loaded
+# from the pre-training checkpoint's sin-cos table and trained (lr of layer 0, no weight decay).
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mae_fine_tuning_trains_the_position_table_from_the_sincos_start(tmp_path):
+    from transformers import AutoModel
+
+    from hf_mim import MaeForImageClassification, MaeModel
+    from hf_mim.finetuning import layer_decay_parameter_groups
+    from hf_mim.models.vit_core import sincos_2d_table
+
+    torch.manual_seed(0)
+    MaeForPreTraining(MaeConfig(**TINY_MAE)).save_pretrained(tmp_path / "pretrained")
+    model = MaeForImageClassification.from_pretrained(tmp_path / "pretrained", num_labels=3)
+    table = model.encoder.pos_embed
+    assert isinstance(table, torch.nn.Parameter) and table.requires_grad
+    torch.testing.assert_close(table[0], sincos_2d_table((4, 4), 32), rtol=0, atol=0)
+    group = next(g for g in layer_decay_parameter_groups(model, 1.0, 0.05, 0.5) if any(p is table for p in g["params"]))
+    assert group["layer_id"] == 0 and group["weight_decay"] == 0.0  # the reference's no_weight_decay: pos_embed
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):  # the near-zero head leaves the encoder's first gradients tiny: two steps
+        optimizer.zero_grad()
+        model(torch.randn(4, 3, 32, 32), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+        optimizer.step()
+    trained = table.detach().clone()
+    assert not torch.equal(trained[0], sincos_2d_table((4, 4), 32))
+
+    model.save_pretrained(tmp_path / "finetuned")
+    for loaded in (MaeForImageClassification.from_pretrained(tmp_path / "finetuned"),
+                   AutoModel.from_pretrained(tmp_path / "finetuned")):  # the encoder alone keeps it too
+        encoder = loaded.encoder if isinstance(loaded, MaeForImageClassification) else loaded
+        assert isinstance(encoder, MaeModel)
+        torch.testing.assert_close(encoder.pos_embed, trained, rtol=0, atol=0)

@@ -1,19 +1,23 @@
-"""MAE checkpoints -> hf_mim ``MaeModel`` / ``MaeForPreTraining`` directories.
+"""MAE checkpoints -> hf_mim ``MaeModel`` / ``MaeForPreTraining`` / ``MaeForImageClassification`` directories.
 
 SRC is either
   * a reference checkpoint of facebookresearch/mae: ``{'model': state_dict}`` with timm names.
     Encoder-only files (the published ``mae_pretrain_vit_*.pth``) become a ``MaeModel``; files with
     the decoder (``mae_visualize_vit_*.pth``, training checkpoints of main_pretrain.py) become a
-    ``MaeForPreTraining``;
+    ``MaeForPreTraining``; fine-tuned classifiers (``mae_finetuned_vit_*.pth``, main_finetune.py:
+    ``head``, ``fc_norm`` with global pooling) become a ``MaeForImageClassification`` with their
+    trained position table (``learned_position_embeddings``);
   * a transformers ``ViTMAEForPreTraining`` / ``ViTMAEModel`` directory (config.json + weights), with
     the attention stored either as q_proj/k_proj/v_proj/o_proj (transformers 5 in memory) or as
     attention.attention.query/key/value + attention.output.dense (transformers 4, and what
     transformers 5 writes to disk). q, k and v are fused into hf_mim's single ``qkv`` Linear.
 
 The weights tell the widths, depths, MLP widths, patch size, channels, qkv bias and, for a square
-grid, the image size (from the length of the stored position table). hf_mim regenerates the fixed
-sin-cos position tables instead of storing them; the converter checks that the source's tables are
-the standard ones and warns if they are not (the converted model would then compute other outputs).
+grid, the image size (from the length of the stored position table), and for a classifier the
+number of classes and the pooling. hf_mim regenerates the fixed sin-cos position tables of
+pre-training instead of storing them; the converter checks that the source's tables are the standard
+ones and warns if they are not (the converted model would then compute other outputs). A
+fine-tuned classifier's table was trained, so it is kept as it is.
 
 What the weights cannot tell comes, for a transformers directory, from its config.json (all of it,
 including its layer_norm_eps: the facebook/vit-mae-* configs say 1e-12 where the reference used
@@ -43,7 +47,7 @@ import warnings
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
-from ..models import MaeConfig, MaeForPreTraining, MaeModel, MimImageProcessor
+from ..models import MaeConfig, MaeForImageClassification, MaeForPreTraining, MaeModel, MimImageProcessor
 from ..models.vit_core import grid_size_for, sincos_2d_table, to_2tuple
 from .common import (
     check_config_fields, count_indexed, is_transformers_dir, load_reference_state_dict,
@@ -88,7 +92,8 @@ TRANSFORMERS_TO_REFERENCE = [
 # reference names -> hf_mim names; `{prefix}` is "encoder." inside MaeForPreTraining, "" for MaeModel.
 _BLOCK_PART = r"(?:norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(?:weight|bias)"
 REFERENCE_TO_HF_MIM = [
-    (r"(cls_token|patch_embed\.proj\.(?:weight|bias)|norm\.(?:weight|bias))", r"{prefix}\1"),
+    (r"(cls_token|pos_embed|patch_embed\.proj\.(?:weight|bias)|norm\.(?:weight|bias))", r"{prefix}\1"),
+    (r"(fc_norm|head)\.(weight|bias)", r"\1.\2"),  # a fine-tuned classifier
     (rf"blocks\.(\d+)\.({_BLOCK_PART})", r"{prefix}blocks.\1.\2"),
     (r"mask_token", "decoder.mask_token"),
     (r"decoder_(embed|norm|pred)\.(weight|bias)", r"decoder.\1.\2"),
@@ -104,18 +109,26 @@ def add_arguments(parser) -> None:
 
 def convert(args):
     overrides = parse_overrides(args.config)
-    check_config_fields(overrides, MaeConfig)
+    check_config_fields(overrides, MaeConfig, extra=("num_labels",))
     if os.path.isdir(args.src):
         state_dict, source_config = read_transformers_dir(args.src)
     else:
         state_dict, source_config = load_reference_state_dict(args.src, allow_pickle=args.allow_pickle), None
     check_is_mae(state_dict, args.src)
-    tables = {name: state_dict.pop(name) for name in TABLES if name in state_dict}
+    is_classifier = "head.weight" in state_dict
+    # Pre-training tables are the fixed sin-cos ones (checked, regenerated); a classifier's was trained (kept).
+    tables = {name: state_dict[name] if is_classifier else state_dict.pop(name) for name in TABLES if name in state_dict}
     has_decoder = any(key.startswith(("decoder_", "mask_token")) for key in state_dict)
-    weights = rename_keys(state_dict, REFERENCE_TO_HF_MIM, "encoder." if has_decoder else "", "an MAE")
+    if is_classifier and has_decoder:
+        raise ValueError(f"{args.src} has both a classification head and an MAE decoder: not a checkpoint the "
+                         "reference writes.")
+    prefix = "encoder." if has_decoder or is_classifier else ""
+    weights = rename_keys(state_dict, REFERENCE_TO_HF_MIM, prefix, "an MAE")
     config = build_config(state_dict, tables, source_config, overrides, has_decoder)
-    check_position_tables(tables, config)
-    model = (MaeForPreTraining if has_decoder else MaeModel)(config)
+    model_class = MaeForImageClassification if is_classifier else MaeForPreTraining if has_decoder else MaeModel
+    if not is_classifier:
+        check_position_tables(tables, config)
+    model = model_class(config)
     save_converted(model, weights, args.out)
     save_image_processor(config, args.out)
     return model
@@ -171,11 +184,9 @@ def check_is_mae(state_dict: dict, src: str) -> None:
     if any("q_bias" in k or "relative_position" in k or k.startswith("lm_head") for k in keys):
         raise ValueError(f"{src} looks like a BEiT checkpoint (q_bias / relative position bias / lm_head): "
                          "use the BEiT converter (python -m hf_mim.convert beit ...).")
-    if "head.weight" in keys or any(k.startswith("fc_norm.") for k in keys):
-        raise ValueError(
-            f"{src} is a fine-tuned MAE classifier (head / fc_norm). Its position embeddings were trained during "
-            "fine-tuning, while hf_mim's MAE keeps the fixed sin-cos tables, so it cannot be converted exactly. "
-            "Convert the pre-trained checkpoint (mae_pretrain_vit_* or mae_visualize_vit_*) instead.")
+    if "head.weight" in keys and "pos_embed" not in keys:
+        raise ValueError(f"{src} is a classifier without its position table (pos_embed), which fine-tuning trains: "
+                         "it cannot be converted exactly.")
     required = ("cls_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight")
     missing = [k for k in required if k not in keys]
     if missing:
@@ -201,6 +212,10 @@ def shape_fields(state_dict: dict) -> dict:
         "intermediate_size": state_dict["blocks.0.mlp.fc1.weight"].shape[0],
         "qkv_bias": "blocks.0.attn.qkv.bias" in state_dict,
     }
+    if "head.weight" in state_dict:  # main_finetune.py: global pooling (fc_norm, no norm) unless --cls_token
+        fields["num_labels"] = state_dict["head.weight"].shape[0]
+        fields["use_mean_pooling"] = "fc_norm.weight" in state_dict
+        fields["learned_position_embeddings"] = True
     if "decoder_embed.weight" in state_dict:
         fields["decoder_hidden_size"] = state_dict["decoder_embed.weight"].shape[0]
         fields["decoder_num_hidden_layers"] = count_indexed(state_dict, "decoder_blocks.")

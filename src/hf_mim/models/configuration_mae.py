@@ -36,6 +36,10 @@ class MaeConfig(VitBackboneConfig):
     # Image classification: mean-pool the patch tokens and apply `fc_norm` (MAE fine-tuning)
     # instead of taking the final-normed CLS token.
     use_mean_pooling: bool = True
+    # The encoder's position table: fixed 2-D sin-cos (pre-training, a buffer regenerated for any grid), or
+    # a trained parameter initialised from that table (fine-tuning, as the reference's models_vit; saved
+    # with the model). MaeForImageClassification always sets it.
+    learned_position_embeddings: bool = False
 
     def validate_architecture(self):
         super().validate_architecture()

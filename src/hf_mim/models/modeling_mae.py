@@ -3,7 +3,9 @@
 The encoder sees only the visible patches (plus CLS); a light decoder appends mask tokens,
 restores the patch order and regresses the pixels of every patch; the loss counts the removed
 patches only. Fixed 2-D sin-cos position tables are non-persistent buffers, regenerated for
-whatever grid the input has, so they can never be lost or zeroed by a checkpoint.
+whatever grid the input has, so they can never be lost or zeroed by a checkpoint. Fine-tuning
+(``MaeForImageClassification``) trains the encoder's table, initialised from the sin-cos one, as the
+reference does (``config.learned_position_embeddings``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .losses import masked_mse_loss, normalize_patches
 from .masking import gather_tokens, random_masking
 from .remote_code import HubCodeMixin
 from .vit_core import (
-    Block, PatchEmbed, drop_path_rates, grid_size_for, patchify, run_blocks, sincos_2d_table, to_2tuple, unpatchify,
+    Block, PatchEmbed, drop_path_rates, grid_size_for, patchify, resize_pos_embed, run_blocks, sincos_2d_table,
+    to_2tuple, unpatchify,
 )
 
 
@@ -116,8 +119,11 @@ class MaeModel(MaePreTrainedModel):
         self.grid_size = grid_size_for(config.image_size, config.patch_size)
         self.patch_embed = PatchEmbed(config.patch_size, config.num_channels, config.hidden_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        table = sincos_2d_table(self.grid_size, config.hidden_size)
-        self.register_buffer("pos_embed", table.unsqueeze(0), persistent=False)  # [1, 1+L, D] fixed
+        table = sincos_2d_table(self.grid_size, config.hidden_size).unsqueeze(0)  # [1, 1+L, D]
+        if config.learned_position_embeddings:
+            self.pos_embed = nn.Parameter(table)  # trained from the sin-cos start (fine-tuning)
+        else:
+            self.register_buffer("pos_embed", table, persistent=False)  # fixed
         self.blocks = build_blocks(
             config, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
             config.intermediate_size, config.drop_path_rate,
@@ -129,9 +135,12 @@ class MaeModel(MaePreTrainedModel):
         return self.patch_embed
 
     def position_table(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-        """[1, 1+rows*cols, D]: the stored table, or a fresh one for another grid."""
+        """[1, 1+rows*cols, D]: the stored table; for another grid a fresh sin-cos one, or the learned
+        table resized bicubically."""
         if grid == self.grid_size:
             return self.pos_embed.to(like.dtype)
+        if isinstance(self.pos_embed, nn.Parameter):
+            return resize_pos_embed(self.pos_embed, self.grid_size, grid).to(like.dtype)
         return sincos_2d_table(grid, self.config.hidden_size).unsqueeze(0).to(like)
 
     def embed_patches(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,9 +256,16 @@ class MaeForPreTraining(MaePreTrainedModel):
 
 class MaeForImageClassification(ImageClassificationMixin, MaePreTrainedModel):
     """MAE fine-tuning: mean-pooled patch tokens -> `fc_norm` -> Linear (or the normed CLS token
-    when `use_mean_pooling=False`); see :class:`ImageClassificationMixin`."""
+    when `use_mean_pooling=False`); see :class:`ImageClassificationMixin`. The encoder's position
+    table is trained, starting from the sin-cos table (a pre-training checkpoint has none to load),
+    as in the reference fine-tuning."""
+
+    # A pre-training checkpoint has no encoder table: it starts from the sin-cos one, which is no
+    # "newly initialised" weight to warn about.
+    _keys_to_ignore_on_load_missing = [r"^encoder\.pos_embed$"]
 
     def __init__(self, config: MaeConfig):
+        config.learned_position_embeddings = True  # saved so: AutoModel on this checkpoint keeps the trained table
         super().__init__(config)
         self.encoder = MaeModel(config, use_final_norm=not config.use_mean_pooling)
         self.build_classification_head(config)
