@@ -4,6 +4,10 @@ where timm is installed (the reference's own library), against timm itself."""
 
 from __future__ import annotations
 
+import random
+import sys
+
+import numpy as np
 import pytest
 import torch
 
@@ -85,3 +89,57 @@ def test_mae_fine_tuning_trains_the_position_table_from_the_sincos_start(tmp_pat
         encoder = loaded.encoder if isinstance(loaded, MaeForImageClassification) else loaded
         assert isinstance(encoder, MaeModel)
         torch.testing.assert_close(encoder.pos_embed, trained, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning's RandAugment: BEiT and MAE build it with timm's create_transform(auto_augment=
+# "rand-m9-mstd0.5-inc1", interpolation="bicubic"); with timm installed hf_mim runs that same op.
+# ---------------------------------------------------------------------------------------------
+
+REFERENCE_AA = "rand-m9-mstd0.5-inc1"
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def find_rand_augment(transforms, kind: type):
+    return next(step for step in transforms.transforms if isinstance(step, kind))
+
+
+def op_settings(augment) -> list[tuple]:
+    return [(op.name, op.prob, op.magnitude, op.magnitude_std, op.magnitude_max, op.hparams, op.kwargs)
+            for op in augment.ops]
+
+
+def test_rand_augment_is_timms_own_when_timm_is_installed():
+    auto_augment = pytest.importorskip("timm.data.auto_augment")
+    from PIL import Image
+    from timm.data import create_transform
+
+    from hf_mim.finetuning.transforms import train_transform
+
+    ours = find_rand_augment(train_transform(32, MEAN, STD, auto_augment=REFERENCE_AA), auto_augment.RandAugment)
+    reference = find_rand_augment(create_transform(32, is_training=True, auto_augment=REFERENCE_AA,
+                                                   interpolation="bicubic", mean=MEAN, std=STD),
+                                  auto_augment.RandAugment)
+    assert ours.num_layers == reference.num_layers == 2 and ours.choice_weights is reference.choice_weights is None
+    assert op_settings(ours) == op_settings(reference)
+    assert {op.name for op in ours.ops} >= {"PosterizeIncreasing", "SolarizeIncreasing"}  # "inc1"
+    image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8,
+                                          generator=torch.Generator().manual_seed(0)).numpy())
+    outputs = []
+    for augment in (ours, reference):  # the same random draws give the same image
+        random.seed(3)
+        np.random.seed(3)
+        outputs.append(np.asarray(augment(image)))
+    assert (outputs[0] == outputs[1]).all() and not (outputs[0] == np.asarray(image)).all()
+
+
+def test_rand_augment_without_timm_is_torchvisions_with_a_warning(monkeypatch, caplog):
+    from torchvision.transforms import v2
+
+    from hf_mim.finetuning.transforms import rand_augment
+
+    monkeypatch.setitem(sys.modules, "timm.data.auto_augment", None)  # as if timm were not installed
+    with caplog.at_level("WARNING"):
+        augment = rand_augment(REFERENCE_AA, MEAN, 32)
+    assert isinstance(augment, v2.RandAugment) and augment.magnitude == 9 and augment.num_ops == 2
+    assert "timm is not installed" in caplog.text and "inc / mstd" in caplog.text

@@ -78,7 +78,8 @@ class FinetuningArguments:
     cutmix: float = option(0.0, help="CutMix Beta alpha (0 = off; recipes use 1.0)")
     mixup_prob: float = option(1.0, help="probability of mixing a batch")
     mixup_switch_prob: float = option(0.5, help="with both on: probability of CutMix rather than MixUp")
-    aa: str | None = option("rand-m9-mstd0.5-inc1", help="RandAugment 'rand-mM-nN' (torchvision) or 'none'")
+    aa: str | None = option("rand-m9-mstd0.5-inc1", help="RandAugment (timm string; timm's own when installed, "
+                             "else torchvision's m/n only) or 'none'")
     reprob: float = option(0.25, help="random erasing probability (per-pixel random values)")
     crop_min_scale: float = option(0.08, help="RandomResizedCrop smallest area fraction")
     hflip: float = option(0.5, help="horizontal flip probability")

@@ -3,7 +3,8 @@ transform (which IS the saved image processor, so inference matches evaluation) 
 
 Training (timm's `create_transform` as used by BEiT / MAE fine-tuning): RandomResizedCrop (bicubic,
 scale `crop_min_scale`-1, ratio 3/4-4/3), horizontal flip, optional RandAugment, normalise,
-optional random erasing with per-pixel random values (timm's `mode="pixel"`).
+optional random erasing with per-pixel random values (timm's `mode="pixel"`). RandAugment is timm's
+own when timm is installed (the reference's ``rand-m9-mstd0.5-inc1`` exactly), else torchvision's.
 
 Evaluation: resize the shorter side to ``image_size / crop_pct`` (bicubic) and centre-crop
 ``image_size`` (timm's `crop_pct`, 0.875 = 224/256).
@@ -30,23 +31,46 @@ RAND_AUGMENT = re.compile(r"^rand(-[a-z]+[\d.]+)*$")
 TIMM_MAGNITUDE_BINS = 11
 
 
-def rand_augment(spec: str | None, mean) -> v2.RandAugment | None:
-    """`--aa`: None / "none", or "rand-m9-n2" style (m: magnitude 0-10, n: number of ops, default 2).
+def rand_augment(spec: str | None, mean, image_size=224):
+    """`--aa`: None / "none", or a timm RandAugment string such as the reference's "rand-m9-mstd0.5-inc1"
+    (m: magnitude 0-10, n: number of ops, default 2, mstd: magnitude noise, inc: increasing-severity ops).
 
-    timm's "mstd" (magnitude noise) and "inc" (increasing-severity ops) have no torchvision
-    counterpart: they are ignored with a warning.
+    With timm installed: timm's ``rand_augment_transform`` with the hyper-parameters its
+    ``create_transform`` gives it (translation 45% of the image side, the mean pixel as fill, bicubic),
+    as the BEiT and MAE fine-tuning code runs it; it works on PIL images, which the pipeline gives it.
+    Without timm: torchvision's RandAugment at the same magnitude and op count; "mstd" and "inc" have
+    no torchvision counterpart and are ignored with a warning.
     """
     if spec is None or spec.lower() in ("none", ""):
         return None
     if not RAND_AUGMENT.match(spec):
         raise ValueError(f"--aa {spec!r}: expected 'rand-m9-n2' (RandAugment, magnitude 0-10, ops) or 'none'.")
+    try:
+        from timm.data.auto_augment import rand_augment_transform
+    except ImportError:
+        return torchvision_rand_augment(spec, mean)
+    from PIL import Image
+
+    hparams = {"translate_const": int(min(to_2tuple(image_size)) * 0.45),
+               "img_mean": tuple(min(255, round(255 * value)) for value in mean),
+               "interpolation": Image.BICUBIC}
+    try:
+        return rand_augment_transform(spec, hparams)
+    except (AssertionError, ValueError, KeyError) as error:  # timm asserts on sections it does not know
+        raise ValueError(f"--aa {spec!r} is not a RandAugment string timm accepts ({error!r}); the reference "
+                         "recipes use 'rand-m9-mstd0.5-inc1'.") from error
+
+
+def torchvision_rand_augment(spec: str, mean) -> v2.RandAugment:
+    """torchvision's RandAugment for a timm "rand-mM-nN" string (when timm is not installed)."""
     settings = dict(re.findall(r"-([a-z]+)([\d.]+)", spec))
     unknown = sorted(set(settings) - {"m", "n", "mstd", "inc"})
     if unknown:
         raise ValueError(f"--aa {spec!r}: unknown RandAugment settings {unknown}; use m (magnitude) and n (ops).")
     ignored = sorted(set(settings) & {"mstd", "inc"})
     if ignored:
-        logger.warning("--aa %s: torchvision's RandAugment has no %s; using magnitude %s with %s ops only.",
+        logger.warning("--aa %s: timm is not installed, and torchvision's RandAugment has no %s; using magnitude %s "
+                       "with %s ops only (pip install timm for the reference's RandAugment).",
                        spec, " / ".join(ignored), settings.get("m", 9), settings.get("n", 2))
     magnitude, num_ops = float(settings.get("m", 9)), int(float(settings.get("n", 2)))
     if not 0 <= magnitude <= TIMM_MAGNITUDE_BINS - 1 or magnitude != int(magnitude):
@@ -65,7 +89,7 @@ def train_transform(image_size, mean, std, crop_min_scale: float = 0.08, hflip: 
                              interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(hflip),
     ]
-    augment = rand_augment(auto_augment, mean)
+    augment = rand_augment(auto_augment, mean, image_size)
     if augment is not None:
         steps.append(augment)
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
