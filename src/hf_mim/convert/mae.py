@@ -117,7 +117,8 @@ def convert(args):
     check_is_mae(state_dict, args.src)
     is_classifier = "head.weight" in state_dict
     # Pre-training tables are the fixed sin-cos ones (checked, regenerated); a classifier's was trained (kept).
-    tables = {name: state_dict[name] if is_classifier else state_dict.pop(name) for name in TABLES if name in state_dict}
+    tables = {name: state_dict[name] if is_classifier else state_dict.pop(name)
+              for name in TABLES if name in state_dict}
     has_decoder = any(key.startswith(("decoder_", "mask_token")) for key in state_dict)
     if is_classifier and has_decoder:
         raise ValueError(f"{args.src} has both a classification head and an MAE decoder: not a checkpoint the "
