@@ -9,8 +9,9 @@ Two backends share one set of settings: `MimImageProcessor` (torchvision, batche
   model's patch order (row-major grid; each vector ordered row, column, channel);
 - ``bool_masked_pos`` [B, N] (True = masked) with `mask_generator` "random" (MAE), "blockwise"
   (BEiT) or "blockwise_exact" (BEiT v2: exactly the requested count), built by
-  `masking.build_mask_generator(name, grid, **mask_generator_kwargs)`. Pass `generator=` (a torch.Generator) or `seed=` to the call for reproducible masks; without them
-  torch's global RNG is used (so `torch.manual_seed` and DataLoader worker seeding apply).
+  `masking.build_mask_generator(name, grid, **mask_generator_kwargs)`. Pass `generator=` (a
+  torch.Generator) or `seed=` to the call for reproducible masks; without them torch's global RNG
+  is used (so `torch.manual_seed` and DataLoader worker seeding apply).
 
 Any channel count works when `image_mean`/`image_std` have one value per channel (grayscale:
 ``image_mean=[m], image_std=[s], do_convert_rgb=False``). This file ships with every checkpoint
