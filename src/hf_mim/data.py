@@ -342,12 +342,16 @@ class ImageExamples(torch.utils.data.Dataset):
             self.unreadable.report(index, row[self.image_column], error)
             return None, row
 
+    def attempt(self, index: int, sample_seed: int) -> tuple[dict | None, dict]:
+        """(the transform's tensors, or None when the image is unreadable; the row)."""
+        image, row = self.read(index)
+        return (None if image is None else apply_seeded(self.transform, image, sample_seed)), row
+
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
         index, sample_seed = key if isinstance(key, tuple) else (key, derive_seed(key))
         for skipped in range(min(len(self), MAX_CONSECUTIVE_UNREADABLE)):
-            image, row = self.read((index + skipped) % len(self))
-            if image is not None:
-                example = apply_seeded(self.transform, image, sample_seed)
+            example, row = self.attempt((index + skipped) % len(self), sample_seed)
+            if example is not None:
                 example["num_skipped"] = torch.tensor(skipped)
                 if self.label_column is not None:
                     example["labels"] = torch.tensor(row[self.label_column])
