@@ -35,6 +35,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import datasets
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import default_collate
@@ -252,6 +253,21 @@ class FastImageExamples(ImageExamples):
             return None, row
 
 
+def fast_training_examples(args, method, processor, dataset, image_column: str) -> FastImageExamples | None:
+    """The training examples of `--data_pipeline fast`, or None (logged) for the reference path: when
+    asked, or when the method declares no FastViews, or for a streamed data set (map-style only)."""
+    if getattr(args, "data_pipeline", "reference") != "fast":
+        return None
+    spec = method.fast_views(processor)
+    if spec is None:
+        logger.info("--method %s declares no fast views: training examples take the reference data path.", method.name)
+        return None
+    if isinstance(dataset, datasets.IterableDataset):
+        logger.warning("Streamed data sets take the reference data path (the fast path needs a map-style data set).")
+        return None
+    return FastImageExamples(dataset, image_column, spec, image_mode=method.image_mode)
+
+
 # ---------------------------------------------------------------------------------------------
 # Device: every view of the whole batch
 # ---------------------------------------------------------------------------------------------
@@ -286,5 +302,5 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 
 __all__ = [
     "DATA_PIPELINES", "DeviceViews", "FastImageExamples", "FastViews", "HostSampler", "PixelView", "collate",
-    "decode_reduced", "finish_decoding", "open_image",
+    "decode_reduced", "fast_training_examples", "finish_decoding", "open_image",
 ]

@@ -175,7 +175,11 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--torch_compile_mode", help="default, reduce-overhead, max-autotune ...")
     group.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
     group.add_argument("--dataloader_num_workers", type=int,
-                       help="data-loading processes per training process (default: the CPU cores per process - 1, max 8)")
+                       help="data-loading processes per training process (default: the CPU cores of the process - 1)")
+    group.add_argument("--data_pipeline", choices=["fast", "reference"], default="fast",
+                       help="fast: crop/flip/masks drawn in the workers, reduced JPEG decoding, uint8 to the device, "
+                            "resize + flip + normalise batched there (same draws and pixels within 1-2 uint8 levels); "
+                            "reference: torchvision on PIL images in the workers (see hf_mim.fast_data)")
     group.add_argument("--dataloader_pin_memory", action=argparse.BooleanOptionalAction, default=True)
     group.add_argument("--dataloader_persistent_workers", action="store_true")
 
