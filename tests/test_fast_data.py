@@ -249,11 +249,11 @@ def test_unreadable_images_are_skipped_and_counted_as_on_the_reference_path(tmp_
 
 
 def test_collate_pads_canvases_and_keeps_the_rest():
-    examples = [{"canvas": torch.full((3, h, w), 7, dtype=torch.uint8), "noise": torch.rand(4)}
-                for h, w in ((5, 9), (8, 4))]
+    examples = [{"canvas": torch.full((h, w, 3), value, dtype=torch.uint8), "noise": torch.rand(4)}
+                for (h, w), value in (((5, 9), 7), ((8, 4), 9))]
     batch = collate(examples)
-    assert batch["canvas"].shape == (2, 3, 8, 9) and batch["canvas"].dtype == torch.uint8
-    assert batch["canvas"][0, :, 5:].eq(0).all() and batch["canvas"][1, :, :8, :4].eq(7).all()
+    assert batch["canvas"].shape == (2, 8, 9, 3) and batch["canvas"].dtype == torch.uint8  # [B, H, W, C]
+    assert batch["canvas"][0, :5].eq(7).all() and batch["canvas"][1, :8, :4].eq(9).all()
     assert batch["noise"].shape == (2, 4)
 
 

@@ -12,7 +12,7 @@ float32 tensors. Here a data-loader worker only
    1/2, 1/4, 1/8 downscaling, chosen so that the box keeps at least the output's pixels: the
    remaining resize is still a downscale, antialiased as Pillow does);
 3. ships the uint8 pixels of the box (of the whole image when the colour jitter needs its mean grey),
-   padded into one uint8 canvas per batch with each sample's box and flip.
+   in one padded uint8 canvas per batch (channels last, in shared memory) with each box and flip.
 
 :class:`DeviceViews` then makes every view of the whole batch on the training device with Pillow's
 arithmetic (`hf_mim.resampling`): the model view and, for BEiT-style methods, the tokenizer view of
@@ -36,11 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import datasets
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from .data import ImageExamples, apply_seeded, decode_image
 from .resampling import color_jitter, resize_boxes
@@ -201,33 +201,38 @@ class HostSampler:
         return example
 
     def pixels(self, image: Image.Image, augmentation: Augmentation, reduction: float) -> dict[str, torch.Tensor]:
-        """The uint8 canvas (the box's pixels, or the whole image for the jitter) and the box inside it."""
+        """The uint8 pixels (the box's, or the whole image's for the jitter) and the box inside them."""
         top, left, box_h, box_w = (value / reduction for value in augmentation.box)
         limits = [math.floor(top), math.floor(left), min(math.ceil(top + box_h), image.height),
                   min(math.ceil(left + box_w), image.width)]  # top, left, bottom, right
-        pixels = TF.pil_to_tensor(image)  # [C, H, W] uint8
-        example = {FLIP: torch.tensor(augmentation.flip), VALID: torch.tensor([image.height, image.width])}
+        example = {FLIP: torch.tensor(augmentation.flip)}
         if self.jitter is None:  # ship only the box
-            pixels = pixels[:, limits[0]:limits[2], limits[1]:limits[3]]
+            image = image.crop((limits[1], limits[0], limits[3], limits[2]))
             top, left = top - limits[0], left - limits[1]
             limits = [0, 0, limits[2] - limits[0], limits[3] - limits[1]]
-            example[VALID] = torch.tensor(limits[2:])
         else:
             example[JITTER_ORDER], example[JITTER_FACTORS] = augmentation.jitter_order, augmentation.jitter_factors
-        example[CANVAS] = pixels
+        pixels = torch.from_numpy(np.array(image))  # [h, w, C] or [h, w]: rows of pixels, as decoded
+        example[CANVAS] = pixels if pixels.ndim == 3 else pixels[..., None]
+        example[VALID] = torch.tensor([image.height, image.width])
         example[BOX] = torch.tensor([top, left, box_h, box_w], dtype=torch.float32)
         example[LIMITS] = torch.tensor(limits, dtype=torch.float32)
         return example
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack examples; the canvases of different sizes go into one zero-padded uint8 [B, C, H, W]."""
-    canvases = [example.pop(CANVAS) for example in examples]
-    channels = canvases[0].shape[0]
-    height, width = max(c.shape[1] for c in canvases), max(c.shape[2] for c in canvases)
-    canvas = torch.zeros(len(canvases), channels, height, width, dtype=torch.uint8)
-    for slot, pixels in zip(canvas, canvases):
-        slot[:, :pixels.shape[1], :pixels.shape[2]] = pixels
+    """Stack examples; the pixels of different sizes go into one uint8 canvas [B, H, W, C] (channels
+    last: each row is one memcpy), in shared memory inside a worker (no copy to send it). The padding
+    is left unset: nothing reads it (see resize_boxes' limits)."""
+    pixels = [example.pop(CANVAS) for example in examples]
+    height, width = max(p.shape[0] for p in pixels), max(p.shape[1] for p in pixels)
+    shape = (len(pixels), height, width, pixels[0].shape[2])
+    if torch.utils.data.get_worker_info() is not None:
+        canvas = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
+    else:
+        canvas = torch.empty(shape, dtype=torch.uint8)
+    for slot, image in zip(canvas, pixels):
+        slot[:image.shape[0], :image.shape[1]] = image
     batch = default_collate(examples)
     batch[CANVAS] = canvas
     return batch
@@ -281,7 +286,7 @@ class DeviceViews:
         self.spec = spec
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        canvas = batch.pop(CANVAS).float()  # [B, C, H, W] uint8 levels
+        canvas = batch.pop(CANVAS).permute(0, 3, 1, 2).float()  # [B, C, H, W] uint8 levels
         boxes, limits, flips, valid = (batch.pop(key) for key in (BOX, LIMITS, FLIP, VALID))
         if JITTER_ORDER in batch:
             canvas = color_jitter(canvas, valid, batch.pop(JITTER_ORDER), batch.pop(JITTER_FACTORS))
