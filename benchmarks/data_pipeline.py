@@ -22,6 +22,7 @@ import argparse
 import datetime
 import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -153,18 +154,22 @@ def path_dataset(paths: list[str]) -> datasets.Dataset:
                                       features=datasets.Features({"image": datasets.Image(decode=False)}))
 
 
-def seconds_per_image(batch_fn, count: int, batch_size: int, min_seconds: float) -> float:
-    """Run batch_fn(start) over consecutive batches until `min_seconds` and at least one pass."""
-    images, start_time, start = 0, time.perf_counter(), 0
-    while images < count or time.perf_counter() - start_time < min_seconds:
-        batch_fn(start % count)
-        images += batch_size
-        start += batch_size
-    return (time.perf_counter() - start_time) / images
+def seconds_per_image(runs: dict, count: int, batch_size: int, repeats: int) -> dict[str, float]:
+    """Median seconds per image of each `runs[name](start)` (one batch from image `start`), timed in
+    blocks of one pass over the `count` images, the names alternating (a, b, b, a, ...) so that the
+    load of a shared machine hits all alike."""
+    blocks = {name: [] for name in runs}
+    for repeat in range(repeats):
+        for name in (list(runs) if repeat % 2 == 0 else list(reversed(runs))):
+            start_time = time.perf_counter()
+            for start in range(0, count, batch_size):
+                runs[name](start)
+            blocks[name].append((time.perf_counter() - start_time) / (math.ceil(count / batch_size) * batch_size))
+    return {name: statistics.median(times) for name, times in blocks.items()}
 
 
-def host_figures(name: str, preset: Preset, tokenizers: dict, paths: list[str], batch_size: int,
-                 min_seconds: float, device: torch.device) -> dict:
+def host_figures(name: str, preset: Preset, tokenizers: dict, paths: list[str], batch_size: int, repeats: int,
+                 device: torch.device) -> dict:
     method, _, processor = build_method(name, preset, tokenizers)
     dataset = path_dataset(paths)
     reference = ImageExamples(dataset, "image", method.train_transform(processor), image_mode=method.image_mode)
@@ -174,15 +179,15 @@ def host_figures(name: str, preset: Preset, tokenizers: dict, paths: list[str], 
     def keys(start):
         return [((start + i) % count, 1000 + start + i) for i in range(batch_size)]
 
-    reference_s = seconds_per_image(lambda s: default_collate([reference[k] for k in keys(s)]), count, batch_size,
-                                    min_seconds)
-    fast_host_s = seconds_per_image(lambda s: collate([fast[k] for k in keys(s)]), count, batch_size, min_seconds)
-    batches = [{key: value.to(device) for key, value in collate([fast[k] for k in keys(s)]).items()}
-               for s in range(0, count, batch_size)]
-    device_s = seconds_per_image(lambda s: synchronize(fast.device_views(dict(batches[(s // batch_size) % len(batches)])),
-                                                       device), count, batch_size, min_seconds)
-    return {"method": name, "reference_img_s": 1 / reference_s, "fast_host_img_s": 1 / fast_host_s,
-            "fast_device_img_s": 1 / device_s, "host_speedup": reference_s / fast_host_s}
+    batches = {s: {key: value.to(device) for key, value in collate([fast[k] for k in keys(s)]).items()}
+               for s in range(0, count, batch_size)}
+    seconds = seconds_per_image({
+        "reference": lambda s: default_collate([reference[k] for k in keys(s)]),
+        "fast_host": lambda s: collate([fast[k] for k in keys(s)]),
+        "fast_device": lambda s: synchronize(fast.device_views(dict(batches[s])), device),
+    }, count, batch_size, repeats)
+    return {"method": name, "reference_img_s": 1 / seconds["reference"], "fast_host_img_s": 1 / seconds["fast_host"],
+            "fast_device_img_s": 1 / seconds["fast_device"], "host_speedup": seconds["reference"] / seconds["fast_host"]}
 
 
 def synchronize(value, device: torch.device):
@@ -191,7 +196,7 @@ def synchronize(value, device: torch.device):
     return value
 
 
-def torchvision_plain_img_s(paths: list[str], image_size: int, batch_size: int, min_seconds: float) -> float:
+def torchvision_plain_img_s(paths: list[str], image_size: int, batch_size: int, repeats: int) -> float:
     """The plain torchvision v2 pipeline a user would write: open, RandomResizedCrop, flip, to float, normalise."""
     transform = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(),
                             v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
@@ -201,7 +206,7 @@ def torchvision_plain_img_s(paths: list[str], image_size: int, batch_size: int, 
     def batch(start):
         default_collate([transform(Image.open(paths[(start + i) % count]).convert("RGB")) for i in range(batch_size)])
 
-    return 1 / seconds_per_image(batch, count, batch_size, min_seconds)
+    return 1 / seconds_per_image({"torchvision": batch}, count, batch_size, repeats)["torchvision"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,13 +215,14 @@ def torchvision_plain_img_s(paths: list[str], image_size: int, batch_size: int, 
 
 
 def e2e_real_img_s(name: str, preset: Preset, tokenizers: dict, folder: Path, output: Path,
-                   workers: int | None) -> dict:
+                   workers: int | None, pipeline: str) -> dict:
     """examples/pretrain.py's loop on the JPEG folder: img/s and data wait of the windows after the first."""
     arguments = method_arguments(name, preset, tokenizers) + [
         "--train_dir", str(folder), "--output_dir", str(output / name), "--overwrite_output_dir",
         "--max_steps", str(preset.e2e_steps), "--per_device_train_batch_size", str(preset.batch_size),
         "--logging_steps", str(preset.logging_steps), "--report_to", "none", "--no-do_eval",
         "--checkpointing_steps", "no", "--train_val_split", "0", "--dataloader_persistent_workers",
+        "--data_pipeline", pipeline,
     ]
     if workers is not None:
         arguments += ["--dataloader_num_workers", str(workers)]
@@ -291,7 +297,7 @@ def markdown(report: dict) -> str:
     if report.get("e2e"):
         lines += ["", "| method | e2e img/s (real loader) | model only img/s (synthetic) | e2e / model | data wait |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['e2e_img_s']:.1f} | {r['model_only_img_s']:.1f} | "
+        lines += [f"| {r['method']} ({r['pipeline']} path) | {r['e2e_img_s']:.1f} | {r['model_only_img_s']:.1f} | "
                   f"{r['e2e_img_s'] / r['model_only_img_s']:.0%} | {r['data_wait_fraction']:.0%} |" for r in report["e2e"]]
     return "\n".join(lines) + "\n"
 
@@ -304,7 +310,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help="methods of the host section")
     parser.add_argument("--e2e_methods", default="mae,beit", help="methods of the e2e section")
     parser.add_argument("--images", type=int, default=None, help="JPEG files to write (default by section)")
-    parser.add_argument("--min_seconds", type=float, default=3.0, help="least timing per host figure")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes over the images per host figure (median)")
+    parser.add_argument("--pipeline", default="fast", choices=["auto", "fast", "reference"],
+                        help="the e2e run's --data_pipeline (default: fast)")
     parser.add_argument("--workers", type=int, default=None, help="e2e data-loader workers (default: the loop's)")
     parser.add_argument("--device", default=None, help="where the device part and the e2e run (default: cuda if present)")
     parser.add_argument("--smoke", action="store_true", help="tiny everything: checks the code paths in seconds")
@@ -328,17 +336,17 @@ def main(argv=None) -> dict:
         report["jpeg_kb"] = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
         tokenizers = save_tokenizers(root / "tokenizers", preset.image_size)
         if "host" in sections:
-            batch = 2 if args.smoke else 32
-            min_seconds = 0.0 if args.smoke else args.min_seconds
-            report["host"] = [host_figures(name, preset, tokenizers, paths, batch, min_seconds, device)
+            batch, repeats = (2, 1) if args.smoke else (32, args.repeats)
+            report["host"] = [host_figures(name, preset, tokenizers, paths, batch, repeats, device)
                               for name in args.methods.split(",")]
-            report["torchvision_plain_img_s"] = torchvision_plain_img_s(paths, preset.image_size, batch, min_seconds)
+            report["torchvision_plain_img_s"] = torchvision_plain_img_s(paths, preset.image_size, batch, repeats)
         if "e2e" in sections:
             report["e2e"] = []
             for name in args.e2e_methods.split(","):
-                real = e2e_real_img_s(name, preset, tokenizers, root / "jpegs", root / "runs", args.workers)
+                real = e2e_real_img_s(name, preset, tokenizers, root / "jpegs", root / "runs", args.workers,
+                                      args.pipeline)
                 synthetic = model_only_img_s(name, preset, tokenizers, root / "jpegs", device)
-                report["e2e"].append({"method": name, **real, "model_only_img_s": synthetic})
+                report["e2e"].append({"method": name, "pipeline": args.pipeline, **real, "model_only_img_s": synthetic})
     table = markdown(report)
     print(table)
     if args.json:

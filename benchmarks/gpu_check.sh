@@ -25,7 +25,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   LIMITS=(60 60 60 60 60 120)
 else
   PAIRS=(--preset vit-b16 --steps 10 --warmup 3 --repeats 2)
-  HOST=(--preset gpu --min_seconds 2 --images 128)
+  HOST=(--preset gpu --repeats 3 --images 128)
   E2E=(--preset gpu --e2e_methods mae,beit)
   # seconds per part: mae, beit, beitv2 pairs (compilation is most of it), tokenizer, host, e2e; sum 445
   LIMITS=(95 95 80 30 45 100)

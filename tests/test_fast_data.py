@@ -289,12 +289,27 @@ def test_data_wait_meter_warns_when_data_is_the_bottleneck(caplog):
     assert caplog.text.count("data loader is the bottleneck") == 1
 
 
-def test_fast_run_logs_data_wait_and_names_its_pipeline(tmp_path, capsys):
+def fast_run(train: Path, output_dir: Path) -> list[str]:
+    # 12 images in batches of 4: 3 steps per epoch, so the checkpoint at step 2 lies inside epoch 0.
+    return ["--train_file", str(train), "--output_dir", str(output_dir), "--config_name", "mae-demo",
+            "--data_pipeline", "fast", "--train_val_split", "0", "--max_steps", "4", "--per_device_train_batch_size",
+            "4", "--logging_steps", "1", "--report_to", "none", "--dataloader_num_workers", "0", "--no-do_eval",
+            "--checkpointing_steps", "2", "--save_total_limit", "0"]
+
+
+def test_fast_run_resumes_exactly_and_logs_data_wait(tmp_path, capsys):
+    import shutil
+
     train = write_jpeg_parquet(tmp_path / "train.parquet", 12, broken=(5,))
-    main(["--train_file", str(train), "--output_dir", str(tmp_path / "run"), "--config_name", "mae-demo",
-          "--train_val_split", "0", "--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1",
-          "--report_to", "none", "--dataloader_num_workers", "0", "--no-do_eval", "--checkpointing_steps", "no"])
+    main(fast_run(train, tmp_path / "run"))
     assert "the fast pipeline, 0 data-loader worker(s) (asked" in capsys.readouterr().err  # the start-of-run line
-    waits = read_log(str(tmp_path / "run" / LOG_FILE), "data_wait")
-    assert sorted(waits) == [1, 2, 3] and all(value >= 0 for value in waits.values())
-    assert max(read_log(str(tmp_path / "run" / LOG_FILE), "skipped_images").values()) == 1  # 12 images, one epoch
+    log = str(tmp_path / "run" / LOG_FILE)
+    waits = read_log(log, "data_wait")
+    assert sorted(waits) == [1, 2, 3, 4] and all(value >= 0 for value in waits.values())
+    assert max(read_log(log, "skipped_images").values()) >= 1  # the broken image, counted
+    shutil.copytree(tmp_path / "run" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    main(fast_run(train, tmp_path / "resumed"))
+    expected, resumed = read_log(log, "loss"), read_log(str(tmp_path / "resumed" / LOG_FILE), "loss")
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):  # the same crops, flips and masks after the resume
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6)

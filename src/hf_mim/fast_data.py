@@ -1,4 +1,4 @@
-"""The fast training data path (`--data_pipeline fast`): decide on the host, compute on the device.
+"""The fast training data path (`--data_pipeline fast`, the default on GPUs): decide on the host, compute on the device.
 
 The reference path (`hf_mim.data.ImageExamples` + a method's `train_transform`) decodes every image
 fully and crops, resizes, flips, jitters and normalises it in a data-loader worker, then ships
@@ -47,7 +47,7 @@ from .resampling import color_jitter, resize_boxes
 
 logger = logging.getLogger(__name__)
 
-DATA_PIPELINES = ("fast", "reference")
+DATA_PIPELINES = ("auto", "fast", "reference")
 # JPEG scales libjpeg decodes directly (Pillow's draft() picks among these).
 DRAFT_REDUCTIONS = (8, 4, 2, 1)
 # EXIF orientations that swap width and height (transposed or rotated by 90 degrees).
@@ -258,10 +258,12 @@ class FastImageExamples(ImageExamples):
             return None, row
 
 
-def fast_training_examples(args, method, processor, dataset, image_column: str) -> FastImageExamples | None:
-    """The training examples of `--data_pipeline fast`, or None (logged) for the reference path: when
-    asked, or when the method declares no FastViews, or for a streamed data set (map-style only)."""
-    if getattr(args, "data_pipeline", "reference") != "fast":
+def fast_training_examples(args, method, processor, dataset, image_column: str,
+                           device: torch.device) -> FastImageExamples | None:
+    """The training examples of `--data_pipeline fast` (`auto`: off the CPU), or None (logged) for the
+    reference path: when asked, when the method declares no FastViews, or for a streamed data set."""
+    pipeline = getattr(args, "data_pipeline", "reference")
+    if pipeline == "reference" or (pipeline == "auto" and device.type == "cpu"):
         return None
     spec = method.fast_views(processor)
     if spec is None:

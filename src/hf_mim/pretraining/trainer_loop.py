@@ -130,7 +130,8 @@ def build_model(args, method: PretrainingMethod, data: ImageDatasets) -> torch.n
 
 def make_examples(run: Run, dataset, train: bool):
     args, method = run.args, run.method
-    if train and (fast := fast_training_examples(args, method, run.processor, dataset, run.data.image_column)):
+    if train and (fast := fast_training_examples(args, method, run.processor, dataset, run.data.image_column,
+                                                 run.accelerator.device)):
         return fast
     transform = (method.train_transform if train else method.eval_transform)(run.processor)
     if isinstance(dataset, datasets.IterableDataset):
