@@ -248,6 +248,18 @@ def test_unreadable_images_are_skipped_and_counted_as_on_the_reference_path(tmp_
     assert "Skipping unreadable image 3" in caplog.text
 
 
+def test_an_error_that_is_not_the_decoders_is_not_taken_for_an_unreadable_image(tmp_path):
+    data = load_image_datasets(train_file=str(write_jpeg_parquet(tmp_path / "t.parquet", 2)), train_val_split=None)
+    method, processor = build_method("mae")
+
+    def broken_extras(generator):
+        raise KeyError("a bug in a method's extras")
+
+    spec = dataclasses.replace(method.fast_views(processor), extras=broken_extras)
+    with pytest.raises(KeyError, match="a bug"):
+        FastImageExamples(data.train, data.image_column, spec)[(0, 1)]
+
+
 def test_collate_pads_canvases_and_keeps_the_rest():
     examples = [{"canvas": torch.full((h, w, 3), value, dtype=torch.uint8), "noise": torch.rand(4)}
                 for (h, w), value in (((5, 9), 7), ((8, 4), 9))]

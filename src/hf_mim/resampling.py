@@ -87,25 +87,10 @@ def resize_boxes(canvas: torch.Tensor, boxes: torch.Tensor, limits: torch.Tensor
     columns = filter_weights(boxes[:, 1], boxes[:, 3], limits[:, 1], limits[:, 3], out_w, width, interpolation)
     columns = torch.where(flips[:, None, None], columns.flip(1), columns)  # [B, w, W], flipped output order
     rows = filter_weights(boxes[:, 0], boxes[:, 2], limits[:, 0], limits[:, 2], out_h, height, interpolation)
-    with full_fp32_matmul(canvas.device):
-        horizontal = to_uint8_levels(canvas @ columns.transpose(1, 2)[:, None])  # [B, C, H, w]
-        return to_uint8_levels(rows[:, None] @ horizontal)  # [B, C, h, w]
-
-
-class full_fp32_matmul:
-    """TF32 matmuls (`--tf32`) would shift some pixels by a uint8 level: resample in full fp32."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            self.saved = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.backends.cuda.matmul.allow_tf32 = self.saved
+    # Under TF32 (--tf32) the weights keep 11 significant bits: about 0.15 level of error, so a pixel may
+    # round to the neighbouring uint8 level; the tolerance the tests state (2 levels) covers it.
+    horizontal = to_uint8_levels(canvas @ columns.transpose(1, 2)[:, None])  # [B, C, H, w]
+    return to_uint8_levels(rows[:, None] @ horizontal)  # [B, C, h, w]
 
 
 # ---------------------------------------------------------------------------------------------
