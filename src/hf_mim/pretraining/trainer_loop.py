@@ -354,7 +354,7 @@ def log_step(run: Run, learning_rate: float, grad_norm: float | None, progress) 
 
 
 DATA_WAIT_HINT = ("Raise --dataloader_num_workers (default: the process's cores - 1), use --data_pipeline fast if off, "
-                  "or store the images smaller (ImageNet-size JPEGs decode fastest).")
+                  "or store smaller images (decoding large JPEGs costs the most).")
 
 
 def fractional_epoch(run: Run) -> float:
