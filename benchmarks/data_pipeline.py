@@ -218,7 +218,7 @@ def e2e_real_img_s(name: str, preset: Preset, tokenizers: dict, folder: Path, ou
                    workers: int | None, pipeline: str) -> dict:
     """examples/pretrain.py's loop on the JPEG folder: img/s and data wait of the windows after the first."""
     arguments = method_arguments(name, preset, tokenizers) + [
-        "--train_dir", str(folder), "--output_dir", str(output / name), "--overwrite_output_dir",
+        "--train_dir", str(folder), "--output_dir", str(output / name), "--resume_from_checkpoint", "none",
         "--max_steps", str(preset.e2e_steps), "--per_device_train_batch_size", str(preset.batch_size),
         "--logging_steps", str(preset.logging_steps), "--report_to", "none", "--no-do_eval",
         "--checkpointing_steps", "no", "--train_val_split", "0", "--dataloader_persistent_workers",
@@ -241,6 +241,9 @@ def model_only_img_s(name: str, preset: Preset, tokenizers: dict, folder: Path, 
     """The same model and optimiser stepping on one batch of the fast path already on the device."""
     method, model, processor = build_method(name, preset, tokenizers)
     model.to(device).train()
+    if device.type == "cuda" and preset.bf16:  # as the e2e run's --tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     method.accelerator = None
     if hasattr(method, "tokenizer") and method.tokenizer is not None:
         method.tokenizer.to(device)

@@ -14,7 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pipeline import markdown as data_pipeline_tables  # noqa: E402
 
-THROUGHPUT_PARTS = ("throughput_mae", "throughput_beit", "throughput_beitv2", "throughput_tokenizer")
+THROUGHPUT_PARTS = ("throughput_eager", "throughput_compiled_mae", "throughput_compiled_beit",
+                    "throughput_compiled_beitv2", "throughput_tokenizer")
 DATA_PARTS = ("data_host", "data_e2e")
 
 
