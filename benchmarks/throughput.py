@@ -396,6 +396,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed blocks per model (median reported)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time torch.compile'd models (default: yes)")
+    parser.add_argument("--compile_only", action="store_true", help="time only the compiled models (no eager blocks)")
     parser.add_argument("--fullgraph", action="store_true", help="torch.compile(fullgraph=True): fail on graph breaks")
     parser.add_argument("--torch_compile_mode", default=None, help="torch.compile mode, e.g. max-autotune")
     parser.add_argument("--torch_compile_backend", default="inductor", help="torch.compile backend")
@@ -421,7 +422,7 @@ def main(argv=None) -> list[Result]:
                  if getattr(args, key) is not None}
     preset = dataclasses.replace(PRESETS[preset_name], **overrides)
     configure_device(device)
-    modes = ("eager", "compile") if args.compile else ("eager",)
+    modes = ("compile",) if args.compile_only else (("eager", "compile") if args.compile else ("eager",))
     compile_options = {"fullgraph": args.fullgraph, "mode": args.torch_compile_mode,
                        "backend": args.torch_compile_backend}
     env = environment(device)

@@ -82,3 +82,46 @@ def test_cli_writes_json(throughput, tmp_path):
     assert sorted(r["side"] for r in report["results"]) == ["ours", "peer"]
     with pytest.raises(SystemExit):
         throughput.main(["--models", "mae,nope"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The input pipeline benchmark and the prepared GPU check
+# ---------------------------------------------------------------------------------------------
+
+BENCHMARKS = SCRIPT.parent
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"hf_mim_benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_data_pipeline_host_figures_of_every_method(tmp_path):
+    data_pipeline = load_script("data_pipeline")
+    report = data_pipeline.main(["--smoke", "--sections", "host", "--json", str(tmp_path / "r.json"),
+                                 "--markdown", str(tmp_path / "r.md")])
+    assert [r["method"] for r in report["host"]] == list(data_pipeline.METHODS)
+    assert all(r[key] > 0 for r in report["host"] for key in ("reference_img_s", "fast_host_img_s", "fast_device_img_s"))
+    assert report["torchvision_plain_img_s"] > 0 and report["jpeg_kb"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["environment"]["device"] == "cpu"
+    assert "| beitv2 |" in (tmp_path / "r.md").read_text()
+
+
+def test_gpu_check_smoke_mode_writes_json_and_markdown(tmp_path):
+    """SMOKE=1: every part of benchmarks/gpu_check.sh on the CPU, tiny, then the merged report."""
+    import os
+    import subprocess
+
+    out = tmp_path / "check"
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), str(out)], env={**os.environ, "SMOKE": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["missing"] == [], done.stdout
+    assert {r["pair"] for r in report["throughput"]} == {"mae", "beit", "beitv2", "beitv2-tokenizer"}
+    assert report["data_pipeline"]["e2e"][0]["e2e_img_s"] > 0 and report["data_pipeline"]["host"]
+    table = (out / "gpu_check.md").read_text()
+    assert "| mae | eager |" in table and "e2e / model" in table

@@ -175,7 +175,12 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--torch_compile_mode", help="default, reduce-overhead, max-autotune ...")
     group.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
     group.add_argument("--dataloader_num_workers", type=int,
-                       help="data-loading processes per training process (default: the CPU cores per process - 1, max 8)")
+                       help="data-loading processes per training process (default: the CPU cores of the process - 1)")
+    group.add_argument("--data_pipeline", choices=["auto", "fast", "reference"], default="auto",
+                       help="fast: crop/flip/masks drawn in the workers, reduced JPEG decoding, uint8 to the device, "
+                            "resize + flip + jitter + normalise batched there (same draws, pixels within 1-2 uint8 "
+                            "levels); reference: torchvision on PIL images in the workers; auto (default): fast on "
+                            "a GPU, reference on a CPU, where the batched resize costs more (see hf_mim.fast_data)")
     group.add_argument("--dataloader_pin_memory", action=argparse.BooleanOptionalAction, default=True)
     group.add_argument("--dataloader_persistent_workers", action="store_true")
 

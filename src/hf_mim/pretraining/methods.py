@@ -189,6 +189,11 @@ class PretrainingMethod:
     def eval_transform(self, processor):
         raise NotImplementedError
 
+    def fast_views(self, processor):
+        """The training example declared for the fast data path (`hf_mim.fast_data.FastViews`), or None:
+        the reference path (`train_transform`) is used."""
+        return None
+
     # ------------------------------------------------------------------ loss and evaluation
 
     def training_loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -296,6 +301,14 @@ class MaeMethod(PretrainingMethod):
             return {"pixel_values": augment(image), "noise": torch.rand(num_patches, generator=generator)}
 
         return transform
+
+    def fast_views(self, processor):
+        from ..fast_data import FastViews, PixelView
+
+        view = PixelView("pixel_values", self.image_size, "bicubic", processor.image_mean, processor.image_std)
+        num_patches = self.num_patches
+        return FastViews((view,), scale=(0.2, 1.0),  # training_augmentation's
+                         extras=lambda generator: {"noise": torch.rand(num_patches, generator=generator)})
 
     def eval_transform(self, processor):
         num_patches = self.num_patches

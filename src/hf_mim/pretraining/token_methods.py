@@ -421,6 +421,15 @@ class TokenPredictionMethod(MaskedPredictionMethod):
 
         return transform
 
+    def fast_views(self, processor):
+        from ..fast_data import FastViews, PixelView
+
+        masks, mean, std = self.build_masks(), processor.image_mean, processor.image_std
+        views = (PixelView("pixel_values", self.image_size, "bicubic", mean, std),
+                 PixelView("tokenizer_pixel_values", self.tokenizer_size, self.tokenizer_interpolation.value))
+        return FastViews(views, scale=(self.args.min_crop_scale, 1.0), color_jitter=self.args.color_jitter,
+                         jitter_and_flip_first=True, extras=lambda generator: {"bool_masked_pos": masks(generator)})
+
     def eval_transform(self, processor):
         masks, size, interpolation = self.build_masks(), list(self.tokenizer_size), self.tokenizer_interpolation
 
@@ -563,6 +572,20 @@ class VitMppMethod(MaskedPredictionMethod):
             return self.example(pixels, TF.normalize(pixels, mean, std), generator)
 
         return transform
+
+    def fast_views(self, processor):
+        from ..fast_data import FastViews, PixelView
+
+        view = PixelView("pixel_values", self.image_size, "bicubic", processor.image_mean, processor.image_std,
+                         unit_key="unit_pixel_values")
+        config, num_patches = self.config, self.num_patches
+
+        def finish(batch):  # the colour targets from the unnormalised pixels, as example() does
+            pixels = batch.pop("unit_pixel_values")  # [B, C, H, W] in [0, 1]
+            return {**batch, "mean_color_targets": mean_color_targets(pixels, config.patch_size, config.color_bits)}
+
+        return FastViews((view,), scale=(self.args.min_crop_scale, 1.0), finish=finish, extras=lambda generator: {
+            "bool_masked_pos": random_patch_selection(1, num_patches, config.mask_ratio, generator)[0]})
 
     def eval_transform(self, processor):
         def transform(image, generator):

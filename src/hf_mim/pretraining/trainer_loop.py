@@ -25,9 +25,11 @@ from ..data import (
     DIGITS_SOURCE, EpochSampler, FixedSampler, ImageDatasets, ImageExamples, StreamingImageExamples, derive_seed, load_image_datasets,
 )
 from .arguments import resolve_mixed_precision
+from ..fast_data import FastImageExamples, fast_training_examples
 from .checkpoints import (
     TrainerState, load_checkpoint, prune_checkpoints, remove_incomplete_checkpoints, resolve_resume_path, save_checkpoint,
 )
+from .data_loading import DataWaitMeter, check_num_workers, cores_per_process, default_num_workers, describe_workers
 from .methods import PretrainingMethod, get_method
 from .optimization import (
     build_optimizer, build_scheduler, effective_batch_size, resolve_learning_rate, resolve_warmup_steps,
@@ -69,6 +71,8 @@ class Run:
     plan: Plan | None = None
     state: TrainerState = field(default_factory=TrainerState)
     meter: LossMeter | None = None
+    data_wait: DataWaitMeter | None = None
+    workers: str = ""  # how many data-loader workers and why
     last_checkpoint_step: int = -1
     eval_results: dict = field(default_factory=dict)
     eval_step: int = -1  # the step eval_results were measured at
@@ -124,19 +128,11 @@ def build_model(args, method: PretrainingMethod, data: ImageDatasets) -> torch.n
     return model
 
 
-def cores_per_process(accelerator: Accelerator) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    return max(1, cores // max(1, local_processes))
-
-
-def default_num_workers(accelerator: Accelerator) -> int:
-    """The CPU cores of this process, less one for the training itself, at most 8."""
-    return max(0, min(8, cores_per_process(accelerator) - 1))
-
-
 def make_examples(run: Run, dataset, train: bool):
     args, method = run.args, run.method
+    if train and (fast := fast_training_examples(args, method, run.processor, dataset, run.data.image_column,
+                                                 run.accelerator.device)):
+        return fast
     transform = (method.train_transform if train else method.eval_transform)(run.processor)
     if isinstance(dataset, datasets.IterableDataset):
         return StreamingImageExamples(dataset, run.data.image_column, transform, seed=args.data_seed, shuffle=train,
@@ -154,6 +150,7 @@ def make_loader(run: Run, examples, batch_size: int, train: bool) -> torch.utils
         examples, batch_size=batch_size, sampler=sampler, drop_last=train, num_workers=workers,
         pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
         persistent_workers=args.dataloader_persistent_workers and workers > 0,
+        collate_fn=getattr(examples, "collate", None),  # the fast path's padded uint8 canvases
     )
 
 
@@ -306,6 +303,8 @@ def train_micro_batch(run: Run, batch: dict) -> float | None:
     accelerator, args = run.accelerator, run.args
     skipped = batch.pop("num_skipped")
     batch.pop("labels", None)
+    if isinstance(run.train_examples, FastImageExamples):  # crop, resize, flip, jitter, normalise on the device
+        batch = run.train_examples.device_views(batch)
     grad_norm = None
     with accelerator.accumulate(run.model):
         seed_micro_batch(run)
@@ -347,9 +346,15 @@ def log_step(run: Run, learning_rate: float, grad_norm: float | None, progress) 
     if grad_norm is not None:
         values["grad_norm"] = grad_norm
     values.update(run.method.step_metrics())  # collective, like the flush above
+    values.update(run.data_wait.flush(run.args.logging_steps, DATA_WAIT_HINT))
     run.accelerator.log(values, step=run.state.global_step)
     progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{learning_rate:.2e}",
-                         img_s=f"{values['images_per_second']:.0f}", refresh=False)
+                         img_s=f"{values['images_per_second']:.0f}", data=f"{values['data_wait_fraction']:.0%}",
+                         refresh=False)
+
+
+DATA_WAIT_HINT = ("Raise --dataloader_num_workers (default: the process's cores - 1), use --data_pipeline fast if off, "
+                  "or store smaller images (decoding large JPEGs costs the most).")
 
 
 def fractional_epoch(run: Run) -> float:
@@ -386,6 +391,7 @@ def train(run: Run) -> dict:
     """The loop. Returns train metrics of this invocation (a resumed run counts its own part)."""
     args, accelerator, plan, state = run.args, run.accelerator, run.plan, run.state
     run.meter = LossMeter(accelerator.device)
+    run.data_wait = DataWaitMeter(warn=accelerator.is_main_process)
     start_step, start_time = state.global_step, time.perf_counter()
     progress = tqdm(total=plan.max_steps, initial=state.global_step, desc=f"pretrain {run.method.name}", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
@@ -394,7 +400,7 @@ def train(run: Run) -> dict:
     run.model.train()
     while state.global_step < plan.max_steps:
         batches, resumed_inside_epoch = 0, state.batch_in_epoch > 0
-        for batch in epoch_batches(run):
+        for batch in run.data_wait.timed(epoch_batches(run)):
             batches += 1
             grad_norm = train_micro_batch(run, batch)
             epoch_ended = end_epoch_if_done(run)
@@ -468,16 +474,20 @@ def evaluate_and_log(run: Run) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def configure_backends(args, accelerator: Accelerator) -> None:
+def configure_backends(args, accelerator: Accelerator) -> str:
     """TF32; and on CPU, one compute thread per core left after the data-loader workers: more threads
     than cores makes torch's CPU kernels spin and run several times slower."""
+    cores = cores_per_process(accelerator.num_processes)
+    workers_asked = args.dataloader_num_workers is not None
     if args.dataloader_num_workers is None:
-        args.dataloader_num_workers = default_num_workers(accelerator)
+        args.dataloader_num_workers = default_num_workers(accelerator.num_processes)
+    check_num_workers(args.dataloader_num_workers, cores)
     if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, cores_per_process(accelerator) - args.dataloader_num_workers))
+        torch.set_num_threads(max(1, cores - args.dataloader_num_workers))
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return describe_workers(args.dataloader_num_workers, cores, workers_asked)
 
 
 def run_pretraining(args, method_class: type[PretrainingMethod] | None = None) -> dict:
@@ -485,7 +495,7 @@ def run_pretraining(args, method_class: type[PretrainingMethod] | None = None) -
     `method_class`: a method from another registry (the tokenizers'); default: `get_method(args.method)`."""
     accelerator = build_accelerator(args)
     setup_logging(accelerator)
-    configure_backends(args, accelerator)
+    workers = configure_backends(args, accelerator)  # their number, said in the start-of-run line
     set_seed(args.seed)  # the model's initial weights
     method = (method_class or get_method(args.method))(args)
     data = load_data(args, accelerator)
@@ -497,6 +507,7 @@ def run_pretraining(args, method_class: type[PretrainingMethod] | None = None) -
                          "or --train_val_split.")
     model = build_model(args, method, data)
     run = Run(args, accelerator, method, data, model, method.build_image_processor())
+    run.workers = workers
     build_loaders(run)
     if args.do_train:
         run.plan = make_plan(run)
@@ -532,6 +543,8 @@ def describe_run(run: Run) -> None:
         plan.learning_rate, "explicit" if args.learning_rate is not None else f"blr {args.base_learning_rate:g} x batch/256",
         plan.warmup_steps, args.lr_scheduler_type, state.global_step, state.epoch, state.batch_in_epoch,
     )
+    pipeline = "fast" if isinstance(run.train_examples, FastImageExamples) else "reference"
+    logger.info("Data: the %s pipeline, %s.", pipeline, run.workers)
 
 
 __all__ = ["LossMeter", "Plan", "Run", "evaluate", "run_pretraining", "train"]

@@ -1,0 +1,333 @@
+"""The fast training data path (`--data_pipeline fast`, the default on GPUs): decide on the host, compute on the device.
+
+The reference path (`hf_mim.data.ImageExamples` + a method's `train_transform`) decodes every image
+fully and crops, resizes, flips, jitters and normalises it in a data-loader worker, then ships
+float32 tensors. Here a data-loader worker only
+
+1. opens the image (header only) and draws the crop box, flip and colour jitter with torch's RNG
+   seeded per example, calling the SAME torchvision objects in the SAME order as the reference, so
+   the boxes, flips, jitter factors (and the method's masks, drawn from the example's generator)
+   are identical and resuming stays exact;
+2. decodes a JPEG at a reduced scale when the box allows (Pillow's `draft()`: libjpeg's DCT-domain
+   1/2, 1/4, 1/8 downscaling, chosen so that the box keeps at least the output's pixels: the
+   remaining resize is still a downscale, antialiased as Pillow does);
+3. ships the uint8 pixels of the box (of the whole image when the colour jitter needs its mean grey),
+   in one padded uint8 canvas per batch (channels last, in shared memory) with each box and flip.
+
+:class:`DeviceViews` then makes every view of the whole batch on the training device with Pillow's
+arithmetic (`hf_mim.resampling`): the model view and, for BEiT-style methods, the tokenizer view of
+the same box at the tokenizer's size and interpolation, then normalises. A method declares what it
+needs with :class:`FastViews` (views: key, size, interpolation, mean/std; crop scale/ratio, flip,
+jitter; its non-pixel tensors); `None` keeps the reference path.
+
+Pixels agree with the reference within 2 uint8 levels (mean < 0.1) when no reduced decoding happens
+(Pillow's fixed-point vs our float rounding), and closely otherwise (libjpeg's DCT downscaling vs full decoding
++ Pillow's filter); `tests/test_fast_data.py` states and checks the tolerances. Unreadable images
+are skipped and counted exactly as on the reference path (same decoder, same loop).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import default_collate
+from torchvision.transforms import v2
+
+from .data import ImageExamples, apply_seeded, decode_image
+from .resampling import color_jitter, resize_boxes
+
+logger = logging.getLogger(__name__)
+
+DATA_PIPELINES = ("auto", "fast", "reference")
+# JPEG scales libjpeg decodes directly (Pillow's draft() picks among these).
+DRAFT_REDUCTIONS = (8, 4, 2, 1)
+# EXIF orientations that swap width and height (transposed or rotated by 90 degrees).
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+EXIF_ORIENTATION = 0x0112
+# Keys of the host -> device batch (popped by DeviceViews).
+CANVAS, BOX, LIMITS, FLIP, VALID, JITTER_ORDER, JITTER_FACTORS = (
+    "canvas", "crop_box", "crop_limits", "flip", "image_valid", "jitter_order", "jitter_factors")
+
+
+@dataclass(frozen=True)
+class PixelView:
+    """One view of the crop box: stored under `key`, `size` (h, w), resized with `interpolation`
+    (bicubic, lanczos, bilinear: Pillow's filters); normalised with mean/std, or [0, 1] pixels when
+    None; `unit_key` also keeps the [0, 1] pixels (e.g. for targets computed from them)."""
+
+    key: str
+    size: tuple[int, int]
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    unit_key: str | None = None
+
+
+@dataclass(frozen=True)
+class FastViews:
+    """What a method's training example needs, declared. The augmentation is torchvision's
+    RandomResizedCrop box (`scale`, `ratio`) with a horizontal flip, and a ColorJitter of strength
+    `color_jitter` (brightness = contrast = saturation; 0 = none). `jitter_and_flip_first`: the
+    reference jitters and flips the whole image BEFORE drawing the box (BEiT's two-view crop); else
+    it draws the box, then the flip (MAE). `extras(generator)`: the example's non-pixel tensors
+    (noise, masks) drawn from its generator, as the reference transform draws them. `finish(batch)`:
+    tensors computed on the device from the views (e.g. ViT-MPP's colour targets)."""
+
+    views: tuple[PixelView, ...]
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    color_jitter: float = 0.0
+    jitter_and_flip_first: bool = False
+    extras: Callable[[torch.Generator], dict[str, torch.Tensor]] | None = None
+    finish: Callable[[dict], dict] | None = None
+    reduced_decoding: bool = True
+
+    def __post_init__(self):
+        if self.color_jitter and not self.jitter_and_flip_first:
+            raise ValueError("FastViews: colour jitter is applied to the whole image before the crop "
+                             "(jitter_and_flip_first=True), as BEiT's reference does.")
+
+    @property
+    def largest_view(self) -> tuple[int, int]:
+        return max(view.size[0] for view in self.views), max(view.size[1] for view in self.views)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host: draw the augmentation, decode what the box needs
+# ---------------------------------------------------------------------------------------------
+
+
+class UnreadableImage(Exception):
+    """A decoder error (its cause), told apart from other errors inside the example's transform."""
+
+
+def open_image(value) -> Image.Image:
+    """A `datasets.Image(decode=False)` value opened lazily (header read, pixels not decoded);
+    remote files and PIL images come decoded (`decode_image`). Raises UnreadableImage."""
+    try:
+        if isinstance(value, dict) and value.get("bytes"):
+            return Image.open(io.BytesIO(value["bytes"]))
+        if isinstance(value, dict) and value.get("path") and os.path.isfile(value["path"]):
+            return Image.open(value["path"])
+        return decode_image(value, mode=value.mode if isinstance(value, Image.Image) else "RGB")
+    except Exception as error:  # any decoder error (PIL raises OSError, ValueError, SyntaxError ...)
+        raise UnreadableImage(error) from error
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag from the header (1 = upright; an unreadable EXIF block counts as upright)."""
+    if "exif" not in image.info:
+        return 1
+    try:
+        return int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # a damaged EXIF block does not make the pixels unreadable
+        return 1
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) once the EXIF orientation is applied, from the header."""
+    width, height = image.size
+    return (width, height) if exif_orientation(image) in SWAPPING_ORIENTATIONS else (height, width)
+
+
+def finish_decoding(image: Image.Image, mode: str) -> Image.Image:
+    """EXIF orientation and mode conversion of a decoded image. To become the shared decode step of
+    `hf_mim.data` (issue 9: EXIF, 16-bit, palette, CMYK, LA) once that lands, so that both paths agree."""
+    if exif_orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
+    return image if image.mode == mode else image.convert(mode)
+
+
+def decode_reduced(image: Image.Image, reduction: int, mode: str) -> tuple[Image.Image, float]:
+    """Decode at 1/`reduction` scale when the format allows (JPEG), else fully. Returns the image and
+    the reduction actually applied (full-resolution pixels per decoded pixel). Raises UnreadableImage."""
+    width, height = image.size
+    applied = 1.0
+    try:
+        if reduction > 1 and image.format == "JPEG":
+            drafted = image.draft(None, (width // reduction, height // reduction))
+            if drafted is not None:
+                applied = width / drafted[1][2]
+        image.load()  # decode now: truncated files fail here, as in decode_image
+        return finish_decoding(image, mode), applied
+    except Exception as error:  # any decoder error, as ImageExamples.read
+        raise UnreadableImage(error) from error
+
+
+@dataclass
+class Augmentation:
+    box: tuple[int, int, int, int]  # top, left, height, width in the oriented full-resolution image, unflipped
+    flip: bool
+    jitter_order: torch.Tensor | None = None  # [4] ColorJitter's fn_idx
+    jitter_factors: torch.Tensor | None = None  # [3] brightness, contrast, saturation
+
+
+class HostSampler:
+    """Draws an example's augmentation with torch's global RNG (seeded per example by the caller)
+    exactly as the reference transforms draw it, and decodes the pixels the box needs."""
+
+    def __init__(self, spec: FastViews, image_mode: str = "RGB"):
+        self.spec, self.image_mode = spec, image_mode
+        self.crop = v2.RandomResizedCrop(spec.largest_view, scale=spec.scale, ratio=spec.ratio)  # box sampling only
+        strength = spec.color_jitter
+        self.jitter = v2.ColorJitter(strength, strength, strength) if strength else None
+
+    def draw(self, height: int, width: int) -> Augmentation:
+        """The reference's draws in the reference's order (see FastViews.jitter_and_flip_first)."""
+        order = factors = None
+        flip = False
+        if self.jitter is not None:
+            params = self.jitter.make_params([])  # fn_idx, then the three factors (hue off)
+            order = params["fn_idx"]
+            factors = torch.tensor([params[name] for name in ("brightness_factor", "contrast_factor",
+                                                              "saturation_factor")], dtype=torch.float32)
+        if self.spec.flip and self.spec.jitter_and_flip_first:
+            flip = bool(torch.rand(1) < 0.5)  # v2.RandomHorizontalFlip(p=0.5)
+        size_only = torch.empty((), dtype=torch.uint8).expand(1, height, width)  # no pixels: only the size is read
+        box = self.crop.make_params([size_only])
+        top, left, box_h, box_w = box["top"], box["left"], box["height"], box["width"]
+        if self.spec.flip and not self.spec.jitter_and_flip_first:
+            flip = bool(torch.rand(1) < 0.5)
+        elif flip:  # the box was drawn on the flipped image: the same pixels, mirrored, of the original
+            left = width - left - box_w
+        return Augmentation((top, left, box_h, box_w), flip, order, factors)
+
+    def reduction(self, augmentation: Augmentation) -> int:
+        """The largest JPEG scale that keeps the box at least as large as every view."""
+        if not self.spec.reduced_decoding:
+            return 1
+        _, _, box_h, box_w = augmentation.box
+        out_h, out_w = self.spec.largest_view
+        return next(r for r in DRAFT_REDUCTIONS if box_h / r >= out_h and box_w / r >= out_w or r == 1)
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        height, width = oriented_size(image)
+        augmentation = self.draw(height, width)
+        image, reduction = decode_reduced(image, self.reduction(augmentation), self.image_mode)
+        example = self.pixels(image, augmentation, reduction)
+        if self.spec.extras is not None:
+            example.update(self.spec.extras(generator))
+        return example
+
+    def pixels(self, image: Image.Image, augmentation: Augmentation, reduction: float) -> dict[str, torch.Tensor]:
+        """The uint8 pixels (the box's, or the whole image's for the jitter) and the box inside them."""
+        top, left, box_h, box_w = (value / reduction for value in augmentation.box)
+        limits = [math.floor(top), math.floor(left), min(math.ceil(top + box_h), image.height),
+                  min(math.ceil(left + box_w), image.width)]  # top, left, bottom, right
+        example = {FLIP: torch.tensor(augmentation.flip)}
+        if self.jitter is None:  # ship only the box
+            image = image.crop((limits[1], limits[0], limits[3], limits[2]))
+            top, left = top - limits[0], left - limits[1]
+            limits = [0, 0, limits[2] - limits[0], limits[3] - limits[1]]
+        else:
+            example[JITTER_ORDER], example[JITTER_FACTORS] = augmentation.jitter_order, augmentation.jitter_factors
+        pixels = torch.from_numpy(np.array(image))  # [h, w, C] or [h, w]: rows of pixels, as decoded
+        example[CANVAS] = pixels if pixels.ndim == 3 else pixels[..., None]
+        example[VALID] = torch.tensor([image.height, image.width])
+        example[BOX] = torch.tensor([top, left, box_h, box_w], dtype=torch.float32)
+        example[LIMITS] = torch.tensor(limits, dtype=torch.float32)
+        return example
+
+
+def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack examples; the pixels of different sizes go into one uint8 canvas [B, H, W, C] (channels
+    last: each row is one memcpy), in shared memory inside a worker (no copy to send it). The padding
+    is left unset: nothing reads it (see resize_boxes' limits)."""
+    pixels = [example.pop(CANVAS) for example in examples]
+    height, width = max(p.shape[0] for p in pixels), max(p.shape[1] for p in pixels)
+    shape = (len(pixels), height, width, pixels[0].shape[2])
+    if torch.utils.data.get_worker_info() is not None:
+        canvas = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
+    else:
+        canvas = torch.empty(shape, dtype=torch.uint8)
+    for slot, image in zip(canvas, pixels):
+        slot[:image.shape[0], :image.shape[1]] = image
+    batch = default_collate(examples)
+    batch[CANVAS] = canvas
+    return batch
+
+
+class FastImageExamples(ImageExamples):
+    """ImageExamples whose examples are HostSampler outputs (see the module docstring): the same
+    indices, seeds, skipping and counting of unreadable images; batches need `collate` and then
+    `device_views` on the training device."""
+
+    def __init__(self, dataset, image_column: str, spec: FastViews, image_mode: str = "RGB",
+                 label_column: str | None = None):
+        super().__init__(dataset, image_column, HostSampler(spec, image_mode), image_mode, label_column)
+        self.device_views = DeviceViews(spec)
+        self.collate = collate
+
+    def attempt(self, index: int, sample_seed: int):
+        row = self.dataset[index]
+        try:  # the lazy open reads the header; the decode inside the transform reads the rest
+            return apply_seeded(self.transform, open_image(row[self.image_column]), sample_seed), row
+        except UnreadableImage as error:  # not other errors: a bug must not pass for unreadable images
+            self.unreadable.report(index, row[self.image_column], error.__cause__)
+            return None, row
+
+
+def fast_training_examples(args, method, processor, dataset, image_column: str,
+                           device: torch.device) -> FastImageExamples | None:
+    """The training examples of `--data_pipeline fast` (`auto`: off the CPU), or None (logged) for the
+    reference path: when asked, when the method declares no FastViews, or for a streamed data set."""
+    pipeline = getattr(args, "data_pipeline", "reference")
+    if pipeline == "reference" or (pipeline == "auto" and device.type == "cpu"):
+        return None
+    spec = method.fast_views(processor)
+    if spec is None:
+        logger.info("--method %s declares no fast views: training examples take the reference data path.", method.name)
+        return None
+    if isinstance(dataset, datasets.IterableDataset):
+        logger.warning("Streamed data sets take the reference data path (the fast path needs a map-style data set).")
+        return None
+    return FastImageExamples(dataset, image_column, spec, image_mode=method.image_mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device: every view of the whole batch
+# ---------------------------------------------------------------------------------------------
+
+
+class DeviceViews:
+    """Batch from the loader (on the training device) -> the model's inputs: jitter (per sample),
+    crop + resize + flip of every view, normalisation, then the method's `finish`."""
+
+    def __init__(self, spec: FastViews):
+        self.spec = spec
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        canvas = batch.pop(CANVAS).permute(0, 3, 1, 2).float()  # [B, C, H, W] uint8 levels
+        boxes, limits, flips, valid = (batch.pop(key) for key in (BOX, LIMITS, FLIP, VALID))
+        if JITTER_ORDER in batch:
+            canvas = color_jitter(canvas, valid, batch.pop(JITTER_ORDER), batch.pop(JITTER_FACTORS))
+        for view in self.spec.views:
+            pixels = resize_boxes(canvas, boxes.float(), limits.float(), flips.bool(), view.size,
+                                  view.interpolation) / 255.0  # [B, C, h, w] in [0, 1]
+            if view.unit_key:
+                batch[view.unit_key] = pixels
+            batch[view.key] = pixels if view.mean is None else normalize(pixels, view.mean, view.std)
+        return self.spec.finish(batch) if self.spec.finish is not None else batch
+
+
+def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    mean = torch.tensor(mean, device=pixels.device, dtype=pixels.dtype)[:, None, None]
+    std = torch.tensor(std, device=pixels.device, dtype=pixels.dtype)[:, None, None]
+    return (pixels - mean) / std
+
+
+__all__ = [
+    "DATA_PIPELINES", "DeviceViews", "FastImageExamples", "FastViews", "HostSampler", "PixelView", "UnreadableImage",
+    "collate",
+    "decode_reduced", "fast_training_examples", "finish_decoding", "open_image",
+]
