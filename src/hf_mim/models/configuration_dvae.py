@@ -93,4 +93,15 @@ class DvaeConfig(PreTrainedConfig):
             raise ValueError("kl_weight, kl_warmup_steps and temperature_anneal_steps must not be negative.")
 
 
+# Named architectures (`--config_name dvae-base`).
+PRESETS = {
+    # 32 px digits -> 8x8 tokens, 64 codes; the schedules shortened to the demo's ~240 steps: codes spread out
+    # only once the temperature is low (at temperature ~1 every cell's argmax is the same code).
+    "dvae-demo": dict(vocab_size=64, hidden_size=32, num_groups=3, num_blocks_per_group=1, decoder_init_size=32,
+                      decoder_hidden_size=32, decoder_num_blocks_per_group=1, reference_fp16=False,
+                      temperature_anneal_steps=150, kl_warmup_steps=50, kl_weight=1.0),
+    "dvae-base": dict(reference_fp16=False),  # the published architecture, trained in fp32 / mixed precision
+}
+
+
 __all__ = ["DvaeConfig"]
