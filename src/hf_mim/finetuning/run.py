@@ -20,7 +20,8 @@ from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint, se
 
 from ..data import DIGITS_SOURCE, ImageDatasets, ImageExamples, load_image_datasets
 from ..metrics import load_top_k_accuracy
-from ..pretraining.methods import METHODS
+from ..models.presets import from_preset, preset_names
+from ..registry import FAMILIES
 from .arguments import DataArguments, FinetuningArguments, ModelArguments, parse_finetuning_args
 from .classifier import Labels, build_classifier, load_classifier, read_labels
 from .ema import ModelEmaCallback, check_ema_compatible
@@ -65,9 +66,10 @@ def data_seed(training_args) -> int:
 def scratch_config(model_args: ModelArguments):
     """--config_name (a pre-training preset or a config), or the digits demo's tiny MAE encoder."""
     name = model_args.config_name or DEMO_PRESET
-    for method in METHODS.values():
-        if name in method.presets:
-            return method.config_class(**method.presets[name])
+    classifiable = [config.model_type for config, *_, classifier in FAMILIES.values() if classifier is not None]
+    for model_type in classifiable:
+        if name in preset_names(model_type):
+            return from_preset(name, model_type)
     return AutoConfig.from_pretrained(name, **model_args.hub_kwargs())
 
 
