@@ -14,6 +14,7 @@ import os
 import sys
 
 import datasets
+import torch
 import transformers
 from transformers import AutoConfig, AutoImageProcessor
 from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint, set_seed
@@ -232,10 +233,20 @@ def card_kwargs(model, model_args, data: ImageDatasets, results: dict, recipe_va
     }
 
 
+def limit_cpu_threads(training_args) -> None:
+    """On CPU, one compute thread per core left after the data-loader workers (as the pre-training loop):
+    more threads than cores make torch's CPU kernels spin and run several times slower."""
+    if not training_args.use_cpu or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores - training_args.dataloader_num_workers))
+
+
 def run_finetuning(model_args: ModelArguments, data_args: DataArguments, finetuning_args: FinetuningArguments,
                    training_args) -> dict:
     """Fine-tune, evaluate and save; returns the final metrics (train_* and eval_*)."""
     setup_logging(training_args)
+    limit_cpu_threads(training_args)
     set_seed(training_args.seed)
     data = load_data(data_args, model_args, training_args)
     check_training_args(training_args, data, finetuning_args)

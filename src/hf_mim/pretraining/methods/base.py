@@ -6,6 +6,15 @@ loss of a batch from the model, sums the model's per-sample losses over evaluati
 draws the figure. The loop in `trainer_loop.py` knows nothing else about the method. Each method is
 one file in this folder that subclasses :class:`PretrainingMethod` and registers itself with
 :func:`register_method` (see README, "Adding a method").
+
+What the loop calls, by concern (everything else here is a helper a method may override):
+
+* model: `build_model(default_preset)`, `build_image_processor()`, `setup(accelerator)`;
+* data: `train_transform(processor)`, `eval_transform(processor)` -> `transform(image, generator)`,
+  the one per-example step;
+* training: `training_loss(model, batch)`, `after_optimizer_step(step)`, `step_metrics(model)`;
+* evaluation: `eval_sums(model, batch)` (the model's per-sample losses, summed), `eval_metrics(sums)`;
+* outputs: `save_reconstructions(...)`, `recipe()`, `card_tokenizer()`.
 """
 
 from __future__ import annotations
