@@ -172,7 +172,7 @@ def test_mask_values_and_missing_mask_errors():
         model(pixels)
     with pytest.raises(ValueError, match="boolean"):
         model(pixels, torch.full((1, GRID), 2))
-    with pytest.raises(ValueError, match="integer token ids"):
+    with pytest.raises(ValueError, match="integer visual-token ids"):
         model(pixels, torch.zeros(1, GRID, dtype=torch.bool), torch.zeros(1, GRID))
 
 
@@ -487,3 +487,29 @@ def test_remote_code_load_without_hf_mim(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE-OK" in result.stdout
+
+
+@pytest.mark.parametrize("cls_head", [False, True])
+def test_per_sample_losses_tuples_and_unknown_keywords(cls_head):
+    changes = {"use_cls_pretext_head": True, "cls_head_early_layer": 1} if cls_head else {}
+    model = randomize(BEiTForMaskedImageModeling(tiny_config(**changes))).eval()
+    pixels, labels = torch.randn(3, 3, 32, 32), torch.randint(0, model.config.vocab_size, (3, 16))
+    mask = torch.zeros(3, 16, dtype=torch.bool)
+    mask[0, :5], mask[1, 3:4], mask[2, 8:16] = True, True, True  # 5, 1 and 8 masked patches
+    with torch.no_grad():
+        out = model(pixels, bool_masked_pos=mask, labels=labels)
+        as_tuple = model(pixels, bool_masked_pos=mask, labels=labels, return_dict=False)
+    samples = mask.nonzero()[:, 0]
+    ce = torch.nn.functional.cross_entropy(out.logits, labels[mask], reduction="none")  # [M]
+    per_image = torch.zeros(3).index_add(0, samples, ce) / mask.sum(-1)
+    if cls_head:
+        head = torch.nn.functional.cross_entropy(out.cls_head_logits, labels[mask], reduction="none")
+        per_image_head = torch.zeros(3).index_add(0, samples, head) / mask.sum(-1)
+        torch.testing.assert_close(out.cls_head_per_sample_loss, per_image_head)
+        per_image = per_image + per_image_head
+    torch.testing.assert_close(out.per_sample_loss, per_image)
+    correct = (out.logits.argmax(-1) == labels[mask]).float()
+    torch.testing.assert_close(out.per_sample_accuracy, torch.zeros(3).index_add(0, samples, correct) / mask.sum(-1))
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.loss) and torch.equal(as_tuple[1], out.logits)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'noise'"):
+        model(pixels, bool_masked_pos=mask, noise=torch.rand(3, 16))

@@ -15,7 +15,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from hf_mim.data import load_digits_dataset
 from hf_mim.models import DvaeConfig, DvaeTokenizer
-from hf_mim.tokenizer_training import get_tokenizer_method
+from hf_mim.models.presets import from_preset
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 STEPS, BATCH, LEARNING_RATE = 60, 32, 1e-3  # the demo's lr (blr 4e-3 x 64 / 256); a quarter of its updates
@@ -29,8 +29,8 @@ def code_usage(codes: torch.Tensor, num_codes: int) -> tuple[int, float]:
 
 
 def test_dvae_demo_preset_keeps_the_codebook_in_use_after_a_short_run():
-    preset = get_tokenizer_method("dvae").presets["dvae-demo"]
-    config = DvaeConfig(**preset)
+    config = from_preset("dvae-demo")
+    assert isinstance(config, DvaeConfig)
     assert config.kl_weight == 6.6 and config.temperature_end == 1 / 16  # the paper's values, not shrunk
     images = load_digits_dataset()["image"]  # the demo data: 32 px digits
     pixels = torch.stack([pil_to_tensor(image).float() / 255 for image in images])  # [1797, 3, 32, 32] in [0, 1]

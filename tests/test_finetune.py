@@ -456,3 +456,14 @@ def test_command_line_takes_the_names_users_know():
     assert training.learning_rate == 1e-4  # an explicit lr wins over the default blr
     with pytest.raises(ValueError, match="either --learning_rate .* or --base_learning_rate"):
         parse_finetuning_args(["--learning_rate", "1e-4", "--blr", "1e-3"])
+
+
+def test_help_shows_the_defaults_of_a_run_on_your_data(capsys):
+    from hf_mim.finetuning.arguments import parse_finetuning_args
+
+    with pytest.raises(SystemExit):
+        parse_finetuning_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # help lines are wrapped
+    assert "(digits demo: none) (default: rand-m9-mstd0.5-inc1)" in text  # not the digits demo's "none"
+    assert "(digits demo: 0.0) (default: 0.25)" in text  # --reprob
+    assert "(from scratch on the digits: 1.0) (default: 0.75)" in text  # --layer_decay

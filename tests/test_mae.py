@@ -392,3 +392,80 @@ def test_eager_and_sdpa_attention_agree(tmp_path):
                                                                                 *model.decoder.blocks])
     with torch.no_grad():
         torch.testing.assert_close(model(pixels, noise=noise).logits, outputs["eager"], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# One mask input: bool_masked_pos from the image processor
+# ---------------------------------------------------------------------------------------------
+
+
+def test_given_mask_keeps_the_visible_patches_in_order():
+    """With no blocks each encoder token depends on its own patch: the output must be the unmasked
+    output at exactly the patches the mask leaves visible, in their original order."""
+    torch.manual_seed(0)
+    model = perturb_parameters_(MaeModel(tiny_mae_config(num_hidden_layers=0))).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, [0, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15]] = True  # image 0 keeps 1, 2, 4, 14
+    mask[1, 4:] = True  # image 1 keeps 0-3
+    with torch.no_grad():
+        full = model(pixels).last_hidden_state  # [B, 1+16, D]
+        masked = model(pixels, bool_masked_pos=mask)
+    kept = torch.tensor([[1, 2, 4, 14], [0, 1, 2, 3]])
+    assert torch.equal(masked.last_hidden_state[:, 1:], torch.gather(full[:, 1:], 1, kept[..., None].expand(-1, -1, 32)))
+    assert torch.equal(masked.mask, mask.float())
+
+
+def test_pretraining_uses_the_processors_mask():
+    from hf_mim import MimImageProcessor
+
+    model = tiny_pretraining_model()
+    processor = MimImageProcessor(size={"height": 32, "width": 32}, patch_size=8, mask_generator="random",
+                                  mask_generator_kwargs={"mask_ratio": 0.5})
+    images = [np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8) for i in range(2)]
+    inputs = processor(images, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    assert torch.equal(out.mask, inputs["bool_masked_pos"].float())  # not the config's 75% of its own
+    assert out.mask.sum(dim=1).tolist() == [8.0, 8.0]
+    target = model.patchify(inputs["pixel_values"])
+    per_patch = (out.logits - target).pow(2).mean(-1)  # [B, L]
+    torch.testing.assert_close(out.loss, (per_patch * out.mask).sum() / out.mask.sum())
+
+
+def test_mask_errors_name_the_fix():
+    model = tiny_pretraining_model()
+    pixels = torch.randn(2, 3, 32, 32)
+    uneven = torch.zeros(2, 16, dtype=torch.bool)
+    uneven[0, :12], uneven[1, :8] = True, True
+    with pytest.raises(ValueError, match=r"masks \[8, 12\] patches in different samples"):
+        model(pixels, bool_masked_pos=uneven)
+    with pytest.raises(ValueError, match="either bool_masked_pos or noise"):
+        model(pixels, bool_masked_pos=uneven, noise=torch.rand(2, 16))
+    with pytest.raises(ValueError, match=r"bool_masked_pos has shape \[2, 9\]"):
+        model(pixels, bool_masked_pos=torch.zeros(2, 9, dtype=torch.bool))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'labels'"):
+        model(pixels, labels=torch.zeros(2))  # unknown keywords are not silently dropped
+
+
+def test_per_sample_losses_add_up_to_the_loss():
+    model = tiny_pretraining_model()
+    pixels, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    with torch.no_grad():
+        out = model(pixels, noise=noise)
+    per_patch = (out.logits - model.patchify(pixels)).pow(2).mean(-1)  # [B, L]
+    torch.testing.assert_close(out.per_sample_loss, (per_patch * out.mask).sum(-1) / out.mask.sum(-1))
+    masked = out.mask.sum(-1)
+    torch.testing.assert_close(out.loss, (out.per_sample_loss * masked).sum() / masked.sum())
+
+
+def test_tuples_and_config_hidden_states():
+    model = tiny_pretraining_model(output_hidden_states=True)
+    pixels, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        out = model(pixels, noise=noise)
+        as_tuple = model(pixels, noise=noise, return_dict=False)
+        encoder_tuple = model.encoder(pixels, return_dict=False)
+    assert len(out.hidden_states) == 3  # the config's output_hidden_states, as the other models
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.loss) and torch.equal(as_tuple[1], out.logits)
+    assert isinstance(encoder_tuple, tuple) and encoder_tuple[0].shape == (2, 17, 32)

@@ -12,17 +12,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForPreTraining
 
 import hf_mim
+from hf_mim.data import ImageDatasets
 from hf_mim.pretraining import main
 from hf_mim.pretraining.checkpoints import (
     STATE_FILE, TrainerState, latest_checkpoint, prune_checkpoints, publish_checkpoint, remove_incomplete_checkpoints,
     resolve_resume_path,
 )
+from hf_mim.pretraining.model_choice import BASE_MIN_IMAGES, choose_preset
 from hf_mim.pretraining.tracking import LOG_FILE, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -336,3 +339,44 @@ def test_learning_rate_rule_and_schedule():
     assert rates[60] == pytest.approx(1e-5 + (1 - 1e-5) * 0.5, rel=1e-6)  # half-way down the cosine
     assert rates[-1] == pytest.approx(1e-5 + (1 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 99 / 100)), rel=1e-6)
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-5) and min(rates[10:]) >= 1e-5  # ends at the floor
+
+
+# ---------------------------------------------------------------------------------------------
+# The model of a run without --config_name: chosen from the data, and said
+# ---------------------------------------------------------------------------------------------
+
+
+def image_datasets(side: int, count: int) -> ImageDatasets:
+    from PIL import Image
+
+    one = datasets.Dataset.from_dict({"image": [Image.new("RGB", (side, side), (90, 120, 200))]})
+    return ImageDatasets(train=one.select([0] * count), eval=None, image_column="image", label_column=None,
+                         source="folder", eval_split=None)
+
+
+@pytest.mark.parametrize(("side", "count", "preset"), [(32, 50, "mae-demo"), (64, 10, "mae-demo"),
+                                                        (224, BASE_MIN_IMAGES, "mae-base")])
+def test_preset_follows_the_data(side, count, preset):
+    chosen, why = choose_preset("mae", image_datasets(side, count))
+    assert chosen == preset and f"{side}x{side} px images ({count:,})" in why
+
+
+@pytest.mark.parametrize(("side", "count"), [(224, 500), (96, BASE_MIN_IMAGES)])
+def test_data_that_fits_no_preset_is_refused_with_both_choices(side, count):
+    with pytest.raises(ValueError, match=rf"{side}x{side} px images.*--config_name mae-base.*--config_name mae-demo"):
+        choose_preset("mae", image_datasets(side, count))
+
+
+def test_the_start_of_run_line_names_the_chosen_model(tmp_path, capfd):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(24):
+        Image.new("RGB", (32, 32), (index * 10, 100, 200 - index * 5)).save(folder / f"{index}.png")
+    main(["--train_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+          "--per_device_train_batch_size", "8", "--no-do_eval", "--report_to", "none",
+          "--dataloader_num_workers", "0", "--checkpointing_steps", "no"])
+    start = next(line for line in capfd.readouterr().err.splitlines() if "Training mae" in line)  # the loop's log
+    assert "model: mae-demo (chosen from the data: 32x32 px images (20) are small)" in start, start  # 24 - 15% held out
+    assert AutoModelForPreTraining.from_pretrained(tmp_path / "out").config.image_size == 32

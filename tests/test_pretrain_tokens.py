@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ from hf_mim.models import BEiTForMaskedImageModeling, DvaeConfig, DvaeTokenizer,
 from hf_mim.models import VitMppForPreTraining, VqkdConfig, VqkdTokenizer
 from hf_mim.models.masking import ExactBlockwiseMaskGenerator
 from hf_mim.pretraining import build_parser, get_method, main, parse_args
-from hf_mim.pretraining.token_methods import TwoViewCrop, load_frozen_tokenizer, masked_prediction_sums
+from hf_mim.models.losses import masked_token_losses
+from hf_mim.pretraining.methods.token_targets import TargetHealth, TwoViewCrop, load_frozen_tokenizer
 from hf_mim.pretraining.tracking import LOG_FILE, read_log
 
 # 32 training images in batches of 8: 4 micro-batches per epoch.
@@ -68,6 +70,12 @@ def tokenizers(tmp_path_factory) -> dict[str, Path]:
         torch.manual_seed(0)
         build().save_pretrained(root / name)
         paths[name] = root / name
+    # A collapsed tokenizer: every code vector the same, so every patch gets code 0 (1 of 32 codes used).
+    collapsed = VqkdTokenizer(VqkdConfig(**vqkd))
+    with torch.no_grad():
+        collapsed.quantize.embedding.weight.copy_(collapsed.quantize.embedding.weight[:1].expand(CODES, -1))
+    collapsed.save_pretrained(root / "collapsed")
+    paths["collapsed"] = root / "collapsed"
     return paths
 
 
@@ -235,14 +243,16 @@ def test_a_batch_without_masked_patches_gives_zero_not_nan(tmp_path, tokenizers)
     assert method.eval_metrics({key: 0.0 for key in sums}) == {"loss": 0.0, "accuracy": 0.0}
 
 
-def test_masked_prediction_sums_are_per_image():
+def test_per_sample_losses_are_per_image():
     mask = torch.tensor([[True, False, True], [False, False, True]])  # 2 masked in image 0, 1 in image 1
     targets = torch.tensor([[1, 0, 2], [0, 0, 1]])
     logits = torch.tensor([[0.0, 9.0, 0.0], [9.0, 0.0, 0.0], [0.0, 9.0, 0.0]])  # right, wrong, right
-    sums = masked_prediction_sums(logits, targets, mask)
-    assert sums["correct"].tolist() == [1.0, 1.0]
+    result = masked_token_losses(logits, targets[mask], mask.nonzero()[:, 0], batch=2)
+    masked = mask.sum(-1).float()  # [2, 1]: what the evaluation weighs each image's values with
+    assert (result.per_sample_accuracy * masked).tolist() == [1.0, 1.0]
     expected = F.cross_entropy(logits, targets[mask], reduction="none")
-    torch.testing.assert_close(sums["loss_sum"], torch.stack([expected[0] + expected[1], expected[2]]))
+    torch.testing.assert_close(result.per_sample_loss * masked, torch.stack([expected[0] + expected[1], expected[2]]))
+    torch.testing.assert_close(result.loss, expected.mean())  # the training loss: the same per-token losses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,3 +354,29 @@ def test_beit_learns_more_than_the_majority_token(tmp_path, tokenizers):
     print(f"held-out masked-token accuracy {results['eval_accuracy']:.3f}, majority baseline {majority:.3f}")
     assert results["eval_samples"] == len(mask)
     assert results["eval_accuracy"] > majority + 0.08
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer health: degenerate targets are refused, not reported as 100% accuracy
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_collapsed_tokenizer_is_refused(tmp_path, tokenizers):
+    with pytest.raises(ValueError, match=r"degenerate targets: .* used 1 of its 32 codes.*100%.*--allow_degenerate_t"):
+        main(run_args("beit", tmp_path / "out", tokenizers["collapsed"], "--max_steps", "2", "--no-do_eval",
+                      "--checkpointing_steps", "no"))
+
+
+def test_degenerate_targets_can_be_allowed_with_a_warning():
+    health = TargetHealth(vocab_size=4, source="tok", batches=2, allow_degenerate=True)
+    health.add(torch.zeros(2, 8, dtype=torch.long))
+    assert health.report is None  # measured on the first 2 batches, not on one
+    with pytest.warns(RuntimeWarning, match=r"skewed targets: .* used 2 of its 4 codes.* 94% of the patches"):
+        health.add(torch.tensor([[0] * 7 + [3]] * 2))
+    assert health.report == {"target_codes_used": 2, "target_majority_share": 30 / 32}
+    health.add(torch.zeros(2, 8, dtype=torch.long))  # checked once
+    healthy = TargetHealth(vocab_size=4, source="tok", batches=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        healthy.add(torch.arange(4).repeat(2, 2))  # every code a quarter of the time: silent
+    assert healthy.report["target_codes_used"] == 4

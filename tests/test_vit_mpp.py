@@ -476,3 +476,23 @@ def test_learns_mean_colours_from_context_on_digits():
     assert out.accuracy > majority + 0.15, (out.accuracy, majority)
     assert masked_accuracy > position_baseline + 0.08, (masked_accuracy, position_baseline)
     assert masked_token_loss(out.logits, targets)[1] == out.accuracy
+
+
+def test_per_sample_losses_tuples_and_unknown_keywords():
+    model = randomize(VitMppForPreTraining(tiny_config())).eval()
+    pixels = torch.rand(2, 3, 32, 32)
+    labels = model.compute_labels(pixels)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, :3], mask[1, 5:15] = True, True
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = model(pixels, bool_masked_pos=mask, labels=labels, generator=generator)
+        as_tuple = model(pixels, bool_masked_pos=mask, labels=labels, generator=torch.Generator().manual_seed(0),
+                         return_dict=False)
+    ce = torch.nn.functional.cross_entropy(out.logits, labels[mask], reduction="none")  # [M]
+    per_image = torch.zeros(2).index_add(0, mask.nonzero()[:, 0], ce) / mask.sum(-1)
+    torch.testing.assert_close(out.per_sample_loss, per_image)
+    torch.testing.assert_close(out.loss, ce.mean())
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.loss)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'noise'"):
+        model(pixels, noise=torch.rand(2, 16))

@@ -21,25 +21,65 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping, Set
 from pathlib import Path
 from typing import Any, Literal
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-# method -> (human name, kind). "mim" methods pre-train an encoder; "tokenizer" methods produce the
-# discrete targets other methods predict. Each has a Markdown paragraph in card_templates/methods/.
-METHODS = {
-    "mae": ("MAE", "mim"),
-    "beit": ("BEiT", "mim"),
-    "beitv2": ("BEiT v2", "mim"),
-    "peco": ("PeCo", "mim"),
-    "vit_mpp": ("ViT masked patch prediction", "mim"),
-    "dvae": ("DALL-E dVAE tokenizer", "tokenizer"),
-    "vqkd": ("VQ-KD tokenizer", "tokenizer"),
-    "peco_tokenizer": ("PeCo tokenizer", "tokenizer"),
-}
-# Methods whose pre-training targets come from a separate tokenizer the card must name.
-NEEDS_TOKENIZER = {"beit", "beitv2", "peco"}
+class CardMethods(Mapping):
+    """method -> (human name, kind), derived from the method registries (`hf_mim.pretraining.METHODS`,
+    `hf_mim.tokenizer_training.TOKENIZER_METHODS`; imported on first use): "mim" methods pre-train an
+    encoder; "tokenizer" methods produce the discrete targets other methods predict. Each has a Markdown
+    paragraph in card_templates/methods/<name>.md. `needs_tokenizer`: the methods whose pre-training
+    targets come from a separate tokenizer the card must name."""
+
+    def __init__(self):
+        self.entries: dict[str, tuple[str, str]] | None = None
+        self.tokenized: set[str] = set()
+
+    def table(self) -> dict[str, tuple[str, str]]:
+        if self.entries is None:
+            from .pretraining.methods import METHODS as MIM_METHODS
+            from .tokenizer_training.methods import TOKENIZER_METHODS
+
+            entries = {}
+            for registry in (MIM_METHODS, TOKENIZER_METHODS):
+                for method in registry.values():
+                    entries[method.card_name or method.name] = (method.title, registry.kind)
+                    if method.needs_tokenizer:
+                        self.tokenized.add(method.card_name or method.name)
+            self.entries = entries
+        return self.entries
+
+    def __getitem__(self, name: str) -> tuple[str, str]:
+        return self.table()[name]
+
+    def __iter__(self):
+        return iter(self.table())
+
+    def __len__(self) -> int:
+        return len(self.table())
+
+
+class NeedsTokenizer(Set):
+    """The card methods whose pre-training targets come from a separate tokenizer the card must name."""
+
+    def __contains__(self, name) -> bool:
+        METHODS.table()
+        return name in METHODS.tokenized
+
+    def __iter__(self):
+        METHODS.table()
+        return iter(sorted(METHODS.tokenized))
+
+    def __len__(self) -> int:
+        METHODS.table()
+        return len(METHODS.tokenized)
+
+
+METHODS = CardMethods()
+NEEDS_TOKENIZER = NeedsTokenizer()
 TASKS = ("pretraining", "image-classification")
 PIPELINE_TAGS = {"pretraining": "image-feature-extraction", "image-classification": "image-classification"}
 # Config fields shown in the Model table, when present.

@@ -162,6 +162,16 @@ def check_model_ema(argv: list[str], finetuning_args: FinetuningArguments) -> No
         warnings.warn("--model_ema_decay does nothing without --model_ema.", stacklevel=3)
 
 
+def note_demo_defaults(parser: argparse.ArgumentParser) -> None:
+    """--help shows the defaults of a run on your data; the digits demo's own go into the help text."""
+    for action in parser._actions:
+        notes = [f"{where}: {values[action.dest]}" for where, values in (
+            ("digits demo", DEMO_DATA_DEFAULTS), ("from scratch on the digits", FROM_SCRATCH_DEFAULTS))
+            if action.dest in values]
+        if notes and action.help is not argparse.SUPPRESS:
+            action.help = f"{action.help or ''} ({'; '.join(notes)})".strip()
+
+
 def parse_finetuning_args(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, FinetuningArguments, TrainingArguments) with the fine-tuning
     defaults, the demo's where it applies, and no boilerplate flags needed."""
@@ -169,7 +179,9 @@ def parse_finetuning_args(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments, TrainingArguments))
     add_aliases(parser)
     defaults = {**TRAINING_DEFAULTS, "use_cpu": not has_accelerator(), "dataloader_num_workers": default_num_workers()}
-    if not any(given(argv, name) for name in DATA_SOURCES):
+    if any(arg in ("-h", "--help") for arg in argv):  # the defaults of a run on your data, and the demo's beside them
+        note_demo_defaults(parser)
+    elif not any(given(argv, name) for name in DATA_SOURCES):
         defaults.update(DEMO_DATA_DEFAULTS)
         if not given(argv, "model_name_or_path") and not given(argv, "config_name"):
             defaults.update(FROM_SCRATCH_DEFAULTS)

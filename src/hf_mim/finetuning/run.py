@@ -14,13 +14,15 @@ import os
 import sys
 
 import datasets
+import torch
 import transformers
 from transformers import AutoConfig, AutoImageProcessor
 from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint, set_seed
 
 from ..data import DIGITS_SOURCE, ImageDatasets, ImageExamples, load_image_datasets
 from ..metrics import load_top_k_accuracy
-from ..pretraining.methods import METHODS
+from ..models.presets import from_preset, preset_names
+from ..registry import FAMILIES
 from .arguments import DataArguments, FinetuningArguments, ModelArguments, parse_finetuning_args
 from .classifier import Labels, build_classifier, load_classifier, read_labels
 from .ema import ModelEmaCallback, check_ema_compatible
@@ -65,9 +67,10 @@ def data_seed(training_args) -> int:
 def scratch_config(model_args: ModelArguments):
     """--config_name (a pre-training preset or a config), or the digits demo's tiny MAE encoder."""
     name = model_args.config_name or DEMO_PRESET
-    for method in METHODS.values():
-        if name in method.presets:
-            return method.config_class(**method.presets[name])
+    classifiable = [config.model_type for config, *_, classifier in FAMILIES.values() if classifier is not None]
+    for model_type in classifiable:
+        if name in preset_names(model_type):
+            return from_preset(name, model_type)
     return AutoConfig.from_pretrained(name, **model_args.hub_kwargs())
 
 
@@ -230,10 +233,20 @@ def card_kwargs(model, model_args, data: ImageDatasets, results: dict, recipe_va
     }
 
 
+def limit_cpu_threads(training_args) -> None:
+    """On CPU, one compute thread per core left after the data-loader workers (as the pre-training loop):
+    more threads than cores make torch's CPU kernels spin and run several times slower."""
+    if not training_args.use_cpu or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores - training_args.dataloader_num_workers))
+
+
 def run_finetuning(model_args: ModelArguments, data_args: DataArguments, finetuning_args: FinetuningArguments,
                    training_args) -> dict:
     """Fine-tune, evaluate and save; returns the final metrics (train_* and eval_*)."""
     setup_logging(training_args)
+    limit_cpu_threads(training_args)
     set_seed(training_args.seed)
     data = load_data(data_args, model_args, training_args)
     check_training_args(training_args, data, finetuning_args)

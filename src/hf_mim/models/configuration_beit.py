@@ -85,4 +85,22 @@ class BEiTConfig(VitBackboneConfig):
         return self.layer_scale_init_value > 0
 
 
+# Named architectures of the BEiT family (the model is the same for BEiT, BEiT v2 and PeCo pre-training).
+DEMO_SHAPE = dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  intermediate_size=512)  # 32x32 digits -> 8x8 patches; learns in minutes on two CPU cores
+LARGE_SHAPE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+PRESETS = {
+    "beit-demo": DEMO_SHAPE,
+    "beit-base": {},  # ViT-B/16 (BEiTConfig's defaults)
+    "beit-large": {**LARGE_SHAPE, "layer_scale_init_value": 1e-5},
+    "beitv2-demo": {**DEMO_SHAPE, "use_cls_pretext_head": True, "cls_head_early_layer": 3},  # 3 of 4 blocks
+    "beitv2-base": {"use_cls_pretext_head": True},  # ViT-B/16, head on block 9 of 12
+    "beitv2-large": {**LARGE_SHAPE, "layer_scale_init_value": 1e-5, "use_cls_pretext_head": True,
+                     "cls_head_early_layer": 21},
+    "peco-demo": DEMO_SHAPE,
+    "peco-base": {},
+    "peco-large": {**LARGE_SHAPE, "layer_scale_init_value": 1e-5},
+}
+
+
 __all__ = ["BEiTConfig"]

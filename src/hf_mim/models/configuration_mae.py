@@ -50,4 +50,17 @@ class MaeConfig(VitBackboneConfig):
                 raise ValueError(f"{name}hidden_size={width} must be divisible by 4 for the 2-D sin-cos table.")
 
 
+# Named architectures (`hf_mim.models.presets.from_preset("mae-base")`, `--config_name mae-base`).
+PRESETS = {
+    # Learns the embedded digits in minutes on two CPU cores.
+    "mae-demo": dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=512, decoder_hidden_size=64, decoder_num_hidden_layers=2,
+                     decoder_num_attention_heads=4, decoder_intermediate_size=256),
+    "mae-base": {},  # ViT-B/16 with the published 512 x 8 decoder (MaeConfig's defaults)
+    "mae-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "mae-huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120,
+                     patch_size=14),
+}
+
+
 __all__ = ["MaeConfig"]

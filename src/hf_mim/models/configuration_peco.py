@@ -210,4 +210,14 @@ class PecoConfig(PreTrainedConfig):
             )
 
 
+# Named architectures of the PeCo tokenizer (`--config_name peco-base` of train_tokenizer.py).
+PRESETS = {
+    # 32 px digits, 4x downsampling -> 8x8 tokens (the MAE demo's patch grid), 64 codes; perceptual blocks 1-2.
+    "peco-demo": dict(image_size=32, downsample_factor=4, hidden_size=16, channel_multipliers=[1, 2, 2],
+                      num_res_blocks=1, attention_at_lowest_resolution=False, norm_num_groups=8, code_dim=16,
+                      num_codes=64, perceptual_layers=[1, 2]),
+    "peco-base": {},  # ours: VQGAN f16 (224 px -> 14x14), 8192 x 256 codes, perceptual blocks 3/6/9/12
+}
+
+
 __all__ = ["PecoConfig"]

@@ -63,4 +63,13 @@ class VitMppConfig(VitBackboneConfig):
             )
 
 
+# Named architectures (`--config_name vit_mpp-base`); the demo learns the embedded digits on two CPU cores.
+PRESETS = {
+    "vit_mpp-demo": dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=512),
+    "vit_mpp-base": {},
+    "vit_mpp-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
 __all__ = ["VitMppConfig"]

@@ -107,4 +107,15 @@ class VqkdConfig(VitBackboneConfig):
             grid_size_for(self.teacher_input_size, 1)  # a positive int or (height, width) pair
 
 
+# Named architectures (`--config_name vqkd-base`).
+PRESETS = {
+    # 32 px digits, 4 px patches -> 8x8 tokens (the grid of the MAE demo of examples/pretrain.py), 64 codes.
+    "vqkd-demo": dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=128, decoder_hidden_size=64, decoder_num_hidden_layers=1,
+                      decoder_num_attention_heads=2, decoder_intermediate_size=128, code_dim=16, num_codes=64,
+                      teacher_name_or_path=None, teacher_type="auto"),
+    "vqkd-base": {},  # vqkd_encoder_base_decoder_3x768x12_clip: ViT-B/16, 8192 x 32 codes, CLIP ViT-B/16 teacher
+}
+
+
 __all__ = ["VqkdConfig"]

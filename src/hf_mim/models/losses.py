@@ -24,9 +24,18 @@ def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 
     pred, target: [B, L, P]; mask: [B, L] with 1 = removed (the only patches that count).
     """
+    return masked_mse_losses(pred, target, mask)[0]
+
+
+def masked_mse_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the batch's :func:`masked_mse_loss`, each sample's mean over its own masked patches [B]), from the
+    same per-patch errors."""
     per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # [B, L]
     mask = mask.to(per_patch.dtype)
-    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+    per_sample_sum = (per_patch * mask).sum(dim=-1)  # [B]
+    per_sample_count = mask.sum(dim=-1)  # [B]
+    loss = per_sample_sum.sum() / per_sample_count.sum().clamp_min(1.0)
+    return loss, per_sample_sum / per_sample_count.clamp_min(1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,16 +115,38 @@ def dvae_loss(
 # ---------------------------------------------------------------------------------------------
 
 
-def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy and accuracy over all M masked tokens of the batch: logits [M, V], targets [M].
+class MaskedTokenLoss(NamedTuple):
+    """Cross-entropy and accuracy over the masked tokens: of the batch (scalars) and of each sample [B]."""
 
-    Sum over tokens divided by max(M, 1), so a batch without a masked patch gives 0 (with the
-    graph kept) instead of the NaN of an empty mean.
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    per_sample_loss: torch.Tensor
+    per_sample_accuracy: torch.Tensor
+
+
+def masked_token_losses(logits: torch.Tensor, targets: torch.Tensor, samples: torch.Tensor, batch: int) -> MaskedTokenLoss:
+    """logits [M, V] and targets [M] of the M masked tokens of the batch; samples [M]: the sample of each.
+
+    The batch values are sums over tokens divided by max(M, 1), so a batch without a masked patch gives 0
+    (with the graph kept) instead of the NaN of an empty mean; a sample's values are the mean over its own
+    masked tokens (0 without any). Both come from the same per-token losses.
     """
+    per_token = F.cross_entropy(logits.float(), targets, reduction="none")  # [M]
+    correct = (logits.detach().argmax(dim=-1) == targets).float()  # [M]
     count = max(targets.numel(), 1)
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum") / count
-    accuracy = (logits.detach().argmax(dim=-1) == targets).sum().float() / count
-    return loss, accuracy
+    zeros = per_token.new_zeros(batch)  # [B]
+    tokens_per_sample = zeros.index_add(0, samples, torch.ones_like(per_token)).clamp_min(1.0)  # [B]
+    return MaskedTokenLoss(
+        loss=per_token.sum() / count, accuracy=correct.sum() / count,
+        per_sample_loss=zeros.index_add(0, samples, per_token) / tokens_per_sample,
+        per_sample_accuracy=zeros.index_add(0, samples, correct) / tokens_per_sample,
+    )
+
+
+def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, accuracy) over all M masked tokens of the batch: logits [M, V], targets [M]."""
+    result = masked_token_losses(logits, targets, torch.zeros_like(targets), 1)
+    return result.loss, result.accuracy
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,16 @@ def random_masking(noise: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor
     return ids_keep, mask, ids_restore
 
 
+def masking_from_mask(mask: torch.Tensor, num_masked: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`random_masking`'s (ids_keep [B, K], mask [B, L] float, ids_restore [B, L]) for a given boolean
+    `mask` [B, L] (True = removed) that removes `num_masked` patches of every sample. The kept patches
+    stay in their original order."""
+    length = mask.shape[1]
+    ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # [B, L]: visible first, in order
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # [B, L]
+    return ids_shuffle[:, :length - num_masked], mask.float(), ids_restore
+
+
 def gather_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """tokens [B, L, D], ids [B, K] -> [B, K, D]."""
     return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))

@@ -24,7 +24,8 @@ from transformers.utils import ModelOutput
 
 from .classification import ImageClassificationMixin
 from .configuration_beit import BEiTConfig
-from .losses import masked_token_loss
+from .inputs import check_bool_masked_pos, check_patch_labels
+from .losses import masked_token_losses
 from .relative_position import RelativePositionBias, relative_position_index
 from .remote_code import HubCodeMixin
 from .vit_core import Attention, Block, PatchEmbed, drop_path_rates, grid_size_for, resize_pos_embed, run_blocks
@@ -45,7 +46,9 @@ class BEiTModelOutput(ModelOutput):
 class BEiTForMaskedImageModelingOutput(ModelOutput):
     """loss: ``mim_loss`` (+ ``cls_head_loss`` with the BEiT v2 head); logits [M, vocab] for the M
     masked patches of the batch, in row-major order of ``bool_masked_pos`` (sample by sample);
-    accuracy: masked-token accuracy of ``logits``. The ``cls_head_*`` fields are the v2 head's."""
+    accuracy: masked-token accuracy of ``logits``. The ``cls_head_*`` fields are the v2 head's.
+    per_sample_loss [B]: each image's ``loss`` over its own masked patches (mim + cls head, from the same
+    per-token losses); per_sample_accuracy [B] likewise."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -55,6 +58,10 @@ class BEiTForMaskedImageModelingOutput(ModelOutput):
     cls_head_logits: torch.FloatTensor | None = None
     cls_head_accuracy: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    per_sample_loss: torch.FloatTensor | None = None
+    per_sample_accuracy: torch.FloatTensor | None = None
+    cls_head_per_sample_loss: torch.FloatTensor | None = None
+    cls_head_per_sample_accuracy: torch.FloatTensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,49 +69,22 @@ class BEiTForMaskedImageModelingOutput(ModelOutput):
 # ---------------------------------------------------------------------------------------------
 
 
-def check_bool_masked_pos(bool_masked_pos: torch.Tensor | None, batch: int, grid: tuple[int, int]) -> torch.Tensor:
-    """[B, N] or [B, rows, cols] mask (True / 1 = masked) -> [B, N] bool in row-major patch order."""
-    rows, cols = grid
+def check_labels(labels: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int], vocab_size: int) -> torch.Tensor:
+    """The visual-token ids of ALL patches, [B, N] (or [B, rows, cols]) -> [B, N] long."""
+    return check_patch_labels(
+        labels, mask.shape[0], grid, vocab_size, "visual-token ids", f"the LM head has vocab_size={vocab_size}",
+        " (transformers' BeitForMaskedImageModeling takes only the masked ones; pass the full token map, the model "
+        "picks the masked positions itself).",
+        "Build the model with vocab_size equal to the tokenizer's codebook size (8192 for the DALL-E dVAE and VQ-KD).")
+
+
+def required_mask(bool_masked_pos: torch.Tensor | None, batch: int, grid: tuple[int, int]) -> torch.Tensor:
     if bool_masked_pos is None:
         raise ValueError(
             "BEiT pre-training needs `bool_masked_pos` [batch, num_patches] (True = masked); build it with "
             "hf_mim's blockwise mask generator or the image processor."
         )
-    if tuple(bool_masked_pos.shape) not in ((batch, rows * cols), (batch, rows, cols)):
-        raise ValueError(
-            f"bool_masked_pos has shape {list(bool_masked_pos.shape)}, expected [{batch}, {rows * cols}] (or "
-            f"[{batch}, {rows}, {cols}]) for a batch of {batch} images of {rows}x{cols} patches. Generate the "
-            "mask for the patch grid of the images you pass."
-        )
-    mask = bool_masked_pos.reshape(batch, rows * cols)
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("bool_masked_pos must be boolean (or integer 0/1), True = masked.")
-        mask = mask.bool()
-    return mask
-
-
-def check_labels(labels: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int], vocab_size: int) -> torch.Tensor:
-    """The visual-token ids of ALL patches, [B, N] (or [B, rows, cols]) -> [B, N] long."""
-    batch = mask.shape[0]
-    if tuple(labels.shape) not in ((batch, grid[0] * grid[1]), (batch, *grid)):
-        raise ValueError(
-            f"labels has shape {list(labels.shape)}, expected the visual-token ids of every patch, "
-            f"[{mask.shape[0]}, {mask.shape[1]}] (transformers' BeitForMaskedImageModeling takes only the masked "
-            "ones; pass the full token map, the model picks the masked positions itself)."
-        )
-    if labels.is_floating_point():
-        raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}.")
-    labels = labels.reshape(mask.shape).long()
-    if torch.compiler.is_compiling():  # reading values back is a graph break; eager runs keep the clear error
-        return labels
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(
-            f"labels hold token ids in [{low}, {high}] but the LM head has vocab_size={vocab_size}. Build the model "
-            "with vocab_size equal to the tokenizer's codebook size (8192 for the DALL-E dVAE and VQ-KD)."
-        )
-    return labels
+    return check_bool_masked_pos(bool_masked_pos, batch, grid)  # [B, N]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,10 +372,9 @@ class BEiTForMaskedImageModeling(BEiTPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
-    ) -> BEiTForMaskedImageModelingOutput:
+    ) -> BEiTForMaskedImageModelingOutput | tuple:
         grid = self.beit.patch_embed.grid_size(pixel_values)
-        mask = check_bool_masked_pos(bool_masked_pos, pixel_values.shape[0], grid)  # [B, N]
+        mask = required_mask(bool_masked_pos, pixel_values.shape[0], grid)  # [B, N]
         labels = None if labels is None else check_labels(labels, mask, grid, self.config.vocab_size)  # [B, N]
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -411,17 +390,28 @@ class BEiTForMaskedImageModeling(BEiTPreTrainedModel):
             shared = self.cls_pt_lm_head is None  # the encoder's norm and LM head, or the head's own
             head, norm = (self.lm_head, self.beit.norm) if shared else (self.cls_pt_lm_head, self.cls_pt_norm)
             cls_logits = self.predict_masked(self.forward_cls_head(encoded.hidden_states, grid), masked, head, norm)
-        output = BEiTForMaskedImageModelingOutput(
+        losses = {} if targets is None else self.head_losses(logits, cls_logits, targets, masked[0], mask.shape[0])
+        output = BEiTForMaskedImageModelingOutput(  # built at once: the fields keep their order in tuples
             logits=logits, cls_head_logits=cls_logits,
-            hidden_states=encoded.hidden_states if output_hidden_states else None,
+            hidden_states=encoded.hidden_states if output_hidden_states else None, **losses,
         )
-        if targets is not None:
-            output.mim_loss, output.accuracy = masked_token_loss(logits, targets)
-            output.loss = output.mim_loss
-            if cls_logits is not None:
-                output.cls_head_loss, output.cls_head_accuracy = masked_token_loss(cls_logits, targets)
-                output.loss = output.mim_loss + output.cls_head_loss
-        return output
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+
+    @staticmethod
+    def head_losses(logits: torch.Tensor, cls_logits: torch.Tensor | None, targets: torch.Tensor,
+                    samples: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+        """The loss fields of the output: logits [M, V] (and the v2 head's), targets [M], samples [M] (the
+        sample of each masked patch). The head's loss is added 1:1."""
+        mim = masked_token_losses(logits, targets, samples, batch)
+        fields = {"loss": mim.loss, "mim_loss": mim.loss, "accuracy": mim.accuracy,
+                  "per_sample_loss": mim.per_sample_loss, "per_sample_accuracy": mim.per_sample_accuracy}
+        if cls_logits is not None:
+            head = masked_token_losses(cls_logits, targets, samples, batch)
+            fields.update(loss=mim.loss + head.loss, per_sample_loss=mim.per_sample_loss + head.per_sample_loss,
+                          cls_head_loss=head.loss, cls_head_accuracy=head.accuracy,
+                          cls_head_per_sample_loss=head.per_sample_loss,
+                          cls_head_per_sample_accuracy=head.per_sample_accuracy)
+        return fields
 
 
 class BEiTForImageClassification(ImageClassificationMixin, BEiTPreTrainedModel):

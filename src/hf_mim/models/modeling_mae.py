@@ -20,8 +20,9 @@ from transformers.utils import ModelOutput
 
 from .classification import ImageClassificationMixin
 from .configuration_mae import MaeConfig
-from .losses import masked_mse_loss, normalize_patches
-from .masking import gather_tokens, random_masking
+from .inputs import check_bool_masked_pos, equal_mask_counts
+from .losses import masked_mse_losses, normalize_patches
+from .masking import gather_tokens, masking_from_mask, random_masking
 from .remote_code import HubCodeMixin
 from .vit_core import (
     Block, PatchEmbed, drop_path_rates, grid_size_for, patchify, resize_pos_embed, run_blocks, sincos_2d_table,
@@ -43,13 +44,15 @@ class MaeModelOutput(ModelOutput):
 @dataclass
 class MaeForPreTrainingOutput(ModelOutput):
     """loss (masked patches only); logits [B, L, p*p*C] per-patch predictions in patch order
-    (normalised pixels when `norm_pix_loss`); mask [B, L] (1 = removed); ids_restore [B, L]."""
+    (normalised pixels when `norm_pix_loss`); mask [B, L] (1 = removed); ids_restore [B, L];
+    per_sample_loss [B]: each image's mean over its own masked patches (from the same errors as `loss`)."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     mask: torch.Tensor | None = None
     ids_restore: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    per_sample_loss: torch.FloatTensor | None = None
 
 
 def build_blocks(config: MaeConfig, width: int, depth: int, heads: int, mlp_dim: int, drop_path: float):
@@ -154,22 +157,33 @@ class MaeModel(MaePreTrainedModel):
         pixel_values: torch.Tensor,
         noise: torch.Tensor | None = None,
         mask_ratio: float | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
-    ) -> MaeModelOutput:
-        """Mask with `noise` [B, L] (uniform; argsort decides) and/or `mask_ratio` when given."""
+    ) -> MaeModelOutput | tuple:
+        """Mask with `bool_masked_pos` [B, L] (True = removed; the same count in every sample), or with
+        `noise` [B, L] (uniform; argsort decides) and/or `mask_ratio` when given; else no masking."""
         tokens, cls = self.embed_patches(pixel_values)  # [B, L, D], [1, 1, D]
         mask = ids_restore = None
-        if noise is not None or mask_ratio is not None:
+        if bool_masked_pos is not None:
+            if noise is not None or mask_ratio is not None:
+                raise ValueError("Pass either bool_masked_pos or noise / mask_ratio, not both: they choose the "
+                                 "masked patches two ways.")
+            given = check_bool_masked_pos(bool_masked_pos, tokens.shape[0], self.patch_embed.grid_size(pixel_values))
+            ids_keep, mask, ids_restore = masking_from_mask(given, equal_mask_counts(given))
+            tokens = gather_tokens(tokens, ids_keep)  # [B, K, D]
+        elif noise is not None or mask_ratio is not None:
             if noise is None:
                 noise = torch.rand(tokens.shape[:2], device=tokens.device)  # [B, L]
             ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
             ids_keep, mask, ids_restore = random_masking(noise, ratio)  # [B, K], [B, L], [B, L]
             tokens = gather_tokens(tokens, ids_keep)  # [B, K, D]
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         x = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # [B, 1+K, D]
         x, hidden_states = run_blocks(self.blocks, x, self.norm, output_hidden_states)  # [B, 1+K, D]
-        return MaeModelOutput(last_hidden_state=x, mask=mask, ids_restore=ids_restore, hidden_states=hidden_states)
+        output = MaeModelOutput(last_hidden_state=x, mask=mask, ids_restore=ids_restore, hidden_states=hidden_states)
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 class MaeDecoder(nn.Module):
@@ -221,37 +235,43 @@ class MaeForPreTraining(MaePreTrainedModel):
         grid_size = grid_size or self.encoder.grid_size
         return unpatchify(patches, self.config.patch_size, grid_size, self.config.num_channels)
 
-    def forward_encoder(self, pixel_values, noise, mask_ratio, output_hidden_states=None) -> MaeModelOutput:
-        ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
-        return self.encoder(  # always masks
-            pixel_values, noise=noise, mask_ratio=ratio, output_hidden_states=output_hidden_states
-        )
+    def forward_encoder(self, pixel_values, noise, mask_ratio, bool_masked_pos=None,
+                        output_hidden_states=None) -> MaeModelOutput:
+        if bool_masked_pos is None and mask_ratio is None:
+            mask_ratio = self.config.mask_ratio  # always masks
+        return self.encoder(pixel_values, noise=noise, mask_ratio=mask_ratio, bool_masked_pos=bool_masked_pos,
+                            output_hidden_states=output_hidden_states, return_dict=True)
 
     def forward_decoder(self, latent, ids_restore, pixel_values) -> torch.Tensor:
         return self.decoder(latent, ids_restore, self.encoder.patch_embed.grid_size(pixel_values))
 
-    def forward_loss(self, pixel_values, pred, mask) -> torch.Tensor:
+    def forward_loss(self, pixel_values, pred, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss over the batch's masked patches, each image's mean over its own [B])."""
         target = self.patchify(pixel_values)  # [B, L, p*p*C]
         if self.config.norm_pix_loss:
             target = normalize_patches(target)
-        return masked_mse_loss(pred, target, mask)
+        return masked_mse_losses(pred, target, mask)
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         noise: torch.Tensor | None = None,
         mask_ratio: float | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
-    ) -> MaeForPreTrainingOutput:
-        encoded = self.forward_encoder(pixel_values, noise, mask_ratio, output_hidden_states)
+    ) -> MaeForPreTrainingOutput | tuple:
+        """The masked patches: `bool_masked_pos` [B, L] from the image processor (True = removed; the same
+        count in every sample), else drawn from `noise` [B, L] (reproducible) at `mask_ratio` (default: the
+        config's), else drawn at random."""
+        encoded = self.forward_encoder(pixel_values, noise, mask_ratio, bool_masked_pos, output_hidden_states)
         pred = self.forward_decoder(encoded.last_hidden_state, encoded.ids_restore, pixel_values)  # [B, L, p*p*C]
-        loss = self.forward_loss(pixel_values, pred, encoded.mask)
-        return MaeForPreTrainingOutput(
-            loss=loss, logits=pred, mask=encoded.mask, ids_restore=encoded.ids_restore,
-            hidden_states=encoded.hidden_states,  # the encoder's, over the visible tokens
+        loss, per_sample_loss = self.forward_loss(pixel_values, pred, encoded.mask)
+        output = MaeForPreTrainingOutput(
+            loss=loss, logits=pred, per_sample_loss=per_sample_loss, mask=encoded.mask,
+            ids_restore=encoded.ids_restore, hidden_states=encoded.hidden_states,  # the encoder's, visible tokens
         )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 class MaeForImageClassification(ImageClassificationMixin, MaePreTrainedModel):

@@ -24,7 +24,8 @@ from transformers.utils import ModelOutput
 
 from .classification import ImageClassificationMixin
 from .configuration_vit_mpp import VitMppConfig
-from .losses import masked_token_loss, mean_color_targets
+from .inputs import check_bool_masked_pos, check_patch_labels
+from .losses import masked_token_losses, mean_color_targets
 from .masking import corrupt_patch_embeddings, random_patch_selection
 from .remote_code import HubCodeMixin
 from .vit_core import Block, PatchEmbed, drop_path_rates, grid_size_for, resize_pos_embed, run_blocks
@@ -47,7 +48,8 @@ class VitMppForPreTrainingOutput(ModelOutput):
     """loss: cross-entropy over the M corrupted patches of the batch (None without labels);
     logits [M, num_color_classes] in row-major order of ``bool_masked_pos`` (sample by sample);
     accuracy over those patches; bool_masked_pos [B, N] the corrupted patches (drawn when not given);
-    corruption_branch [B, N] what each patch became."""
+    corruption_branch [B, N] what each patch became; per_sample_loss / per_sample_accuracy [B]: each
+    image's over its own corrupted patches (from the same per-patch losses as ``loss``)."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -55,46 +57,21 @@ class VitMppForPreTrainingOutput(ModelOutput):
     bool_masked_pos: torch.BoolTensor | None = None
     corruption_branch: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
-
-
-def check_patch_mask(mask: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
-    """[B, N] or [B, rows, cols] mask (True / 1 = corrupt) -> [B, N] bool in row-major patch order."""
-    rows, cols = grid
-    if tuple(mask.shape) not in ((batch, rows * cols), (batch, rows, cols)):
-        raise ValueError(
-            f"The corruption mask has shape {list(mask.shape)}, expected [{batch}, {rows * cols}] (or [{batch}, "
-            f"{rows}, {cols}]) for {batch} images of {rows}x{cols} patches. Build it for the images' patch grid, "
-            "or pass none and the model draws one (config.mask_ratio)."
-        )
-    mask = mask.reshape(batch, rows * cols)
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("The corruption mask must be boolean (or integer 0/1), True = corrupt.")
-        mask = mask.bool()
-    return mask
+    per_sample_loss: torch.FloatTensor | None = None
+    per_sample_accuracy: torch.FloatTensor | None = None
 
 
 def check_color_labels(labels: torch.Tensor, batch: int, grid: tuple[int, int], num_classes: int) -> torch.Tensor:
     """The mean-colour classes of ALL patches, [B, N] (or [B, rows, cols]) -> [B, N] long."""
-    rows, cols = grid
-    if tuple(labels.shape) not in ((batch, rows * cols), (batch, rows, cols)):
-        raise ValueError(
-            f"labels has shape {list(labels.shape)}, expected the mean-colour class of every patch, [{batch}, "
-            f"{rows * cols}]: compute it from the [0, 1] pixels with VitMppForPreTraining.compute_labels "
-            "(losses.mean_color_targets); the model picks the corrupted positions itself."
-        )
-    if labels.is_floating_point():
-        raise ValueError(f"labels must be integer classes (mean_color_targets), got dtype {labels.dtype}.")
-    labels = labels.reshape(batch, rows * cols).long()
-    if torch.compiler.is_compiling():  # reading values back is a graph break; eager runs keep the clear error
-        return labels
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"labels hold classes in [{low}, {high}] but the head has {num_classes} (color_bits and num_channels of "
-            "the config). Compute them with the config's color_bits."
-        )
-    return labels
+    return check_patch_labels(
+        labels, batch, grid, num_classes, "mean-colour classes",
+        f"the head has {num_classes} (color_bits and num_channels of the config)",
+        ": compute it from the [0, 1] pixels with VitMppForPreTraining.compute_labels (losses.mean_color_targets); "
+        "the model picks the corrupted positions itself.",
+        "Compute them with the config's color_bits.")
+
+
+MASK_HINT = "Build it for the images' patch grid, or pass none and the model draws one (config.mask_ratio)."
 
 
 class VitMppPreTrainedModel(HubCodeMixin, PreTrainedModel):
@@ -184,7 +161,7 @@ class VitMppModel(VitMppPreTrainedModel):
         tokens = self.patch_embed(pixel_values)  # [B, N, D]
         branch = None
         if corrupt_mask is not None:
-            mask = check_patch_mask(corrupt_mask, tokens.shape[0], grid)  # [B, N]
+            mask = check_bool_masked_pos(corrupt_mask, tokens.shape[0], grid, MASK_HINT)  # [B, N]
             tokens, branch, _ = self.corrupt(tokens, mask, generator)  # [B, N, D], [B, N]
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -222,14 +199,13 @@ class VitMppForPreTraining(VitMppPreTrainedModel):
         generator: torch.Generator | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
-    ) -> VitMppForPreTrainingOutput:
+    ) -> VitMppForPreTrainingOutput | tuple:
         grid = self.vit.patch_embed.grid_size(pixel_values)
         batch, num_patches = pixel_values.shape[0], grid[0] * grid[1]
         if bool_masked_pos is None:
             mask = random_patch_selection(batch, num_patches, self.config.mask_ratio, generator, pixel_values.device)
         else:
-            mask = check_patch_mask(bool_masked_pos, batch, grid)  # [B, N]
+            mask = check_bool_masked_pos(bool_masked_pos, batch, grid, MASK_HINT)  # [B, N]
         if labels is not None:
             labels = check_color_labels(labels, batch, grid, self.config.num_color_classes)  # [B, N]
         encoded = self.vit(pixel_values, corrupt_mask=mask, generator=generator,
@@ -238,13 +214,16 @@ class VitMppForPreTraining(VitMppPreTrainedModel):
         samples, patches = mask.nonzero(as_tuple=True)  # [M] each, row-major
         targets = None if labels is None else labels[samples, patches]  # [M]
         logits = self.mpp_head(encoded.last_hidden_state[samples, patches + 1])  # [M, classes] (+1: CLS first)
-        output = VitMppForPreTrainingOutput(
-            logits=logits, bool_masked_pos=mask, corruption_branch=encoded.corruption_branch,
-            hidden_states=encoded.hidden_states,
-        )
+        losses = {}
         if targets is not None:
-            output.loss, output.accuracy = masked_token_loss(logits, targets)
-        return output
+            result = masked_token_losses(logits, targets, samples, batch)
+            losses = {"loss": result.loss, "accuracy": result.accuracy, "per_sample_loss": result.per_sample_loss,
+                      "per_sample_accuracy": result.per_sample_accuracy}
+        output = VitMppForPreTrainingOutput(  # built at once: the fields keep their order in tuples
+            logits=logits, bool_masked_pos=mask, corruption_branch=encoded.corruption_branch,
+            hidden_states=encoded.hidden_states, **losses,
+        )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 class VitMppForImageClassification(ImageClassificationMixin, VitMppPreTrainedModel):

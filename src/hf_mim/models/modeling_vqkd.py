@@ -40,7 +40,8 @@ class VqkdOutput(ModelOutput):
     """loss: distillation_loss + commitment_loss (only with ``teacher_features``); distillation_loss:
     mean over every patch of the batch of 1 - cos(predicted, teacher); commitment_loss: the quantizer's;
     indices [B, h, w]; predicted_features [B, h*w, teacher_dim] (the decoder's output); codebook_usage,
-    perplexity, dead_codes: the quantizer's metrics for this batch (all processes in training)."""
+    perplexity, dead_codes: the quantizer's metrics for this batch (all processes in training);
+    per_sample_distillation_loss [B]: each image's mean over its own patches (the same distances)."""
 
     loss: torch.FloatTensor | None = None
     distillation_loss: torch.FloatTensor | None = None
@@ -50,13 +51,19 @@ class VqkdOutput(ModelOutput):
     codebook_usage: torch.FloatTensor | None = None
     perplexity: torch.FloatTensor | None = None
     dead_codes: torch.LongTensor | None = None
+    per_sample_distillation_loss: torch.FloatTensor | None = None
+
+
+def cosine_distances(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - cos(predicted, target) of every [..., T] vector pair -> [...], computed in float32."""
+    predicted = F.normalize(predicted.float(), dim=-1)
+    target = F.normalize(target.float(), dim=-1)
+    return 1.0 - (predicted * target).sum(dim=-1)
 
 
 def cosine_distillation_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over all [..., T] vectors of 1 - cos(predicted, target), computed in float32."""
-    predicted = F.normalize(predicted.float(), dim=-1)
-    target = F.normalize(target.float(), dim=-1)
-    return (1.0 - (predicted * target).sum(dim=-1)).mean()
+    return cosine_distances(predicted, target).mean()
 
 
 def task_layer_float32(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -285,7 +292,9 @@ class VqkdTokenizer(VisualTokenizerMixin, HubCodeMixin, PreTrainedModel):
             codebook_usage=quantized.codebook_usage, perplexity=quantized.perplexity, dead_codes=quantized.dead_codes,
         )
         if target is not None:
-            output.distillation_loss = cosine_distillation_loss(predicted, target)
+            distances = cosine_distances(predicted, target)  # [B, N]
+            output.distillation_loss = distances.mean()
+            output.per_sample_distillation_loss = distances.mean(dim=-1)  # [B]
             if not bool(torch.isfinite(output.distillation_loss)):
                 raise FloatingPointError(
                     "The distillation loss is NaN or inf: the decoder's predictions are not finite (the encoder and "

@@ -1,12 +1,11 @@
 """Masked-image-modeling pre-training with Accelerate (`examples/pretrain.py` is its command line).
 
-`methods` holds what differs between MIM methods (model, data transforms, loss, figures);
+`methods/` holds what differs between MIM methods, one file each (model, data transforms, loss, figures);
 `trainer_loop` the one training loop; `checkpoints` crash-safe, exactly resumable checkpoints.
 """
 
 from .arguments import build_parser, parse_args
-from .methods import METHODS, PretrainingMethod, get_method, register_method
-from . import token_methods  # noqa: F401,E402  registers beit, beitv2, peco and vit_mpp before any parser is built
+from .methods import METHODS, PretrainingMethod, get_method, register_method  # registers every method
 from .trainer_loop import run_pretraining
 
 

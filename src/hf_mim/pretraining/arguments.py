@@ -4,9 +4,12 @@ example scripts (see SCRIPT_CONVENTIONS) and their deprecated aliases (which war
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import warnings
+
+from transformers import HfArgumentParser
 
 from .methods import METHODS, get_method
 
@@ -40,7 +43,9 @@ examples:
 # Settings of the no-argument demo (no data source given) that differ from the general defaults.
 DEMO_DEFAULTS = {"num_train_epochs": 25.0, "base_learning_rate": 6e-3, "eval_strategy": "steps",
                  "eval_steps": 100, "eval_on_start": True}
-GENERAL_DEFAULTS = {"num_train_epochs": 3.0, "eval_strategy": "no", "eval_on_start": False, "lr_scheduler_type": "cosine"}
+GENERAL_DEFAULTS = {"num_train_epochs": 3.0, "eval_strategy": "no", "eval_on_start": False, "lr_scheduler_type": "cosine",
+                    # AdamW's usual settings, for a method whose recipe names no others
+                    "adam_beta1": 0.9, "adam_beta2": 0.999, "weight_decay": 0.05, "warmup_steps": 0}
 
 
 def warmup_type(text: str) -> int | float:
@@ -79,14 +84,14 @@ def json_dict(text: str) -> dict:
 class DeprecatedAlias(argparse.Action):
     """An old option name: stores into the new one's destination and warns."""
 
-    def __init__(self, option_strings, dest, replacement: str, **kwargs):
-        self.replacement = replacement
+    def __init__(self, option_strings, dest, replacement: str, reason: str = "removed in transformers 5", **kwargs):
+        self.replacement, self.reason = replacement, reason
         if kwargs.get("nargs") == 0:
             kwargs.setdefault("const", True)
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        warnings.warn(f"{option_string} is deprecated (removed in transformers 5); {self.replacement}.",
+        warnings.warn(f"{option_string} is deprecated ({self.reason}); {self.replacement}.",
                       FutureWarning, stacklevel=2)
         setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
 
@@ -115,7 +120,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def add_model_arguments(parser: argparse.ArgumentParser, method_cls) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model_name_or_path", help="continue from these weights (a folder or Hub id)")
-    group.add_argument("--config_name", help=f"a built-in architecture ({', '.join(method_cls.presets)}) or a "
+    group.add_argument("--config_name", help=f"a built-in architecture ({', '.join(method_cls.presets())}) or a "
                        "config folder / Hub id (default: the base preset; the demo preset for the digits)")
     group.add_argument("--model_type", help=f"the model type, checked against --method ({method_cls.config_class.model_type})")
     group.add_argument("--config_overrides", help='config fields, e.g. "hidden_size=192,num_hidden_layers=6"')
@@ -232,10 +237,27 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
                        help="only 'end' (upload once the run is done) is supported")
 
 
+def add_method_options(parser: HfArgumentParser, method_cls) -> None:
+    """The method's own options: its typed dataclass (`options_class`), one spelling per option across the
+    scripts; renamed options stay as deprecated aliases."""
+    parser._add_dataclass_arguments(method_cls.options_class)
+    optional_flags = [field.name for field in dataclasses.fields(method_cls.options_class)
+                      if field.default is None and field.type in ("bool | None", bool | None)]
+    for action in parser._actions:
+        if action.dest in optional_flags:  # None = the config's; `--flag` alone = True, `--no-flag` = False
+            action.nargs, action.const = "?", True
+    for name in optional_flags:
+        parser.add_argument(f"--no-{name}", f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+    if any(field == "crop_min_scale" for field in method_cls.options_class.__dataclass_fields__):
+        parser.add_argument("--min_crop_scale", dest="crop_min_scale", type=float, action=DeprecatedAlias,
+                            replacement="use --crop_min_scale", reason="renamed: one spelling in every script",
+                            help=argparse.SUPPRESS)
+
+
 def build_parser(method_name: str = "mae") -> argparse.ArgumentParser:
     method_cls = get_method(method_name)
-    parser = argparse.ArgumentParser(
-        prog="pretrain.py", description=DESCRIPTION, epilog=EPILOG,
+    parser = HfArgumentParser(
+        [], prog="pretrain.py", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     group = parser.add_argument_group("method")
@@ -243,7 +265,7 @@ def build_parser(method_name: str = "mae") -> argparse.ArgumentParser:
                        help="the MIM method; `--method NAME --help` lists its own options")
     add_data_arguments(parser)
     add_model_arguments(parser, method_cls)
-    method_cls.add_arguments(parser)
+    add_method_options(parser, method_cls)
     add_optimization_arguments(parser, method_cls)
     add_speed_arguments(parser)
     add_checkpoint_arguments(parser, method_name)
@@ -309,6 +331,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser(known.method).parse_args(argv)
     args = fill_defaults(args)
     check_arguments(args)
+    get_method(args.method).options_from(args)  # validates the method's options now
     return args
 
 

@@ -22,7 +22,7 @@ from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
 from tqdm.auto import tqdm
 
 from ..data import (
-    DIGITS_SOURCE, EpochSampler, FixedSampler, ImageDatasets, ImageExamples, StreamingImageExamples, derive_seed, load_image_datasets,
+    EpochSampler, FixedSampler, ImageDatasets, ImageExamples, StreamingImageExamples, derive_seed, load_image_datasets,
 )
 from .arguments import resolve_mixed_precision
 from ..fast_data import FastImageExamples, fast_training_examples
@@ -31,6 +31,7 @@ from .checkpoints import (
 )
 from .data_loading import DataWaitMeter, check_num_workers, cores_per_process, default_num_workers, describe_workers
 from .methods import PretrainingMethod, get_method
+from .model_choice import choose_preset
 from .optimization import (
     build_optimizer, build_scheduler, effective_batch_size, resolve_learning_rate, resolve_warmup_steps,
 )
@@ -119,7 +120,10 @@ def load_data(args, accelerator: Accelerator) -> ImageDatasets:
 
 
 def build_model(args, method: PretrainingMethod, data: ImageDatasets) -> torch.nn.Module:
-    preset = f"{method.name}-demo" if data.source == DIGITS_SOURCE else f"{method.name}-base"
+    preset = None
+    if not (args.model_name_or_path or args.config_name):
+        preset, why = choose_preset(method.name, data)
+        args.model_choice = f"{preset} ({why})"  # said in the start-of-run line
     model = method.build_model(preset)
     if args.attn_implementation:
         model.set_attn_implementation(args.attn_implementation)
@@ -308,7 +312,6 @@ def train_micro_batch(run: Run, batch: dict) -> float | None:
     grad_norm = None
     with accelerator.accumulate(run.model):
         seed_micro_batch(run)
-        run.method.step = run.state.global_step  # schedules inside a method (e.g. the dVAE temperature)
         loss = run.method.training_loss(run.model, batch)
         accelerator.backward(loss)
         if accelerator.sync_gradients and args.max_grad_norm:
@@ -327,6 +330,7 @@ def finish_optimizer_step(run: Run) -> float:
     if not run.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the optimiser did not step
         run.scheduler.step()
     run.state.global_step += 1
+    run.method.after_optimizer_step(run.state.global_step)  # schedules inside a method (the dVAE temperature)
     return learning_rate
 
 
@@ -345,7 +349,7 @@ def log_step(run: Run, learning_rate: float, grad_norm: float | None, progress) 
     values.update(learning_rate=learning_rate, epoch=fractional_epoch(run), skipped_images=run.state.skipped_images)
     if grad_norm is not None:
         values["grad_norm"] = grad_norm
-    values.update(run.method.step_metrics())  # collective, like the flush above
+    values.update(run.method.step_metrics(run.model))  # collective, like the flush above
     values.update(run.data_wait.flush(run.args.logging_steps, DATA_WAIT_HINT))
     run.accelerator.log(values, step=run.state.global_step)
     progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{learning_rate:.2e}",
@@ -395,6 +399,7 @@ def train(run: Run) -> dict:
     start_step, start_time = state.global_step, time.perf_counter()
     progress = tqdm(total=plan.max_steps, initial=state.global_step, desc=f"pretrain {run.method.name}", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    run.method.after_optimizer_step(state.global_step)  # 0, or the step a resumed run starts at
     if run.eval_loader is not None and args.eval_on_start and state.global_step == 0:
         evaluate_and_log(run)
     run.model.train()
@@ -535,10 +540,12 @@ def size_of(dataset) -> str:
 
 def describe_run(run: Run) -> None:
     plan, args, state = run.plan, run.args, run.state
+    model = getattr(args, "model_choice", None) or args.model_name_or_path or args.config_name
     logger.info(
-        "Training %s for %d steps (%s steps/epoch), batch %d = %d per device x %d processes x %d accumulation, "
-        "lr %.3g (%s), %d warmup steps, %s schedule; starting at step %d (epoch %d, batch %d).",
-        run.method.name, plan.max_steps, plan.steps_per_epoch or "?", plan.total_batch_size,
+        "Training %s (model: %s, %.1fM parameters) for %d steps (%s steps/epoch), batch %d = %d per device x %d "
+        "processes x %d accumulation, lr %.3g (%s), %d warmup steps, %s schedule; starting at step %d (epoch %d, "
+        "batch %d).", run.method.name, model, sum(p.numel() for p in run.model.parameters()) / 1e6, plan.max_steps,
+        plan.steps_per_epoch or "?", plan.total_batch_size,
         args.per_device_train_batch_size, run.accelerator.num_processes, args.gradient_accumulation_steps,
         plan.learning_rate, "explicit" if args.learning_rate is not None else f"blr {args.base_learning_rate:g} x batch/256",
         plan.warmup_steps, args.lr_scheduler_type, state.global_step, state.epoch, state.batch_in_epoch,

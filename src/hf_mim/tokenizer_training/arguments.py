@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 
+from transformers import HfArgumentParser
+
 from ..pretraining.arguments import (
-    add_checkpoint_arguments, add_data_arguments, add_evaluation_arguments, add_hub_arguments, add_model_arguments,
-    add_optimization_arguments, add_speed_arguments, check_arguments, fill_defaults, is_demo,
+    add_checkpoint_arguments, add_data_arguments, add_evaluation_arguments, add_hub_arguments, add_method_options,
+    add_model_arguments, add_optimization_arguments, add_speed_arguments, check_arguments, fill_defaults, is_demo,
 )
-from .methods import TOKENIZER_METHODS, add_crop_argument, get_tokenizer_method
+from .methods import TOKENIZER_METHODS, get_tokenizer_method
 
 DESCRIPTION = """\
 Train a visual tokenizer (the discrete targets of BEiT-style masked image modeling) with Accelerate:
@@ -74,8 +76,8 @@ def describe_defaults(method_cls) -> str:
 
 def build_parser(method_name: str = "vqkd") -> argparse.ArgumentParser:
     method_cls = get_tokenizer_method(method_name)
-    parser = argparse.ArgumentParser(
-        prog="train_tokenizer.py", description=DESCRIPTION + "\n--method " + method_name + ": " +
+    parser = HfArgumentParser(
+        [], prog="train_tokenizer.py", description=DESCRIPTION + "\n--method " + method_name + ": " +
         describe_defaults(method_cls), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument_group("method").add_argument(
@@ -83,8 +85,7 @@ def build_parser(method_name: str = "vqkd") -> argparse.ArgumentParser:
         help="the tokenizer; `--method NAME --help` lists its own options and recipe")
     add_data_arguments(parser)
     add_model_arguments(parser, method_cls)
-    method_cls.add_arguments(parser)
-    add_crop_argument(parser)
+    add_method_options(parser, method_cls)
     add_optimization_arguments(parser, method_cls)
     add_speed_arguments(parser)
     add_checkpoint_arguments(parser, method_name)
@@ -114,8 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     get_tokenizer_method(known.method)  # a clear error for an unknown method
     args = fill_tokenizer_defaults(build_parser(known.method).parse_args(argv))
     check_arguments(args)
-    if args.crop_min_scale is not None and not 0 < args.crop_min_scale <= 1:
-        raise ValueError(f"--crop_min_scale must be in (0, 1], got {args.crop_min_scale}.")
+    get_tokenizer_method(args.method).options_from(args)  # validates the method's options now
     return args
 
 

@@ -1,16 +1,26 @@
-"""Pre-training methods: everything the training loop needs to know about one MIM method.
+"""The interface of a pre-training method: everything the training loop needs to know about one method.
 
 A method builds (or loads) its model and image processor, turns an image into the tensors of one
-example (train: augmented; eval: the processor's preprocessing with FIXED masks), computes the
-training loss of a batch, the summable statistics of an evaluation batch, and draws the
-reconstruction figure. The loop in `trainer_loop.py` knows nothing else about the method, so
-BEiT, BEiT v2, ViT-MPP and PeCo plug in by subclassing :class:`PretrainingMethod` and adding
-themselves with :func:`register_method`.
+example (train: augmented; eval: the processor's preprocessing with FIXED masks), gets the training
+loss of a batch from the model, sums the model's per-sample losses over evaluation batches, and
+draws the figure. The loop in `trainer_loop.py` knows nothing else about the method. Each method is
+one file in this folder that subclasses :class:`PretrainingMethod` and registers itself with
+:func:`register_method` (see README, "Adding a method").
+
+What the loop calls, by concern (everything else here is a helper a method may override):
+
+* model: `build_model(default_preset)`, `build_image_processor()`, `setup(accelerator)`;
+* data: `train_transform(processor)`, `eval_transform(processor)` -> `transform(image, generator)`,
+  the one per-example step;
+* training: `training_loss(model, batch)`, `after_optimizer_step(step)`, `step_metrics(model)`;
+* evaluation: `eval_sums(model, batch)` (the model's per-sample losses, summed), `eval_metrics(sums)`;
+* outputs: `save_reconstructions(...)`, `recipe()`, `card_tokenizer()`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from typing import ClassVar
 
@@ -20,22 +30,26 @@ from torchvision.transforms import v2
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForPreTraining, PreTrainedModel
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..models import MaeConfig, MaeForPreTraining, MimImageProcessor
-from ..models.losses import normalize_patches
-from ..models.vit_core import grid_size_for, patchify, to_2tuple
-from .overrides import apply_config_overrides
+from ...models import MimImageProcessor
+from ...models.presets import preset_fields, preset_names
+from ...models.vit_core import grid_size_for, to_2tuple
+from ..overrides import apply_config_overrides
 
 logger = logging.getLogger(__name__)
 
+
 class MethodRegistry(dict):
     """`--method` name -> method class. `register` is the class decorator; `lookup` names the choices
-    when a name is unknown. The pre-training methods and the tokenizer methods each have one."""
+    when a name is unknown. The pre-training methods and the tokenizer methods each have one; the
+    command-line choices and the model cards' method names derive from them."""
 
-    def __init__(self, label: str = "available"):
+    def __init__(self, label: str = "available", kind: str = "mim"):
         super().__init__()
-        self.label = label
+        self.label, self.kind = label, kind
 
     def register(self, cls: type[PretrainingMethod]) -> type[PretrainingMethod]:
+        if cls.name in self:
+            raise ValueError(f"A method named {cls.name!r} is registered already ({self[cls.name].__qualname__}).")
         self[cls.name] = cls
         return cls
 
@@ -49,40 +63,60 @@ METHODS = MethodRegistry()
 register_method, get_method = METHODS.register, METHODS.lookup
 
 
+@dataclasses.dataclass
+class NoOptions:
+    """A method without options of its own."""
+
+
 class PretrainingMethod:
+    # -- identity: the `--method` name, its one-line summary, the model card's title for it
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    # The method's name in the model cards (its template card_templates/methods/<card_name>.md), when not `name`.
+    card_name: ClassVar[str | None] = None
+    # Whether the card must name a frozen tokenizer whose codes the model predicts.
+    needs_tokenizer: ClassVar[bool] = False
+    # -- model: the config and model classes of a new model; the Auto class that loads --model_name_or_path
     config_class: ClassVar[type] = None
     model_class: ClassVar[type] = None
-    # Optimiser and schedule defaults of the method's reference recipe (used when not given).
-    defaults: ClassVar[dict] = {}
-    # Built-in architectures for --config_name: preset name -> config fields.
-    presets: ClassVar[dict[str, dict]] = {}
-    # Parameters that get no weight decay besides 1-D ones and biases (matched on the last name part).
-    no_weight_decay_names: ClassVar[tuple[str, ...]] = ("cls_token", "pos_embed", "mask_token")
-    # The processor's mask generator (None: the model masks by itself, as MAE does).
-    mask_generator: ClassVar[str | None] = None
-    # The Auto class that loads --model_name_or_path (tokenizers: AutoModel).
     auto_model_class: ClassVar[type] = AutoModelForPreTraining
-    # The method's name in `hf_mim.cards.METHODS` when it differs from `name`.
-    card_name: ClassVar[str | None] = None
+    # -- recipe: optimiser and schedule defaults (used when not given); parameters without weight decay
+    # besides 1-D ones and biases (matched on the last name part); the method's own options (a dataclass)
+    defaults: ClassVar[dict] = {}
+    no_weight_decay_names: ClassVar[tuple[str, ...]] = ("cls_token", "pos_embed", "mask_token")
+    options_class: ClassVar[type] = NoOptions
+    # The processor's mask generator (None: no mask from the processor, MAE draws it from `noise`).
+    mask_generator: ClassVar[str | None] = None
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self.options = self.options_from(args)
         self.config = None  # set by build_model
-        self.step = 0  # the optimiser step of the current micro-batch (set by the loop)
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add the method's own command-line options (a titled argument group)."""
+    def options_from(cls, args: argparse.Namespace):
+        """The method's typed options, read from the parsed command line."""
+        return cls.options_class(**{field.name: getattr(args, field.name)
+                                    for field in dataclasses.fields(cls.options_class) if hasattr(args, field.name)})
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        """The built-in architectures of `--config_name` (`hf_mim.models.presets`) named after this method."""
+        return [name for name in preset_names(cls.config_class.model_type) if name.startswith(f"{cls.name}-")]
 
     def setup(self, accelerator) -> None:
         """Called once the model is prepared, before resuming: move frozen auxiliary networks (a teacher)
         to `accelerator.device`. They are never prepared, trained or saved with the model."""
 
-    def step_metrics(self) -> dict[str, float]:
+    def after_optimizer_step(self, step: int) -> None:
+        """The optimiser has made `step` steps: called after each step, and before the first one (with 0,
+        or the step a run resumes from). Schedules inside a method (the dVAE temperature, PeCo's
+        adversarial start, an EMA teacher) follow it."""
+
+    def step_metrics(self, model) -> dict[str, float]:
         """Values logged with the loss at each logging step besides it (every process calls this at the
-        same step, so it may reduce over processes)."""
+        same step, so it may reduce over processes). `model` is the prepared model."""
         return {}
 
     # ------------------------------------------------------------------ model and processor
@@ -104,8 +138,8 @@ class PretrainingMethod:
             model = self.auto_model_class.from_pretrained(args.model_name_or_path, config=config, **self.hub_kwargs())
         else:
             name = args.config_name or default_preset
-            if name in self.presets:
-                config = build_config(self.config_class, self.presets[name], name)
+            if name in self.presets():
+                config = build_config(*preset_fields(name, self.config_class.model_type), name)
             else:
                 config = AutoConfig.from_pretrained(name, **self.hub_kwargs())
             config = self.checked_config(config, name, overrides)
@@ -123,7 +157,7 @@ class PretrainingMethod:
         if config.model_type != expected:
             raise ValueError(
                 f"{source} is a {config.model_type!r} model, but --method {self.name} trains {expected!r} models. "
-                f"Pick the matching --method, or start from a preset ({sorted(self.presets)})."
+                f"Pick the matching --method, or start from a preset ({self.presets()})."
             )
         if self.args.model_type not in (None, self.name, expected):
             raise ValueError(f"--model_type {self.args.model_type!r} does not match --method {self.name} ({expected}).")
@@ -184,9 +218,13 @@ class PretrainingMethod:
     # ------------------------------------------------------------------ data
 
     def train_transform(self, processor):
+        """`transform(image, generator) -> {name: tensor}`: the tensors of one augmented training example
+        (the data pipeline seeds `generator` and torch's RNG per example)."""
         raise NotImplementedError
 
     def eval_transform(self, processor):
+        """`transform(image, generator) -> {name: tensor}`: one evaluation example, the processor's
+        preprocessing and masks that are the same at every evaluation."""
         raise NotImplementedError
 
     def fast_views(self, processor):
@@ -201,7 +239,7 @@ class PretrainingMethod:
 
     def eval_sums(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-image statistics [B] that add up over images (the loop gathers them over processes,
-        drops accelerate's padding duplicates, and sums)."""
+        drops accelerate's padding duplicates, and sums): the model's per-sample losses, weighted."""
         raise NotImplementedError
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
@@ -252,104 +290,24 @@ def processor_pixels(processor, image) -> torch.Tensor:
     return processor(image, return_tensors="pt")["pixel_values"][0]
 
 
-@register_method
-class MaeMethod(PretrainingMethod):
-    name = "mae"
-    summary = "MAE (He et al., 2022): reconstruct the pixels of randomly masked patches."
-    config_class = MaeConfig
-    model_class = MaeForPreTraining
-    defaults = {"base_learning_rate": 1.5e-4, "adam_beta1": 0.9, "adam_beta2": 0.95, "weight_decay": 0.05,
-                "warmup_steps": 0.05, "max_grad_norm": None}
-    # The reference (timm's param_groups_weight_decay, no skip list) decays cls_token and mask_token too.
-    no_weight_decay_names = ()
-    presets = {
-        # Learns the embedded digits in minutes on two CPU cores.
-        "mae-demo": dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                         intermediate_size=512, decoder_hidden_size=64, decoder_num_hidden_layers=2,
-                         decoder_num_attention_heads=4, decoder_intermediate_size=256),
-        "mae-base": {},  # ViT-B/16 with the published 512 x 8 decoder (MaeConfig's defaults)
-        "mae-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-        "mae-huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120,
-                         patch_size=14),
-    }
+def option(default=None, help: str = ""):
+    """A field of a method's options dataclass, with its `--help` text (HfArgumentParser reads it)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("MAE options (--method mae)")
-        group.add_argument("--mask_ratio", type=float, help="fraction of patches removed (default: the config's, 0.75)")
-        group.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
-                           help="regress per-patch normalised pixels (default: the config's)")
 
-    def config_knobs(self) -> dict:
-        knobs = super().config_knobs()
-        if self.args.mask_ratio is not None:
-            knobs["mask_ratio"] = self.args.mask_ratio
-        if self.args.norm_pix_loss is not None:
-            knobs["norm_pix_loss"] = self.args.norm_pix_loss
-        return knobs
+@dataclasses.dataclass
+class CropOptions:
+    """The RandomResizedCrop of a method's augmentation (None: the method's recipe)."""
 
-    @property
-    def num_patches(self) -> int:
-        rows, cols = self.grid_size
-        return rows * cols
+    _argument_group_name = "augmentation"
+    crop_min_scale: float | None = option(help="smallest RandomResizedCrop area fraction (default: the method's recipe)")
 
-    def train_transform(self, processor):
-        augment = training_augmentation(self.image_size, processor.image_mean, processor.image_std)
-        num_patches = self.num_patches
-
-        def transform(image, generator):
-            return {"pixel_values": augment(image), "noise": torch.rand(num_patches, generator=generator)}
-
-        return transform
-
-    def fast_views(self, processor):
-        from ..fast_data import FastViews, PixelView
-
-        view = PixelView("pixel_values", self.image_size, "bicubic", processor.image_mean, processor.image_std)
-        num_patches = self.num_patches
-        return FastViews((view,), scale=(0.2, 1.0),  # training_augmentation's
-                         extras=lambda generator: {"noise": torch.rand(num_patches, generator=generator)})
-
-    def eval_transform(self, processor):
-        num_patches = self.num_patches
-
-        def transform(image, generator):
-            return {"pixel_values": processor_pixels(processor, image),
-                    "noise": torch.rand(num_patches, generator=generator)}
-
-        return transform
-
-    def training_loss(self, model, batch):
-        return model(pixel_values=batch["pixel_values"], noise=batch["noise"]).loss
-
-    def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        target = patchify(pixel_values, self.config.patch_size)  # [B, L, p*p*C]
-        return normalize_patches(target) if self.config.norm_pix_loss else target
-
-    def eval_sums(self, model, batch):
-        output = model(pixel_values=batch["pixel_values"], noise=batch["noise"])
-        per_patch = (output.logits.float() - self.targets(batch["pixel_values"]).float()).pow(2).mean(-1)  # [B, L]
-        mask = output.mask.float()  # [B, L], 1 = removed
-        return {"loss_sum": (per_patch * mask).sum(-1), "masked_patches": mask.sum(-1)}  # [B] each
-
-    def eval_metrics(self, sums):
-        return {"loss": sums["loss_sum"] / max(sums["masked_patches"], 1.0)}
-
-    def save_reconstructions(self, model, batch, processor, path, draw=True):
-        from .visualize import save_mae_reconstructions
-
-        with torch.no_grad():
-            output = model(pixel_values=batch["pixel_values"], noise=batch["noise"])
-        return draw and save_mae_reconstructions(
-            path, batch["pixel_values"], output.logits, output.mask, self.config, processor.image_mean,
-            processor.image_std,
-        )
-
-    def recipe(self) -> dict:
-        return {"mask_ratio": self.config.mask_ratio, "norm_pix_loss": self.config.norm_pix_loss}
+    def __post_init__(self):
+        if self.crop_min_scale is not None and not 0 < self.crop_min_scale <= 1:
+            raise ValueError(f"--crop_min_scale must be in (0, 1], got {self.crop_min_scale}.")
 
 
 __all__ = [
-    "METHODS", "MaeMethod", "MethodRegistry", "PretrainingMethod", "crop_and_flip", "get_method", "processor_pixels", "register_method",
-    "training_augmentation",
+    "METHODS", "CropOptions", "MethodRegistry", "NoOptions", "PretrainingMethod", "build_config", "crop_and_flip",
+    "get_method", "option", "processor_pixels", "register_method", "training_augmentation",
 ]

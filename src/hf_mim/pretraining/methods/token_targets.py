@@ -1,0 +1,207 @@
+"""The targets of BEiT-style pre-training: a frozen image tokenizer, the view it sees, and a check that
+its codes carry information.
+
+A tokenizer that gives (nearly) every patch the same code makes masked-token prediction trivial: the
+model reports ~100% accuracy and learns nothing. :class:`TargetHealth` measures the code usage of the
+first training batches and refuses such targets (or warns, with `--allow_degenerate_targets`).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+from transformers import AutoConfig, AutoModel
+
+from ...cards import hub_id
+from ...models import DvaeConfig
+from ...models.vit_core import to_2tuple
+
+logger = logging.getLogger(__name__)
+
+BICUBIC, LANCZOS = v2.InterpolationMode.BICUBIC, v2.InterpolationMode.LANCZOS
+# What `--tokenizer` must offer (hf_mim's DvaeTokenizer, VqkdTokenizer and PecoTokenizer all do).
+TOKENIZER_INTERFACE = ("get_codebook_indices", "vocab_size", "token_grid")
+TOKENIZER_PRECISIONS = ("bf16", "fp32", "reference_fp16")
+# Training micro-batches whose targets are measured, and the share of the most frequent code from which
+# the targets are degenerate (refused) or suspicious (a warning).
+TARGET_CHECK_BATCHES = 2
+DEGENERATE_MAJORITY_SHARE = 0.9
+SUSPICIOUS_MAJORITY_SHARE = 0.5
+
+
+class FrozenTokenizer:
+    """A trained image tokenizer used as a fixed target function: frozen, in eval mode, under no_grad.
+
+    It is deliberately not an attribute of the model: `save_pretrained` never sees it, and it is never
+    passed to `accelerator.prepare` (a DDP/FSDP wrapper would try to synchronise gradients it does
+    not have). :meth:`to` puts it on the training device. With `autocast_bf16` it runs in bf16
+    autocast on CUDA (fp32 elsewhere); the dVAE's reference fp16 mode lives in its own config."""
+
+    def __init__(self, model: torch.nn.Module, source: str, revision: str | None, autocast_bf16: bool):
+        self.model = model.requires_grad_(False).eval()
+        self.source, self.revision, self.autocast_bf16 = source, revision, autocast_bf16
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.vocab_size)
+
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def precision(self) -> str:
+        """How the targets are actually computed on the tokenizer's current device (recorded in the card)."""
+        if getattr(self.model.config, "reference_fp16", False):
+            return "reference_fp16"
+        on_cuda = next(self.model.parameters()).device.type == "cuda"
+        return "bf16 autocast" if self.autocast_bf16 and on_cuda else str(next(self.model.parameters()).dtype)
+
+    def to(self, device) -> FrozenTokenizer:
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] pixels in [0, 1] (the tokenizer applies its own pixel map) -> token ids [B, N] long."""
+        bf16 = self.autocast_bf16 and pixels.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            ids = self.model.get_codebook_indices(pixels)  # [B, rows, cols]
+        return ids.flatten(1).long()  # [B, N], row-major as the model's patches
+
+
+def load_frozen_tokenizer(source: str, revision: str | None, precision: str, hub_kwargs: dict) -> FrozenTokenizer:
+    """`AutoModel.from_pretrained(source)`, checked to be an image tokenizer and frozen."""
+    config = AutoConfig.from_pretrained(source, revision=revision, **hub_kwargs)
+    is_dvae = config.model_type == DvaeConfig.model_type
+    if precision == "reference_fp16" and not is_dvae:
+        raise ValueError(
+            f"--tokenizer_precision reference_fp16 is the DALL-E dVAE's fp16 mode, but {source} is a "
+            f"{config.model_type!r} tokenizer. Use bf16 (autocast on CUDA) or fp32."
+        )
+    if is_dvae:
+        # The saved flag would run fp16 convolutions under our bf16 autocast: the precision option decides.
+        config.reference_fp16 = precision == "reference_fp16"
+    # fp32 weights whatever the saved dtype: bf16 comes from autocast, fp16 from the dVAE's own mode.
+    model = AutoModel.from_pretrained(source, config=config, revision=revision, dtype=torch.float32, **hub_kwargs)
+    missing = [name for name in TOKENIZER_INTERFACE if not hasattr(model, name)]
+    if missing:
+        raise ValueError(
+            f"--tokenizer {source} loads as {type(model).__name__}, which is not an image tokenizer (it has no "
+            f"{missing}). Pass an hf_mim DvaeTokenizer, VqkdTokenizer or PecoTokenizer saved with save_pretrained."
+        )
+    # A Hub tokenizer is recorded at the commit actually loaded; a local folder has no revision.
+    commit = getattr(model.config, "_commit_hash", None)
+    recorded = (commit or revision or "main") if hub_id(source) else None
+    return FrozenTokenizer(model, source, recorded, autocast_bf16=precision == "bf16")
+
+
+def tokenizer_input_size(tokenizer: FrozenTokenizer, patch_grid: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the tokenizer view: the tokenizer's own image size when its config has one
+    (VQ-KD, PeCo), else the patch grid times its downsampling factor (the fully convolutional dVAE:
+    14x14 patches -> 112 px). Raises when the tokenizer's token grid is not the model's patch grid."""
+    config = tokenizer.model.config
+    if getattr(config, "image_size", None) is not None:
+        size = to_2tuple(config.image_size)
+    elif getattr(config, "downsample_factor", None):
+        factor = config.downsample_factor
+        size = (patch_grid[0] * factor, patch_grid[1] * factor)
+    else:
+        raise ValueError(f"Cannot tell the input size of the tokenizer {tokenizer.source}: its config has neither "
+                         "image_size nor downsample_factor.")
+    token_grid = tuple(tokenizer.model.token_grid(size))
+    if token_grid != tuple(patch_grid):
+        raise ValueError(
+            f"The tokenizer {tokenizer.source} turns its {size[0]}x{size[1]} px input into a "
+            f"{token_grid[0]}x{token_grid[1]} token grid, but the model has a {patch_grid[0]}x{patch_grid[1]} patch "
+            "grid: each patch needs exactly one token. Use a tokenizer made for this grid, or change --image_size / "
+            "--patch_size so that image_size / patch_size equals the token grid."
+        )
+    return size
+
+
+def unit_float(image) -> torch.Tensor:
+    """PIL image or uint8 tensor -> [C, H, W] float32 in [0, 1]."""
+    return TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
+
+
+class TwoViewCrop:
+    """BEiT's augmentation with its tokenizer view: colour jitter and a horizontal flip of the (PIL)
+    image, then ONE RandomResizedCrop box resized twice, to the model's size (bicubic) and to the
+    tokenizer's (LANCZOS for the dVAE, as the reference; bicubic for VQ-KD). Both views are
+    [C, H, W] floats in [0, 1], not normalised. Randomness comes from torch's global RNG, which the
+    data pipeline seeds per example."""
+
+    def __init__(self, size, tokenizer_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), color_jitter: float = 0.4,
+                 flip: bool = True, interpolation=BICUBIC, tokenizer_interpolation=LANCZOS):
+        self.size, self.tokenizer_size = to_2tuple(size), to_2tuple(tokenizer_size)
+        self.interpolation, self.tokenizer_interpolation = interpolation, tokenizer_interpolation
+        shared = [v2.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else []
+        self.shared = v2.Compose(shared + ([v2.RandomHorizontalFlip()] if flip else []))
+        self.crop = v2.RandomResizedCrop(self.size, scale=scale, ratio=ratio)  # only its box sampling is used
+
+    def crop_box(self, image) -> dict[str, int]:
+        """One random box {top, left, height, width} in the image's pixels."""
+        return self.crop.make_params([image])
+
+    def __call__(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.shared(image)
+        box = self.crop_box(image)
+        return (self.view(image, box, self.size, self.interpolation),  # [C, H, W]
+                self.view(image, box, self.tokenizer_size, self.tokenizer_interpolation))  # [C, h, w]
+
+    @staticmethod
+    def view(image, box: dict[str, int], size: tuple[int, int], interpolation) -> torch.Tensor:
+        return unit_float(TF.resized_crop(image, **box, size=list(size), interpolation=interpolation, antialias=True))
+
+
+class TargetHealth:
+    """Code usage of the targets of the first `batches` training micro-batches (summed over processes):
+    refuses degenerate targets (one code for >= 90% of the patches) unless `allow_degenerate`, warns when
+    one code covers half of them."""
+
+    def __init__(self, vocab_size: int, source: str, batches: int = TARGET_CHECK_BATCHES,
+                 allow_degenerate: bool = False):
+        self.vocab_size, self.source, self.batches, self.allow_degenerate = vocab_size, source, batches, allow_degenerate
+        self.counts, self.seen = None, 0
+        self.report: dict[str, float] | None = None  # set once measured
+
+    def add(self, targets: torch.Tensor, accelerator=None) -> None:
+        """targets [B, N] token ids; checks once the first `batches` micro-batches are counted."""
+        if self.report is not None:
+            return
+        counts = torch.bincount(targets.detach().flatten(), minlength=self.vocab_size).double()  # [V]
+        self.counts = counts if self.counts is None else self.counts + counts
+        self.seen += 1
+        if self.seen >= self.batches:
+            total = self.counts if accelerator is None else accelerator.reduce(self.counts, reduction="sum")
+            self.check(total)
+
+    def check(self, counts: torch.Tensor) -> dict[str, float]:
+        """counts [V]: how often each code is a target."""
+        tokens = float(counts.sum())
+        used, majority = int((counts > 0).sum()), float(counts.max()) / max(tokens, 1.0)
+        self.report = {"target_codes_used": used, "target_majority_share": majority}
+        logger.info("Targets of the first %d batches: %d of %d codes used, the most frequent on %.1f%% of the "
+                    "patches.", self.seen, used, self.vocab_size, 100 * majority)
+        usage = (f"on the first {self.seen} training batches it used {used} of its {self.vocab_size} codes, and one "
+                 f"code is the target of {majority:.0%} of the patches, so predicting it alone scores that accuracy")
+        if majority >= DEGENERATE_MAJORITY_SHARE and not self.allow_degenerate:
+            raise ValueError(
+                f"The tokenizer {self.source} gives degenerate targets: {usage} without learning anything. It has "
+                "likely collapsed: retrain it (examples/train_tokenizer.py logs codebook_usage and draws "
+                "codebook_usage.png) or use another one. To train on these targets anyway, pass "
+                "--allow_degenerate_targets."
+            )
+        if majority >= SUSPICIOUS_MAJORITY_SHARE:
+            warnings.warn(f"The tokenizer {self.source} gives skewed targets: {usage}; read masked_accuracy against "
+                          "that baseline.", RuntimeWarning, stacklevel=2)
+        return self.report
+
+
+__all__ = ["FrozenTokenizer", "TargetHealth", "TwoViewCrop", "load_frozen_tokenizer", "tokenizer_input_size",
+           "unit_float"]
