@@ -80,6 +80,10 @@ class PretrainingMethod:
         """Called once the model is prepared, before resuming: move frozen auxiliary networks (a teacher)
         to `accelerator.device`. They are never prepared, trained or saved with the model."""
 
+    def checkpoint_state(self) -> dict[str, object]:
+        """Objects trained beside the model (with `state_dict`) that every checkpoint must carry, by name."""
+        return {}
+
     def step_metrics(self) -> dict[str, float]:
         """Values logged with the loss at each logging step besides it (every process calls this at the
         same step, so it may reduce over processes)."""
