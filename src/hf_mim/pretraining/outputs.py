@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import default_collate
 
 from ..data import DIGITS_SOURCE, FixedSampler, ImageExamples
+from ..files import apply_umask
 from .tracking import plain
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ def save_model(run) -> None:
                           save_function=accelerator.save)
     if accelerator.is_main_process:
         run.processor.save_pretrained(args.output_dir)
+        apply_umask(args.output_dir)  # the weights' temporary file was 0600
 
 
 def figure_batch(run, count: int = 8) -> dict[str, torch.Tensor] | None:
