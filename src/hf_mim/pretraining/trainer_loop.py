@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..data import (
     DIGITS_SOURCE, EpochSampler, FixedSampler, ImageDatasets, ImageExamples, StreamingImageExamples, derive_seed, load_image_datasets,
 )
+from ..launch import check_one_run_per_launch, cpu_process_group_needed
 from ..preemption import Preempted, PreemptionGuard, resume_hint
 from .arguments import resolve_mixed_precision
 from .checkpoints import (
@@ -85,7 +86,8 @@ class Run:
 def build_accelerator(args) -> Accelerator:
     os.makedirs(args.output_dir, exist_ok=True)
     dynamo = TorchDynamoPlugin(backend="inductor", mode=args.torch_compile_mode) if args.torch_compile else None
-    return Accelerator(
+    accelerator = Accelerator(
+        cpu=cpu_process_group_needed(),  # torchrun on a CPU-only machine: one gloo group, not N runs
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=resolve_mixed_precision(args),
         log_with=resolve_trackers(args.report_to, args.output_dir),
@@ -95,6 +97,8 @@ def build_accelerator(args) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
         dynamo_plugin=dynamo,
     )
+    check_one_run_per_launch(accelerator.num_processes)
+    return accelerator
 
 
 def setup_logging(accelerator: Accelerator) -> None:
