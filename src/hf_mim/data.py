@@ -3,7 +3,7 @@ into seeded PyTorch examples that survive unreadable images.
 
 Sources (one per run): a Hub data set (`dataset_name`), image folders (`train_dir`/`validation_dir`),
 parquet files (`train_file`/`validation_file`, globs allowed), or, when none is given, the embedded
-handwritten digits of scikit-learn (`pip install hf_mim[demo]`), upscaled to 32x32 RGB.
+handwritten digits of scikit-learn (a dependency), upscaled to 32x32 RGB.
 
 Images are read with `decode=False` and decoded in :class:`ImageExamples`, so a corrupt image
 surfaces at one place: it is skipped, logged and counted in the batch's `num_skipped`, and the
@@ -77,7 +77,7 @@ def load_digits_dataset(image_size: int = DIGITS_IMAGE_SIZE) -> datasets.Dataset
     except ImportError as error:
         raise ImportError(
             "The embedded demo data set (handwritten digits) ships with scikit-learn, which is not installed. "
-            "Install it with `pip install hf_mim[demo]`, or pass your own data with --dataset_name, --train_dir "
+            "Install it with `pip install scikit-learn`, or pass your own data with --dataset_name, --train_dir "
             "or --train_file."
         ) from error
     digits = load_digits()
