@@ -94,8 +94,8 @@ def load_reference_state_dict(path: str, *, allow_pickle: bool = False) -> dict[
             raise ValueError(f"{path} is damaged or not a PyTorch checkpoint ({type(error).__name__}: "
                              f"{first_line(error)}). Download it again, or check the path.") from error
         raise ValueError(
-            f"{path} pickles Python objects besides tensors ({unsupported_global(error)}). If you trust the file, re-run "
-            "with --allow-pickle (loading a pickle runs code from it)."
+            f"{path} pickles Python objects besides tensors ({unsupported_global(error)}). If you trust the file, "
+            "re-run with --allow-pickle (loading a pickle runs code from it)."
         ) from error
     for key in ("model", "module", "state_dict"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):

@@ -82,11 +82,13 @@ class FinetuningTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         # Written first: trainer_state.json, written last by the Trainer, marks a complete checkpoint.
         # As the Trainer logs it: this process's running sum, averaged over processes (collective).
-        loss_sum = self._total_loss_scalar + nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()
+        pending = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()
+        loss_sum = self._total_loss_scalar + pending
         if getattr(self, "loss_before", None) is not None:
             loss_sum += self.loss_before["loss_sum"]
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), name)
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, RUN_LOSS_FILE), "w") as handle:
                 json.dump({"loss_sum": loss_sum, "steps": self.state.global_step}, handle)
