@@ -219,3 +219,35 @@ def test_a_full_disk_names_the_folder_and_keeps_the_older_checkpoints(uninterrup
     assert finished.returncode != 0
     assert f"No space left on {output_dir}: checkpoint-10 was not written (kept: checkpoint-5)" in finished.stderr
     assert finished.stdout.split().count("checkpoint-5") == 1 and ".tmp-checkpoint-10" not in finished.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# train_tokenizer.py: PeCo's discriminator (trained beside the model) resumes without pickle
+# ---------------------------------------------------------------------------------------------
+
+
+def test_peco_discriminator_is_saved_as_safetensors_and_resumes_exactly(tmp_path):
+    from hf_mim import MaeConfig, MaeForPreTraining
+    from hf_mim.tokenizer_training import main as tokenizer_main
+
+    torch.manual_seed(0)
+    perceptual = tmp_path / "mae"
+    MaeForPreTraining(MaeConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                image_size=32, patch_size=4, decoder_hidden_size=16, decoder_num_attention_heads=2,
+                                decoder_num_hidden_layers=1, decoder_intermediate_size=32)).save_pretrained(perceptual)
+    args = ["--method", "peco", "--perceptual_model", str(perceptual), "--max_steps", "4", "--checkpointing_steps", "2",
+            "--save_total_limit", "0", "--config_overrides", "use_adversarial=True,adversarial_start_step=1,"
+            "discriminator_hidden_size=8,discriminator_num_layers=2", "--max_train_samples", "64", "--no-do_eval",
+            "--per_device_train_batch_size", "16", "--logging_steps", "1", "--report_to", "none",
+            "--dataloader_num_workers", "0"]
+    tokenizer_main(["--output_dir", str(tmp_path / "whole"), *args])
+    folder = tmp_path / "whole" / "checkpoint-2"
+    assert {"extra-discriminator.safetensors", "extra-discriminator_optimizer.pt"} <= {p.name for p in folder.iterdir()}
+    assert not list(folder.glob("custom_checkpoint_*"))
+    shutil.copytree(folder, tmp_path / "resumed" / "checkpoint-2")
+    tokenizer_main(["--output_dir", str(tmp_path / "resumed"), *args])
+    expected = read_log(str(tmp_path / "whole" / LOG_FILE), "discriminator_loss")
+    got = read_log(str(tmp_path / "resumed" / LOG_FILE), "discriminator_loss")
+    assert sorted(got) == [3, 4] and expected[4] > 0  # the discriminator trains in the resumed steps
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
