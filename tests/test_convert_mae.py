@@ -330,7 +330,7 @@ def test_wrong_kind_errors(tmp_path, capsys):
         run_convert(tmp_path / "extra.pth", tmp_path / "out", *TINY_HEADS)
 
     (tmp_path / "random.pth").write_bytes(os.urandom(256))
-    with pytest.raises(ValueError, match="not a plain tensor checkpoint"):
+    with pytest.raises(ValueError, match="is damaged or not a PyTorch checkpoint"):
         run_convert(tmp_path / "random.pth", tmp_path / "out")
 
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64).save_pretrained(

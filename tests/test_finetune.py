@@ -28,6 +28,7 @@ from hf_mim.finetuning import run
 from hf_mim.finetuning.classifier import Labels, load_classifier
 from hf_mim.models.relative_position import resize_relative_position_bias_table
 from hf_mim.models.vit_core import resize_pos_embed, sincos_2d_table
+from hf_mim.redaction import host_names, redact_text
 
 ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
                patch_size=8)
@@ -291,7 +292,10 @@ def test_finetune_push_to_hub_publishes_through_hf_mim(local_hub, digits_files, 
     assert card.data.library_name == "hf_mim" and card.data.pipeline_tag == "image-classification"
     assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {
         "top1": metrics["eval_top1"], "top5": metrics["eval_top5"]}
-    assert (Path(snapshot_download(repo_id)) / "README.md").read_bytes() == (output_dir / "README.md").read_bytes()
+    # The local card, less its local paths (the base model's folder): see hf_mim.redaction.
+    pushed_card = (Path(snapshot_download(repo_id)) / "README.md").read_text()
+    assert pushed_card == redact_text((output_dir / "README.md").read_text(), host_names())
+    assert str(mae_checkpoint) in (output_dir / "README.md").read_text() and str(mae_checkpoint) not in pushed_card
 
     pushed = AutoModelForImageClassification.from_pretrained(repo_id).eval()
     local = AutoModelForImageClassification.from_pretrained(output_dir).eval()

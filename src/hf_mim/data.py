@@ -3,7 +3,7 @@ into seeded PyTorch examples that survive unreadable images.
 
 Sources (one per run): a Hub data set (`dataset_name`), image folders (`train_dir`/`validation_dir`),
 parquet files (`train_file`/`validation_file`, globs allowed), or, when none is given, the embedded
-handwritten digits of scikit-learn (`pip install hf_mim[demo]`), upscaled to 32x32 RGB.
+handwritten digits of scikit-learn (a dependency), upscaled to 32x32 RGB.
 
 Images are read with `decode=False` and decoded in :class:`ImageExamples`, so a corrupt image
 surfaces at one place: it is skipped, logged and counted in the batch's `num_skipped`, and the
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ DIGITS_IMAGE_SIZE = 32
 # Give up after this many unreadable images in a row: the column or the whole data set is wrong.
 MAX_CONSECUTIVE_UNREADABLE = 100
 WARN_FIRST_UNREADABLE = 5
+# Grey images with more than 8 bits per pixel (16-bit PNG and TIFF, 32-bit integer and float).
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 # A transform turns a decoded image into named tensors, drawing randomness from `generator`
 # (mask generators) and from torch's global RNG, which is seeded per example (torchvision).
@@ -75,7 +77,7 @@ def load_digits_dataset(image_size: int = DIGITS_IMAGE_SIZE) -> datasets.Dataset
     except ImportError as error:
         raise ImportError(
             "The embedded demo data set (handwritten digits) ships with scikit-learn, which is not installed. "
-            "Install it with `pip install hf_mim[demo]`, or pass your own data with --dataset_name, --train_dir "
+            "Install it with `pip install scikit-learn`, or pass your own data with --dataset_name, --train_dir "
             "or --train_file."
         ) from error
     digits = load_digits()
@@ -180,12 +182,18 @@ def resolve_image_column(dataset, requested: str | None) -> str:
                 f"{available}. Pass --image_column_name."
             )
     feature = (dataset.features or {}).get(column)
-    if feature is not None and not isinstance(feature, datasets.Image):
+    if feature is not None and not is_image_feature(feature):
         raise ValueError(
             f"Column {column!r} holds {feature!r}, not images. Pass --image_column_name with the image column "
             f"(available columns: {available})."
         )
     return column
+
+
+def is_image_feature(feature) -> bool:
+    """An `Image` column, or a plain binary one holding encoded image files (cast to `Image` on load)."""
+    return isinstance(feature, datasets.Image) or (
+        isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary"))
 
 
 def resolve_label_column(dataset, requested: str | None) -> str | None:
@@ -279,18 +287,52 @@ def load_image_datasets(
 
 
 def decode_image(value, mode: str = "RGB") -> Image.Image:
-    """A fully decoded PIL image from a `datasets.Image(decode=False)` value (bytes and/or path,
-    local or remote) or a PIL image. Raises on unreadable data."""
+    """The one image decoder of every source (folders, parquet bytes, Hub data sets, streams): a fully
+    decoded PIL image in `mode`, with the pixels the file means.
+
+    `value`: a `datasets.Image(decode=False)` entry (`{"bytes", "path"}`, local or remote path), raw
+    image bytes (a plain binary column), or a PIL image. The image is turned by its EXIF orientation,
+    16-bit and 32-bit grey scaled to 8 bits (not clipped to white), and then converted to `mode`
+    (palette, CMYK, LA, RGBA ... ; an alpha channel is dropped, as torchvision and timm do).
+    Raises on unreadable data."""
+    image = open_image(value)
+    image.load()  # decode now: truncated files fail here, not later in a transform
+    image = ImageOps.exif_transpose(image)  # a no-op without an orientation tag
+    return convert_mode(to_8_bit(image), mode)
+
+
+def open_image(value) -> Image.Image:
     if value is None:
         raise ValueError("the image entry is empty (None)")
     if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict) and value.get("bytes"):
-        image = Image.open(io.BytesIO(value["bytes"]))
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(value))
+    if isinstance(value, dict) and value.get("bytes"):
+        return Image.open(io.BytesIO(value["bytes"]))
+    return datasets.Image().decode_example(value)  # paths, including remote ones
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """Grey images of more than 8 bits ("I;16*", "I", "F") -> "L", scaled from their bit depth:
+    PIL's own convert clips them (a mid-grey 16-bit PNG became white)."""
+    if image.mode not in WIDE_GREY_MODES:
+        return image
+    pixels = np.asarray(image, dtype=np.float64)  # [H, W]
+    if image.mode == "F":
+        full_scale = 1.0 if pixels.max(initial=0.0) <= 1.0 else 65535.0  # float images: 0-1, or 16-bit values
     else:
-        image = datasets.Image().decode_example(value)  # paths, including remote ones
-    image.load()  # decode now: truncated files fail here, not later in a transform
-    return image if image.mode == mode else image.convert(mode)
+        full_scale = 65535.0 if pixels.max(initial=0) <= 65535 else 2.0**32 - 1
+    scaled = np.clip(np.rint(pixels * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
+def convert_mode(image: Image.Image, mode: str) -> Image.Image:
+    if image.mode == mode:
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL asks for this route (a palette with transparency)
+    return image.convert(mode)
 
 
 def describe(value) -> str:

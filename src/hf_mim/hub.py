@@ -2,7 +2,8 @@
 
 ``publish(model_dir, repo_id)`` checks that the directory is a complete checkpoint (config, weights
 and the model code that ``trust_remote_code=True`` needs), writes a model card when there is none,
-creates the repository if needed and uploads the folder in one commit with ``HfApi.upload_folder``.
+creates the repository if needed and uploads the folder in one commit with ``HfApi.upload_folder``,
+with local absolute paths and the host name taken out of the uploaded copy (``hf_mim.redaction``).
 Every failure says what went wrong and how to fix it; a failed upload never touches local files.
 """
 
@@ -18,6 +19,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 from .cards import METHODS, write_model_card
+from .redaction import staged_upload
 
 try:  # the HTTP client under huggingface_hub: httpx2 from 2.x, httpx in 1.x
     from httpx2 import HTTPError as TransportError
@@ -27,7 +29,8 @@ except ImportError:
 logger = logging.getLogger(__name__)
 
 # Training state that may sit beside a checkpoint but does not belong in a published model.
-DEFAULT_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/*", "optimizer.pt", "scheduler.pt", "rng_state*.pth"]
+DEFAULT_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/*", "optimizer.pt", "scheduler.pt", "rng_state*.pth",
+                           "training_args.bin"]  # the last: a pickle of local paths and the host name
 CONFIG_FILES = ("config.json", "preprocessor_config.json")
 RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
 TOKEN_HELP = "set HF_TOKEN, run `hf auth login`, or pass --hub_token (token=... in Python)"
@@ -173,8 +176,9 @@ def publish(
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=model_dir, commit_message=commit_message,
-                                   revision=revision, ignore_patterns=list(ignore_patterns))
+        with staged_upload(model_dir, [name for name in local_files if name not in skipped]) as staged:
+            commit = api.upload_folder(repo_id=repo_id, folder_path=staged, commit_message=commit_message,
+                                       revision=revision)  # no local paths or host name (see redaction.py)
     except HfHubHTTPError as error:
         if error.response is not None and error.response.status_code == 401:
             raise PublishError(f"The Hub rejected the token for {repo_id} ({http_problem(error)}). Use a token "

@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import json
 import os
+import pickle
 import re
 from collections.abc import Iterable
 
@@ -81,14 +82,19 @@ def load_reference_state_dict(path: str, *, allow_pickle: bool = False) -> dict[
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as error:  # SafetensorError, or OSError for a file cut short
+            raise ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error}). It is "
+                             "damaged or truncated: download it again.") from error
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as error:  # torch raises UnpicklingError subclasses and RuntimeErrors here
-        if allow_pickle:
-            raise
+        if allow_pickle or not pickles_objects(error):
+            raise ValueError(f"{path} is damaged or not a PyTorch checkpoint ({type(error).__name__}: "
+                             f"{first_line(error)}). Download it again, or check the path.") from error
         raise ValueError(
-            f"{path} is not a plain tensor checkpoint ({type(error).__name__}: {error}). If you trust the file, "
+            f"{path} pickles Python objects besides tensors ({unsupported_global(error)}). If you trust the file, "
             "re-run with --allow-pickle (loading a pickle runs code from it)."
         ) from error
     for key in ("model", "module", "state_dict"):
@@ -98,6 +104,23 @@ def load_reference_state_dict(path: str, *, allow_pickle: bool = False) -> dict[
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors).")
     return checkpoint
+
+
+def pickles_objects(error: Exception) -> bool:
+    """torch.load(weights_only=True) refused a readable pickle for its objects: --allow-pickle would load it.
+    Anything else (a truncated archive, random bytes, a text file) is damage that no option fixes."""
+    return isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error) and \
+        "Unsupported global" in str(error)
+
+
+def unsupported_global(error: Exception) -> str:
+    """torch's line naming the refused class, e.g. "Unsupported global: GLOBAL argparse.Namespace"."""
+    found = re.search(r"Unsupported global: GLOBAL \S+", str(error))
+    return found.group(0) if found else "objects that weights_only cannot load"
+
+
+def first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def is_transformers_dir(path: str) -> bool:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import SaveStrategy
 
 from ..pretraining.arguments import DeprecatedAlias
 from .ema import DEFAULT_DECAY, check_decay
@@ -172,6 +173,16 @@ def note_demo_defaults(parser: argparse.ArgumentParser) -> None:
             action.help = f"{action.help or ''} ({'; '.join(notes)})".strip()
 
 
+def check_step_settings(argv: list[str], training_args) -> None:
+    """Refuse sizes that could never make a step (before any data is read), and make `--save_steps N`
+    alone save every N steps: the default save strategy here is per epoch, which would ignore it."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(training_args, name)}.")
+    if given(argv, "save_steps") and not given(argv, "save_strategy") and not given(argv, "checkpointing_steps"):
+        training_args.save_strategy = SaveStrategy.STEPS
+
+
 def parse_finetuning_args(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, FinetuningArguments, TrainingArguments) with the fine-tuning
     defaults, the demo's where it applies, and no boilerplate flags needed."""
@@ -196,6 +207,7 @@ def parse_finetuning_args(argv: list[str] | None = None):
     elif finetuning_args.base_learning_rate is None:
         finetuning_args.base_learning_rate = DEFAULT_BASE_LEARNING_RATE
     check_model_ema(argv, finetuning_args)
+    check_step_settings(argv, training_args)
     if training_args.push_to_hub and given(argv, "hub_strategy") and training_args.hub_strategy != "end":
         warnings.warn(f"--hub_strategy {training_args.hub_strategy}: hf_mim uploads once, at the end of the run "
                       "(model, processor, model card), with hf_mim.hub.publish.", stacklevel=2)

@@ -17,15 +17,20 @@ import datasets
 import torch
 import transformers
 from transformers import AutoConfig, AutoImageProcessor
-from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint, set_seed
+from transformers.trainer_utils import IntervalStrategy, set_seed
 
 from ..data import DIGITS_SOURCE, ImageDatasets, ImageExamples, load_image_datasets
+from ..files import apply_umask
+from ..launch import check_one_run_per_launch
 from ..metrics import load_top_k_accuracy
+from ..preemption import Preempted, PreemptionGuard, resume_hint
+from ..pretraining.checkpoints import latest_checkpoint, resolve_resume_path
 from ..models.presets import from_preset, preset_names
 from ..registry import FAMILIES
 from .arguments import DataArguments, FinetuningArguments, ModelArguments, parse_finetuning_args
 from .classifier import Labels, build_classifier, load_classifier, read_labels
 from .ema import ModelEmaCallback, check_ema_compatible
+from .preemption import PreemptionCallback
 from .mixup import SoftTargets
 from .trainer import FinetuningTrainer
 from .transforms import (
@@ -182,7 +187,9 @@ def resume_checkpoint(training_args) -> str | None:
     """--resume_from_checkpoint PATH | latest | none; not given: the newest checkpoint in --output_dir."""
     value = training_args.resume_from_checkpoint
     output_dir = training_args.output_dir
-    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    # The newest complete (trainer_state.json written last) and intact one: a save cut off by a kill is skipped.
+    last = latest_checkpoint(output_dir)
+    last = None if last is None else str(last)
     if value is None:
         if last:
             logger.info("Resuming from %s (pass --resume_from_checkpoint none to start afresh).", last)
@@ -195,7 +202,7 @@ def resume_checkpoint(training_args) -> str | None:
         return last
     if not os.path.isdir(value):
         raise FileNotFoundError(f"--resume_from_checkpoint {value} is not a checkpoint folder.")
-    return value
+    return str(resolve_resume_path(value, output_dir, auto_resume=False))  # complete and intact, or an error
 
 
 def recipe(model, training_args, finetuning_args: FinetuningArguments, trainer) -> dict:
@@ -247,6 +254,7 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, finetun
     """Fine-tune, evaluate and save; returns the final metrics (train_* and eval_*)."""
     setup_logging(training_args)
     limit_cpu_threads(training_args)
+    check_one_run_per_launch(training_args.world_size)  # --use_cpu (the default without a GPU) joins a gloo group
     set_seed(training_args.seed)
     data = load_data(data_args, model_args, training_args)
     check_training_args(training_args, data, finetuning_args)
@@ -258,7 +266,10 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, finetun
     push, training_args.push_to_hub = training_args.push_to_hub, False  # uploaded once at the end, by publish()
     checkpoint = resume_checkpoint(training_args) if training_args.do_train else None
     # The EMA callback loads its average from the checkpoint the Trainer resumes from.
-    callbacks = [ModelEmaCallback(finetuning_args.model_ema_decay, checkpoint)] if finetuning_args.model_ema else None
+    preemption = PreemptionGuard()
+    callbacks = [PreemptionCallback(preemption)]
+    if finetuning_args.model_ema:
+        callbacks.append(ModelEmaCallback(finetuning_args.model_ema_decay, checkpoint))
     soft_targets = SoftTargets(model.config.num_labels, finetuning_args.mixup, finetuning_args.cutmix,
                                finetuning_args.smoothing, finetuning_args.mixup_prob, finetuning_args.mixup_switch_prob)
     trainer = FinetuningTrainer(
@@ -269,8 +280,12 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, finetun
     )
     metrics = {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        with preemption:
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+        stop_if_preempted(trainer, preemption)
         trainer.save_model()  # model (with its remote code) and the image processor
+        if trainer.is_world_process_zero():
+            apply_umask(training_args.output_dir)  # the weights' temporary file was 0600
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
@@ -283,6 +298,17 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, finetun
     if training_args.do_train and trainer.is_world_process_zero():
         finish(trainer, model_args, data, finetuning_args, training_args, metrics, push)
     return metrics
+
+
+def stop_if_preempted(trainer, preemption: PreemptionGuard) -> None:
+    """After a run that a signal stopped (PreemptionCallback saved its checkpoint): say how to resume, exit."""
+    signum = preemption.signum
+    if signum is None:
+        return
+    if trainer.is_world_process_zero():
+        folder = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
+        logger.warning(resume_hint(trainer.args.output_dir, folder, signum))
+    raise Preempted(signum)
 
 
 def finish(trainer, model_args, data, finetuning_args, training_args, metrics: dict, push: bool) -> None:

@@ -7,18 +7,27 @@ Three changes to the stock Trainer:
   decay whatever `--lr_scheduler_type` is;
 - `compute_loss`: training batches get MixUp / CutMix / label smoothing (`mixup.py`) as soft targets;
 - the training sampler is `hf_mim.data.EpochSampler`: order and augmentation are a pure function of
-  (data seed, epoch, position), so they change every epoch and survive resuming.
+  (data seed, epoch, position), so they change every epoch and survive resuming;
+- `train_loss` covers the whole run across resumes: every checkpoint carries the loss summed over
+  all the steps before it (`run_loss.json`), which the stock Trainer forgets when it resumes.
 """
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 from transformers import Trainer
+from transformers.trainer_pt_utils import nested_gather
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.trainer_optimizer import is_optimizer_factory
 
 from ..data import EpochSampler, ImageExamples
 from .layer_decay import layer_decay_parameter_groups
 from .mixup import SoftTargets
+
+RUN_LOSS_FILE = "run_loss.json"
 
 
 class FinetuningTrainer(Trainer):
@@ -58,6 +67,33 @@ class FinetuningTrainer(Trainer):
             inputs = {**inputs, "pixel_values": pixel_values, "labels": labels}
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
+    # ------------------------------------------------------------------ train_loss over the whole run
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        self.loss_before = read_run_loss(resume_from_checkpoint) if isinstance(resume_from_checkpoint, str) else None
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self.loss_before is not None:
+            steps_here = output.global_step - self.loss_before["steps"]
+            train_loss = (self.loss_before["loss_sum"] + output.training_loss * steps_here) / max(output.global_step, 1)
+            output.metrics["train_loss"] = train_loss
+            output = type(output)(output.global_step, train_loss, output.metrics)
+        return output
+
+    def _save_checkpoint(self, model, trial):
+        # Written first: trainer_state.json, written last by the Trainer, marks a complete checkpoint.
+        # As the Trainer logs it: this process's running sum, averaged over processes (collective).
+        pending = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()
+        loss_sum = self._total_loss_scalar + pending
+        if getattr(self, "loss_before", None) is not None:
+            loss_sum += self.loss_before["loss_sum"]
+        if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), name)
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, RUN_LOSS_FILE), "w") as handle:
+                json.dump({"loss_sum": loss_sum, "steps": self.state.global_step}, handle)
+        super()._save_checkpoint(model, trial)
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if isinstance(dataset, ImageExamples):
@@ -66,4 +102,13 @@ class FinetuningTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
 
-__all__ = ["FinetuningTrainer"]
+def read_run_loss(checkpoint: str) -> dict | None:
+    """The loss summed over the steps before `checkpoint` (None for checkpoints of other versions)."""
+    path = os.path.join(checkpoint, RUN_LOSS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+__all__ = ["FinetuningTrainer", "RUN_LOSS_FILE"]

@@ -21,7 +21,7 @@ def load_top_k_accuracy(**kwargs):
     except ImportError as error:
         raise ImportError(
             "Top-1/top-5 accuracy is computed with the `evaluate` library: `pip install evaluate` "
-            "(or `pip install hf_mim[dev]`)."
+            "(a dependency of hf_mim: reinstall it)."
         ) from error
     return evaluate.load(TOP_K_ACCURACY_PATH, **kwargs)
 

@@ -315,11 +315,23 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--eval_strategy steps needs --eval_steps N.")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id NAMESPACE/NAME.")
+    if args.push_to_hub:
+        check_hub_token(args.hub_token, args.hub_model_id)
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "logging_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     resolve_mixed_precision(args)
+
+
+def check_hub_token(token: str | None, repo_id: str) -> None:
+    """Fail before training, not after it, when the final upload could not happen."""
+    from huggingface_hub import get_token
+
+    from ..hub import TOKEN_HELP
+
+    if not (token or get_token()):
+        raise ValueError(f"--push_to_hub: no Hugging Face token to upload {repo_id} with: {TOKEN_HELP}.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

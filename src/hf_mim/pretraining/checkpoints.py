@@ -4,24 +4,36 @@ A checkpoint is written into `.tmp-checkpoint-<step>`, flushed to disk, and rena
 the rename is atomic, so a folder named `checkpoint-<step>` is always complete, and a crash while
 writing leaves the previous checkpoint as the latest. `trainer_state.json` inside it records where
 the run stood (step, epoch, position in the epoch), which `save_state` does not.
+
+Resuming runs no code from the folder: the model is safetensors, accelerate reads the optimiser and RNG
+files with `weights_only=True`, and the other state (the LR scheduler, PeCo's discriminator and its
+optimiser) is saved here as `extra-<name>.safetensors` (modules) or `extra-<name>.pt` read with
+`weights_only=True`, never through accelerate's `register_for_checkpointing`, whose
+`custom_checkpoint_<i>.pkl` files are unpickled with `weights_only=False`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TEMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "trainer_state.json"
+EXTRA_PREFIX = "extra-"
 
 
 @dataclass
@@ -33,6 +45,9 @@ class TrainerState:
     batch_in_epoch: int = 0
     images_seen: int = 0
     skipped_images: int = 0  # unreadable images drawn (and replaced) so far
+    # The micro-batch losses summed since step 0 and their count: train_loss of the whole run across resumes.
+    train_loss_sum: float = 0.0
+    train_loss_batches: int = 0
     # The settings that fix the data order; resuming with others cannot continue exactly.
     num_processes: int = 1
     per_device_train_batch_size: int = 0
@@ -62,8 +77,13 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    checkpoints = list_checkpoints(output_dir)
-    return checkpoints[-1][1] if checkpoints else None
+    """The newest complete checkpoint whose files are intact; damaged newer ones are skipped with a warning."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        damage = find_damage(path)
+        if damage is None:
+            return path
+        logger.warning("Skipping the damaged checkpoint %s (%s); falling back to an older one.", path, damage)
+    return None
 
 
 def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str, auto_resume: bool) -> Path | None:
@@ -81,7 +101,65 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str, aut
             f"--resume_from_checkpoint {path} is not a complete checkpoint (no {STATE_FILE}). Pass a checkpoint-<step> "
             "folder written by this script, or 'latest'."
         )
+    damage = find_damage(path)
+    if damage is not None:
+        raise ValueError(f"--resume_from_checkpoint {path} is damaged ({damage}). Pass an older checkpoint-<step>, "
+                         "or 'latest' (the newest intact one).")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Damage: truncated or corrupted files (a full disk, a copy that stopped, bit rot)
+# ---------------------------------------------------------------------------------------------
+
+
+def find_damage(folder: str | os.PathLike) -> str | None:
+    """What is wrong with the first damaged file of a checkpoint folder, or None. Reads the sizes that
+    safetensors headers promise, the CRCs of torch.save archives and the JSON files (nothing is unpickled)."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            problem = file_damage(path)
+            if problem is not None:
+                return f"{path.name}: {problem}"
+    return None
+
+
+def file_damage(path: Path) -> str | None:
+    try:
+        if path.suffix == ".safetensors":
+            return safetensors_damage(path)
+        if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+            return torch_archive_damage(path)
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        return f"unreadable ({type(error).__name__}: {error})"
+    return None
+
+
+def safetensors_damage(path: Path) -> str | None:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        header_size = int.from_bytes(prefix, "little")
+        if 8 + header_size > size:
+            return f"truncated: {size} bytes, the header alone needs {8 + header_size}"
+        header = json.loads(handle.read(header_size))
+    data_size = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    if 8 + header_size + data_size != size:
+        return f"truncated: {size} bytes, its header describes {8 + header_size + data_size}"
+    return None
+
+
+def torch_archive_damage(path: Path) -> str | None:
+    """torch.save writes a zip archive with a CRC per entry."""
+    if not zipfile.is_zipfile(path):
+        return "truncated or not a torch.save archive"
+    with zipfile.ZipFile(path) as archive:
+        corrupt = archive.testzip()
+    return None if corrupt is None else f"corrupt entry {corrupt}"
 
 
 def fsync_tree(root: Path) -> None:
@@ -115,20 +193,78 @@ def publish_checkpoint(temp: Path, final: Path, state: TrainerState) -> None:
     fsync_dir(final.parent)
 
 
-def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainerState) -> Path:
-    """Every process calls this (each writes its own state files)."""
+def extra_state_path(folder: Path, name: str, stateful) -> Path:
+    suffix = "safetensors" if isinstance(stateful, torch.nn.Module) else "pt"
+    return folder / f"{EXTRA_PREFIX}{name}.{suffix}"
+
+
+def save_extra_state(folder: Path, extras: dict[str, object]) -> None:
+    """Objects with `state_dict()` (identical on every process; the main process writes them)."""
+    for name, stateful in extras.items():
+        path = extra_state_path(folder, name, stateful)
+        if isinstance(stateful, torch.nn.Module):
+            save_file({key: value.detach().contiguous() for key, value in stateful.state_dict().items()}, path)
+        else:
+            torch.save(stateful.state_dict(), path)
+
+
+def load_extra_state(folder: Path, extras: dict[str, object]) -> None:
+    """The counterpart of `save_extra_state`: safetensors, or `torch.load(weights_only=True)` (no code runs)."""
+    for name, stateful in extras.items():
+        path = extra_state_path(folder, name, stateful)
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} has no {path.name} (the state of the {name}): it was written by "
+                                    "another version or another --method. Resume from a matching checkpoint.")
+        if isinstance(stateful, torch.nn.Module):
+            stateful.load_state_dict(load_file(path, device=str(next(stateful.parameters()).device)))
+        else:
+            stateful.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainerState,
+                    extras: dict[str, object] | None = None) -> Path:
+    """Every process calls this (each writes its own state files). `extras`: further objects with a
+    state_dict (the scheduler, a discriminator ...), saved without pickle, see the module docstring."""
     root = Path(output_dir)
     temp, final = root / f"{TEMP_PREFIX}{state.global_step}", root / f"checkpoint-{state.global_step}"
     if accelerator.is_main_process:
         shutil.rmtree(temp, ignore_errors=True)
         temp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        publish_checkpoint(temp, final, state)
+    try:
+        accelerator.save_state(str(temp))
+        if accelerator.is_main_process:
+            save_extra_state(temp, extras or {})
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            publish_checkpoint(temp, final, state)
+    except Exception as error:
+        if not is_disk_full(error, root):
+            raise
+        shutil.rmtree(temp, ignore_errors=True)  # give the space back; the older checkpoints stay as they are
+        kept = [path.name for _, path in list_checkpoints(root)]
+        raise OSError(errno.ENOSPC, f"No space left on {root}: {final.name} was not written (kept: "
+                                    f"{', '.join(kept) or 'none'}). Free space or lower --save_total_limit, then "
+                                    "re-run the same command to resume.") from error
     accelerator.wait_for_everyone()
     return final
+
+
+# torch.save reports a full disk as "RuntimeError: unexpected pos", safetensors as its own error type:
+# the free space tells what happened.
+NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if any(getattr(item, "errno", None) == errno.ENOSPC or "No space left" in str(item) for item in chain):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> list[Path]:
@@ -159,12 +295,21 @@ def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> None:
                 os.rename(child, final)
 
 
-def load_checkpoint(accelerator, path: str | os.PathLike) -> TrainerState:
+def load_checkpoint(accelerator, path: str | os.PathLike, extras: dict[str, object] | None = None) -> TrainerState:
+    if accelerator._custom_objects:  # accelerate would unpickle their files with weights_only=False
+        raise RuntimeError("Objects were registered with accelerator.register_for_checkpointing, whose files are "
+                           "unpickled on load (code from the folder runs): pass them as `extras` instead.")
+    foreign = sorted(child.name for child in Path(path).glob("custom_checkpoint_*.pkl"))
+    if foreign:  # accelerate would refuse them, or unpickle them with weights_only=False
+        raise ValueError(f"{path} holds {foreign}: pickles that run code when loaded, which this library never "
+                         "writes (an older version, or planted). Remove them if you know where they come from, or "
+                         "resume from another checkpoint.")
     accelerator.load_state(str(path))
+    load_extra_state(Path(path), extras or {})
     return TrainerState.from_file(Path(path) / STATE_FILE)
 
 
 __all__ = [
-    "STATE_FILE", "TrainerState", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "prune_checkpoints",
+    "STATE_FILE", "TrainerState", "find_damage", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "prune_checkpoints",
     "remove_incomplete_checkpoints", "resolve_resume_path", "save_checkpoint",
 ]

@@ -3,6 +3,7 @@ results files and a reconstruction figure; optionally all of it on the Hub."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import torch
 from torch.utils.data import default_collate
 
 from ..data import DIGITS_SOURCE, FixedSampler, ImageExamples
+from ..files import apply_umask
 from .tracking import plain
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ def save_model(run) -> None:
                           save_function=accelerator.save)
     if accelerator.is_main_process:
         run.processor.save_pretrained(args.output_dir)
+        apply_umask(args.output_dir)  # the weights' temporary file was 0600
 
 
 def figure_batch(run, count: int = 8) -> dict[str, torch.Tensor] | None:
@@ -48,6 +51,15 @@ def figure_batch(run, count: int = 8) -> dict[str, torch.Tensor] | None:
     return {key: value.to(run.accelerator.device) for key, value in batch.items()}
 
 
+def can_draw() -> bool:
+    """matplotlib is optional (`pip install hf_mim[demo]`): without it the run ends without its figures."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    logger.warning("matplotlib is not installed: no %s (`pip install matplotlib` draws it next time); the model, "
+                   "card and results are written as usual.", FIGURE_FILE)
+    return False
+
+
 def save_figure(run) -> str | None:
     batch = figure_batch(run)
     if batch is None:
@@ -55,9 +67,9 @@ def save_figure(run) -> str | None:
     path = os.path.join(run.args.output_dir, FIGURE_FILE)
     was_training = run.model.training
     run.model.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # every process takes part (the methods may reduce), the main one draws
         drawn = run.method.save_reconstructions(run.model, batch, run.processor, path,
-                                                draw=run.accelerator.is_main_process)
+                                                draw=run.accelerator.is_main_process and can_draw())
     run.model.train(was_training)
     return path if drawn else None
 

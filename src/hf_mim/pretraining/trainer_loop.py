@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from ..data import (
     EpochSampler, FixedSampler, ImageDatasets, ImageExamples, StreamingImageExamples, derive_seed, load_image_datasets,
 )
+from ..launch import check_one_run_per_launch, cpu_process_group_needed
+from ..preemption import Preempted, PreemptionGuard, resume_hint
 from .arguments import resolve_mixed_precision
 from ..fast_data import FastImageExamples, fast_training_examples
 from .checkpoints import (
@@ -77,6 +79,8 @@ class Run:
     last_checkpoint_step: int = -1
     eval_results: dict = field(default_factory=dict)
     eval_step: int = -1  # the step eval_results were measured at
+    checkpoint_extras: dict = field(default_factory=dict)  # more state of a checkpoint (see checkpoints.py)
+    preemption: PreemptionGuard | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +91,8 @@ class Run:
 def build_accelerator(args) -> Accelerator:
     os.makedirs(args.output_dir, exist_ok=True)
     dynamo = TorchDynamoPlugin(backend="inductor", mode=args.torch_compile_mode) if args.torch_compile else None
-    return Accelerator(
+    accelerator = Accelerator(
+        cpu=cpu_process_group_needed(),  # torchrun on a CPU-only machine: one gloo group, not N runs
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=resolve_mixed_precision(args),
         log_with=resolve_trackers(args.report_to, args.output_dir),
@@ -97,6 +102,8 @@ def build_accelerator(args) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
         dynamo_plugin=dynamo,
     )
+    check_one_run_per_launch(accelerator.num_processes)
+    return accelerator
 
 
 def setup_logging(accelerator: Accelerator) -> None:
@@ -207,7 +214,7 @@ def prepare(run: Run) -> None:
     accelerator = run.accelerator
     if run.optimizer is not None:
         run.model, run.optimizer, run.train_loader = accelerator.prepare(run.model, run.optimizer, run.train_loader)
-        accelerator.register_for_checkpointing(run.scheduler)
+        run.checkpoint_extras["scheduler"] = run.scheduler  # saved without pickle (not register_for_checkpointing)
     else:
         run.model = accelerator.prepare(run.model)
     if run.eval_loader is not None:
@@ -228,7 +235,7 @@ def resume(run: Run) -> None:
     if path is None:
         return
     logger.info("Resuming from %s", path)
-    saved = load_checkpoint(accelerator, path)
+    saved = load_checkpoint(accelerator, path, run.checkpoint_extras)
     check_resume_compatible(saved, run.state)
     run.state = TrainerState(**{**vars(saved), "num_processes": run.state.num_processes,
                                 "per_device_train_batch_size": run.state.per_device_train_batch_size,
@@ -370,7 +377,8 @@ def checkpoint(run: Run) -> None:
     args, accelerator = run.args, run.accelerator
     values = run.meter.flush(accelerator)  # fold the pending skipped-image count into the saved state
     run.state.skipped_images += values["skipped"]
-    path = save_checkpoint(accelerator, args.output_dir, run.state)
+    run.state.train_loss_sum, run.state.train_loss_batches = run.meter.total_loss, run.meter.total_batches
+    path = save_checkpoint(accelerator, args.output_dir, run.state, run.checkpoint_extras)
     run.last_checkpoint_step = run.state.global_step
     if accelerator.is_main_process:
         prune_checkpoints(args.output_dir, args.save_total_limit)
@@ -391,11 +399,26 @@ def after_step(run: Run, learning_rate: float, grad_norm: float | None, epoch_en
         checkpoint(run)
 
 
+def stop_if_preempted(run: Run) -> None:
+    """After a step: on SIGTERM / SIGINT / SIGUSR1 (on any process), checkpoint and exit (see hf_mim.preemption)."""
+    signum = run.preemption.agreed_signal(run.accelerator.device) if run.preemption else None
+    if signum is None:
+        return
+    if run.last_checkpoint_step != run.state.global_step:
+        checkpoint(run)
+    if run.accelerator.is_main_process:
+        logger.warning(resume_hint(run.args.output_dir, os.path.join(run.args.output_dir,
+                                                                     f"checkpoint-{run.state.global_step}"), signum))
+    run.accelerator.end_training()
+    raise Preempted(signum)
+
+
 def train(run: Run) -> dict:
-    """The loop. Returns train metrics of this invocation (a resumed run counts its own part)."""
+    """The loop. Returns train metrics: train_loss of the whole run, speeds of this invocation."""
     args, accelerator, plan, state = run.args, run.accelerator, run.plan, run.state
     run.meter = LossMeter(accelerator.device)
     run.data_wait = DataWaitMeter(warn=accelerator.is_main_process)
+    run.meter.total_loss, run.meter.total_batches = state.train_loss_sum, state.train_loss_batches  # resumed
     start_step, start_time = state.global_step, time.perf_counter()
     progress = tqdm(total=plan.max_steps, initial=state.global_step, desc=f"pretrain {run.method.name}", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
@@ -416,6 +439,7 @@ def train(run: Run) -> dict:
             after_step(run, learning_rate, grad_norm, epoch_ended, progress)
             if state.global_step >= plan.max_steps:
                 break
+            stop_if_preempted(run)
         else:  # the loader ran dry
             if batches == 0 and not resumed_inside_epoch:
                 raise RuntimeError(f"Epoch {state.epoch} produced no batch: the training data is empty or exhausted.")
@@ -519,16 +543,18 @@ def run_pretraining(args, method_class: type[PretrainingMethod] | None = None) -
         build_optimization(run)
     prepare(run)
     method.setup(accelerator)  # frozen auxiliary networks to the device (never prepared, trained or saved)
+    run.checkpoint_extras.update(method.checkpoint_state())
     accelerator.init_trackers(args.run_name, config=hyperparameters(args))
     results = {}
     if args.do_train:
         resume(run)
         describe_run(run)
-        results.update(train(run))
+        with PreemptionGuard() as run.preemption:
+            results.update(train(run))
     if args.do_eval:
         results.update(run.eval_results if run.eval_step == run.state.global_step else evaluate_and_log(run))
+    write_results(run, results)  # first: a pushed repo carries them
     save_outputs(run, results)
-    write_results(run, results)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

@@ -114,6 +114,10 @@ class PretrainingMethod:
         or the step a run resumes from). Schedules inside a method (the dVAE temperature, PeCo's
         adversarial start, an EMA teacher) follow it."""
 
+    def checkpoint_state(self) -> dict[str, object]:
+        """Objects trained beside the model (with `state_dict`) that every checkpoint must carry, by name."""
+        return {}
+
     def step_metrics(self, model) -> dict[str, float]:
         """Values logged with the loss at each logging step besides it (every process calls this at the
         same step, so it may reduce over processes). `model` is the prepared model."""

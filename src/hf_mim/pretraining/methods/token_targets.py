@@ -9,6 +9,7 @@ first training batches and refuses such targets (or warns, with `--allow_degener
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import torch
@@ -74,9 +75,26 @@ class FrozenTokenizer:
         return ids.flatten(1).long()  # [B, N], row-major as the model's patches
 
 
+def read_tokenizer_config(source: str, revision: str | None, hub_kwargs: dict):
+    """A missing local folder is named as such, not reported as an unknown Hub repository."""
+    if not os.path.isdir(os.path.expanduser(source)):
+        looks_local = source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
+        if looks_local:
+            raise FileNotFoundError(f"--tokenizer {source}: no such folder. Pass the folder train_tokenizer.py "
+                                    "wrote (for example outputs/tokenizer-vqkd) or a Hub id.")
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision, **hub_kwargs)
+    except OSError as error:
+        if os.path.isdir(os.path.expanduser(source)):
+            raise
+        raise FileNotFoundError(f"--tokenizer {source}: no such folder, and no Hub repository of that name could be "
+                                f"loaded ({error}). Pass the folder train_tokenizer.py wrote (for example "
+                                "outputs/tokenizer-vqkd) or a Hub id.") from error
+
+
 def load_frozen_tokenizer(source: str, revision: str | None, precision: str, hub_kwargs: dict) -> FrozenTokenizer:
     """`AutoModel.from_pretrained(source)`, checked to be an image tokenizer and frozen."""
-    config = AutoConfig.from_pretrained(source, revision=revision, **hub_kwargs)
+    config = read_tokenizer_config(source, revision, hub_kwargs)
     is_dvae = config.model_type == DvaeConfig.model_type
     if precision == "reference_fp16" and not is_dvae:
         raise ValueError(

@@ -101,7 +101,11 @@ class PecoTokenizerMethod(QuantizerMethod):
             self.loss.discriminator.parameters(), lr=resolve_learning_rate(args.learning_rate, args.base_learning_rate,
                                                                            batch),
             betas=(args.adam_beta1, args.adam_beta2), weight_decay=0.0)
-        accelerator.register_for_checkpointing(self.loss.discriminator, self.discriminator_optimizer)
+
+    def checkpoint_state(self):
+        if self.loss.discriminator is None:
+            return {}
+        return {"discriminator": self.loss.discriminator, "discriminator_optimizer": self.discriminator_optimizer}
 
     def discriminator_step(self, pixel_values: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """One step of D on this batch; its gradients are averaged over processes by hand (D is not
