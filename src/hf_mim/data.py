@@ -297,8 +297,22 @@ def decode_image(value, mode: str = "RGB") -> Image.Image:
     Raises on unreadable data."""
     image = open_image(value)
     image.load()  # decode now: truncated files fail here, not later in a transform
-    image = ImageOps.exif_transpose(image)  # a no-op without an orientation tag
-    return convert_mode(to_8_bit(image), mode)
+    return finish_decoding(image, mode)
+
+
+def finish_decoding(image: Image.Image, mode: str) -> Image.Image:
+    """What follows the decoding of the pixels, on every path (the fast path's reduced JPEG decoding
+    too): EXIF orientation, wide grey scaled to 8 bits, conversion to `mode`."""
+    return convert_mode(to_8_bit(upright(image)), mode)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned by its EXIF orientation (a no-op without the tag). A damaged EXIF block counts
+    as upright: the pixels themselves are readable."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # PIL raises several types for malformed EXIF data
+        return image
 
 
 def open_image(value) -> Image.Image:

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
-from .data import ImageExamples, apply_seeded, decode_image
+from .data import ImageExamples, apply_seeded, decode_image, finish_decoding
 from .resampling import color_jitter, resize_boxes
 
 logger = logging.getLogger(__name__)
@@ -138,14 +138,6 @@ def oriented_size(image: Image.Image) -> tuple[int, int]:
     """(height, width) once the EXIF orientation is applied, from the header."""
     width, height = image.size
     return (width, height) if exif_orientation(image) in SWAPPING_ORIENTATIONS else (height, width)
-
-
-def finish_decoding(image: Image.Image, mode: str) -> Image.Image:
-    """EXIF orientation and mode conversion of a decoded image. To become the shared decode step of
-    `hf_mim.data` (issue 9: EXIF, 16-bit, palette, CMYK, LA) once that lands, so that both paths agree."""
-    if exif_orientation(image) != 1:
-        image = ImageOps.exif_transpose(image)
-    return image if image.mode == mode else image.convert(mode)
 
 
 def decode_reduced(image: Image.Image, reduction: int, mode: str) -> tuple[Image.Image, float]:
@@ -329,5 +321,5 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 __all__ = [
     "DATA_PIPELINES", "DeviceViews", "FastImageExamples", "FastViews", "HostSampler", "PixelView", "UnreadableImage",
     "collate",
-    "decode_reduced", "fast_training_examples", "finish_decoding", "open_image",
+    "decode_reduced", "fast_training_examples", "open_image",
 ]
