@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -23,6 +24,9 @@ FAMILIES = {
     ),
     "peco": (models.PecoConfig, models.PecoTokenizer, None, None),
 }
+# Encoders that also serve as backbones for dense tasks (AutoBackbone, UperNet / DPT `backbone_config`).
+BACKBONES = {models.MaeConfig: models.MaeBackbone, models.BEiTConfig: models.BEiTBackbone,
+             models.VitMppConfig: models.VitMppBackbone}
 
 
 def register_auto_classes() -> None:
@@ -33,6 +37,8 @@ def register_auto_classes() -> None:
             AutoModelForPreTraining.register(config, pretraining, exist_ok=True)
         if classification is not None:
             AutoModelForImageClassification.register(config, classification, exist_ok=True)
+    for config, backbone in BACKBONES.items():
+        AutoBackbone.register(config, backbone, exist_ok=True)
     # One image processor (two backends) serves every family; a fresh dict each, as transformers updates it in place.
     for config, *_ in FAMILIES.values():
         AutoImageProcessor.register(

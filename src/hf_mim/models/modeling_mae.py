@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .classification import ImageClassificationMixin
+from .classification import ImageClassificationMixin, pool_tokens
 from .configuration_mae import MaeConfig
 from .losses import masked_mse_loss, normalize_patches
 from .masking import gather_tokens, random_masking
@@ -35,6 +35,7 @@ class MaeModelOutput(ModelOutput):
     mask: torch.Tensor | None = None
     ids_restore: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    pooler_output: torch.FloatTensor | None = None  # [B, D]: classification.pool_tokens (last: tuple indices kept)
 
 
 @dataclass
@@ -157,7 +158,10 @@ class MaeModel(MaePreTrainedModel):
             tokens = gather_tokens(tokens, ids_keep)  # [B, K, D]
         x = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # [B, 1+K, D]
         x, hidden_states = run_blocks(self.blocks, x, self.norm, output_hidden_states)  # [B, 1+K, D]
-        return MaeModelOutput(last_hidden_state=x, mask=mask, ids_restore=ids_restore, hidden_states=hidden_states)
+        return MaeModelOutput(
+            last_hidden_state=x, mask=mask, ids_restore=ids_restore, hidden_states=hidden_states,
+            pooler_output=pool_tokens(x, self.config.use_mean_pooling),
+        )
 
 
 class MaeDecoder(nn.Module):

@@ -1,0 +1,188 @@
+"""Backbones (AutoBackbone, UperNet's backbone_config) and pooled outputs of every hf_mim encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoBackbone, AutoModel, UperNetConfig, UperNetForSemanticSegmentation, pipeline
+
+from hf_mim import (
+    BEiTBackbone, BEiTConfig, BEiTForImageClassification, BEiTForMaskedImageModeling, MaeBackbone, MaeConfig,
+    MaeForImageClassification, MaeForPreTraining, MimImageProcessor, VitMppBackbone, VitMppConfig,
+    VitMppForPreTraining,
+)
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+            patch_size=4, drop_path_rate=0.0)
+MAE_DECODER = dict(decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                   decoder_intermediate_size=32)
+PER_BLOCK_TABLES = dict(use_relative_position_bias=True, use_shared_relative_position_bias=False)
+NECK_KEYS = {
+    "neck.fpn1.0.weight", "neck.fpn1.0.bias", "neck.fpn1.1.weight", "neck.fpn1.1.bias", "neck.fpn1.1.running_mean",
+    "neck.fpn1.1.running_var", "neck.fpn1.1.num_batches_tracked", "neck.fpn1.3.weight", "neck.fpn1.3.bias",
+    "neck.fpn2.weight", "neck.fpn2.bias",
+}
+
+FAMILIES = {  # name: (pre-training model, backbone class, config, backbone options)
+    "mae": (lambda: MaeForPreTraining(MaeConfig(**TINY, **MAE_DECODER)), MaeBackbone, "encoder", {}),
+    "beit": (lambda: BEiTForMaskedImageModeling(BEiTConfig(**TINY, vocab_size=10)), BEiTBackbone, "beit",
+             PER_BLOCK_TABLES),
+    "beitv2": (lambda: BEiTForMaskedImageModeling(BEiTConfig(
+        **TINY, vocab_size=10, use_cls_pretext_head=True, cls_head_early_layer=2, cls_head_depth=1)),
+        BEiTBackbone, "beit", PER_BLOCK_TABLES),
+    "vit_mpp": (lambda: VitMppForPreTraining(VitMppConfig(**TINY)), VitMppBackbone, "vit", {}),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random values everywhere (tables, layer scales, q/v biases), so no comparison passes on an init constant."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pretrained(request, tmp_path_factory):
+    """(family name, saved pre-training checkpoint, the model that was saved)."""
+    build, *_ = FAMILIES[request.param]
+    model = randomize(build(), seed=len(request.param))
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    return request.param, folder, model
+
+
+def test_feature_maps_are_the_chosen_stages_patch_tokens_in_grid_order(pretrained):
+    name, folder, source = pretrained
+    _, backbone_class, prefix, options = FAMILIES[name]
+    backbone = backbone_class.from_pretrained(folder, out_indices=[0, 2, 4], **options).eval()
+    pixels = torch.randn(2, 3, 32, 48)  # not the configured size: an 8x12 grid
+    with torch.no_grad():
+        maps = backbone(pixels).feature_maps
+        # BEiT: the pre-training encoder adds its one shared table in every block, the backbone its copies
+        states = getattr(source, prefix)(pixels, output_hidden_states=True).hidden_states
+    assert backbone.out_features == ["stem", "stage2", "stage4"] and backbone.channels == [32, 32, 32]
+    for feature_map, stage in zip(maps, (0, 2, 4)):
+        assert feature_map.shape == (2, 32, 8, 12)
+        # map[:, :, row, col] is patch row * cols + col, after the CLS token
+        torch.testing.assert_close(feature_map[:, :, 3, 5], states[stage][:, 1 + 3 * 12 + 5], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(feature_map.flatten(2).transpose(1, 2), states[stage][:, 1:], rtol=1e-5, atol=1e-5)
+
+
+def test_a_pretraining_checkpoint_loads_with_only_the_new_neck_missing(pretrained):
+    name, folder, source = pretrained
+    _, backbone_class, prefix, options = FAMILIES[name]
+    backbone, info = backbone_class.from_pretrained(
+        folder, out_indices=[1, 2, 3, 4], add_fpn=True, output_loading_info=True, **options
+    )
+    assert set(info["missing_keys"]) == NECK_KEYS
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    loaded = backbone.state_dict()
+    for key, value in getattr(source, prefix).state_dict().items():
+        if key.startswith("norm.") or key == "mask_token":
+            continue  # the backbone reads block outputs (no final norm) and never masks
+        if key.startswith("rel_pos_bias."):  # BEiT's shared table, copied into every block's own
+            for block in range(4):
+                torch.testing.assert_close(loaded[f"{prefix}.blocks.{block}.{key}"], value)
+            continue
+        torch.testing.assert_close(loaded[f"{prefix}.{key}"], value)
+
+
+def test_a_finetuning_checkpoint_loads_with_nothing_unexpected(tmp_path):
+    classifier = randomize(BEiTForImageClassification(BEiTConfig(**TINY, **PER_BLOCK_TABLES, num_labels=3)))
+    classifier.save_pretrained(tmp_path)
+    backbone, info = BEiTBackbone.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(backbone.beit.blocks[2].rel_pos_bias.relative_position_bias_table,
+                               classifier.beit.blocks[2].rel_pos_bias.relative_position_bias_table)
+
+
+def test_the_neck_gives_beits_pyramid_and_upernet_trains_on_it(pretrained):
+    name, folder, _ = pretrained
+    _, backbone_class, _, options = FAMILIES[name]
+    backbone = backbone_class.from_pretrained(folder, out_indices=[1, 2, 3, 4], add_fpn=True, **options)
+    maps = backbone(torch.randn(2, 3, 32, 32)).feature_maps
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 32, 32), (2, 32, 16, 16), (2, 32, 8, 8), (2, 32, 4, 4)]
+    config = UperNetConfig(backbone_config=backbone.config, num_labels=5, hidden_size=16, auxiliary_channels=8)
+    segmenter = UperNetForSemanticSegmentation(config)
+    assert type(segmenter.backbone) is backbone_class
+    segmenter.backbone.load_state_dict(backbone.state_dict())
+    output = segmenter(torch.randn(2, 3, 32, 32), labels=torch.randint(0, 5, (2, 32, 32)))
+    assert output.logits.shape == (2, 5, 32, 32)
+    output.loss.backward()
+    assert segmenter.backbone.base_model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_upernet_with_an_hf_mim_backbone_saves_and_reloads(tmp_path):
+    backbone_config = MaeConfig(**TINY, **MAE_DECODER, out_indices=[1, 2, 3, 4], add_fpn=True)
+    segmenter = UperNetForSemanticSegmentation(
+        UperNetConfig(backbone_config=backbone_config, num_labels=3, hidden_size=16, auxiliary_channels=8)
+    ).eval()
+    segmenter.save_pretrained(tmp_path)
+    reloaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels).logits, segmenter(pixels).logits)
+
+
+def test_auto_backbone_builds_each_family_from_its_config():
+    for config, backbone_class in ((MaeConfig(**TINY), MaeBackbone), (BEiTConfig(**TINY), BEiTBackbone),
+                                   (VitMppConfig(**TINY), VitMppBackbone)):
+        assert type(AutoBackbone.from_config(config)) is backbone_class
+
+
+def test_out_indices_beyond_the_depth_name_the_valid_range():
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 4\].*num_hidden_layers=4"):
+        MaeConfig(**TINY, out_indices=[2, 5])
+    config = MaeConfig(**TINY)
+    with pytest.raises(ValueError, match=r"beyond the depth"):
+        config.out_indices = [7]
+
+
+def test_the_neck_needs_four_stages_and_two_patches_per_side():
+    with pytest.raises(Exception, match=r"needs 4 out_indices.*out_indices=\[1, 2, 3, 4\]"):
+        MaeConfig(**TINY, out_indices=[2, 4], add_fpn=True)
+    backbone = MaeBackbone(MaeConfig(**TINY, out_indices=[1, 2, 3, 4], add_fpn=True))
+    with pytest.raises(ValueError, match="at least 2 patches per side"):
+        backbone(torch.randn(1, 3, 4, 32))
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        backbone(torch.randn(1, 3, 30, 32))
+
+
+# ---------------------------------------------------------------------------------------------
+# pooler_output: the fine-tuning recipe's pooling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pooler_output_is_the_classifiers_pooling(tmp_path):
+    classifier = randomize(MaeForImageClassification(MaeConfig(**TINY, num_labels=3)))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        encoded = classifier.encoder(pixels)
+        torch.testing.assert_close(encoded.pooler_output, encoded.last_hidden_state[:, 1:].mean(dim=1))
+        logits = classifier.head(classifier.fc_norm(encoded.pooler_output))
+        torch.testing.assert_close(classifier(pixels).logits, logits)
+    cls_pooled = randomize(BEiTForImageClassification(BEiTConfig(**TINY, use_mean_pooling=False)))
+    with torch.no_grad():
+        encoded = cls_pooled.beit(pixels)
+    torch.testing.assert_close(encoded.pooler_output, encoded.last_hidden_state[:, 0])
+
+
+def test_feature_extraction_pipeline_pools(tmp_path):
+    model = randomize(MaeForPreTraining(MaeConfig(**TINY, **MAE_DECODER)))
+    model.save_pretrained(tmp_path)
+    MimImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    extractor = pipeline("image-feature-extraction", model=str(tmp_path))
+    pooled = torch.tensor(extractor(image, pool=True))
+    assert pooled.shape == (1, 32)
+    encoder = AutoModel.from_pretrained(tmp_path).eval()
+    inputs = extractor.image_processor(image, return_tensors="pt")
+    with torch.no_grad():
+        expected = encoder(**inputs).last_hidden_state[:, 1:].mean(dim=1)
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
