@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
 from transformers import AutoBackbone, AutoModel, UperNetConfig, UperNetForSemanticSegmentation, pipeline
 
@@ -145,7 +146,7 @@ def test_out_indices_beyond_the_depth_name_the_valid_range():
 
 
 def test_the_neck_needs_four_stages_and_two_patches_per_side():
-    with pytest.raises(Exception, match=r"needs 4 out_indices.*out_indices=\[1, 2, 3, 4\]"):
+    with pytest.raises(StrictDataclassError, match=r"needs 4 out_indices.*out_indices=\[1, 2, 3, 4\]"):
         MaeConfig(**TINY, out_indices=[2, 4], add_fpn=True)
     backbone = MaeBackbone(MaeConfig(**TINY, out_indices=[1, 2, 3, 4], add_fpn=True))
     with pytest.raises(ValueError, match="at least 2 patches per side"):
@@ -186,3 +187,19 @@ def test_feature_extraction_pipeline_pools(tmp_path):
     with torch.no_grad():
         expected = encoder(**inputs).last_hidden_state[:, 1:].mean(dim=1)
     torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dpt_reads_the_stage_tokens_for_depth_estimation():
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    backbone_config = VitMppConfig(**TINY, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
+    config = DPTConfig(backbone_config=backbone_config, neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16,
+                       reassemble_factors=[4, 2, 1, 0.5], hidden_size=32, head_in_index=-1)
+    model = DPTForDepthEstimation(config)
+    assert type(model.backbone) is VitMppBackbone
+    depth = model(torch.randn(2, 3, 32, 32)).predicted_depth
+    assert depth.shape == (2, 8 * 16, 8 * 16)  # DPT's fusion and head upsample the 8x8 grid x16 (made for p=16)
+    depth.mean().backward()
+    assert model.backbone.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(StrictDataclassError, match="add_fpn needs feature maps"):
+        MaeConfig(**TINY, out_indices=[1, 2, 3, 4], add_fpn=True, reshape_hidden_states=False)

@@ -29,7 +29,9 @@ class VitBackboneConfig(BackboneConfigMixin, PreTrainedConfig):
     ``modeling_backbone.py``) the stages are ``stem`` (the patch embedding) and ``stage1`` ..
     ``stageL`` (the output of block k, before the final norm: ``hidden_states[k]``);
     ``out_features`` / ``out_indices`` choose the feature maps (default: the last stage) and
-    ``add_fpn`` adds BEiT's segmentation neck (4 maps at x4, x2, x1 and x0.5 resolution).
+    ``add_fpn`` adds BEiT's segmentation neck (4 maps at x4, x2, x1 and x0.5 resolution);
+    ``reshape_hidden_states=False`` returns the stages as tokens [B, 1+N, D] instead of maps (what
+    DPT's reassemble stage reads, CLS included).
     BEiT's segmentation code counts blocks from 0: its ``out_indices=[3, 5, 7, 11]`` are stages
     ``[4, 6, 8, 12]`` here.
     """
@@ -50,6 +52,7 @@ class VitBackboneConfig(BackboneConfigMixin, PreTrainedConfig):
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
     add_fpn: bool = False
+    reshape_hidden_states: bool = True
 
     def __post_init__(self, **kwargs):
         kwargs.pop("stage_names", None)  # always derived from the depth
@@ -78,6 +81,8 @@ class VitBackboneConfig(BackboneConfigMixin, PreTrainedConfig):
         check_heads(self.hidden_size, self.num_attention_heads)
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+        if self.add_fpn and not self.reshape_hidden_states:
+            raise ValueError("add_fpn needs feature maps: set reshape_hidden_states=True (or add_fpn=False for DPT).")
         if self.add_fpn and len(self.out_indices) != 4:
             default_pyramid_stages(self.num_hidden_layers)  # fewer than 4 blocks: its own error
             raise ValueError(

@@ -104,16 +104,19 @@ class VitBackboneMixin(BackboneMixin):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BackboneOutput:
-        """feature_maps: one [B, D, H/p, W/p] map per chosen stage (through the neck with ``add_fpn``);
-        hidden_states (when asked): the encoder's, [B, 1+N, D] each."""
+        """feature_maps: one [B, D, H/p, W/p] map per chosen stage (through the neck with ``add_fpn``),
+        or the stage's tokens [B, 1+N, D] with ``reshape_hidden_states=False``; hidden_states (when
+        asked): the encoder's, [B, 1+N, D] each."""
         encoder = self.base_model
         grid = encoder.patch_embed.grid_size(pixel_values)
-        encoded = encoder(pixel_values, output_hidden_states=True)
-        feature_maps = tuple(tokens_to_map(encoded.hidden_states[index], grid) for index in self.out_indices)
-        if self.neck is not None:
-            feature_maps = self.neck(feature_maps)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        encoded = encoder(pixel_values, output_hidden_states=True)
+        feature_maps = tuple(encoded.hidden_states[index] for index in self.out_indices)  # [B, 1+N, D] each
+        if self.config.reshape_hidden_states:  # else tokens, CLS first (DPT's reassemble stage reads them)
+            feature_maps = tuple(tokens_to_map(stage, grid) for stage in feature_maps)  # [B, D, rows, cols]
+            if self.neck is not None:
+                feature_maps = self.neck(feature_maps)
         return BackboneOutput(
             feature_maps=feature_maps, hidden_states=encoded.hidden_states if output_hidden_states else None
         )
