@@ -203,3 +203,47 @@ def test_dpt_reads_the_stage_tokens_for_depth_estimation():
     assert model.backbone.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     with pytest.raises(StrictDataclassError, match="add_fpn needs feature maps"):
         MaeConfig(**TINY, out_indices=[1, 2, 3, 4], add_fpn=True, reshape_hidden_states=False)
+
+
+# Runs in a fresh interpreter with `import hf_mim` made impossible. transformers 5.24's
+# AutoBackbone.from_pretrained asks the Hub whether a local folder is a repo (and fails), so the
+# class is resolved from the checkpoint's auto_map as AutoBackbone would for a Hub id.
+LOAD_BACKBONE_WITHOUT_HF_MIM = """
+import sys
+sys.modules["hf_mim"] = None
+import torch
+from transformers import AutoConfig
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+checkpoint, pixels_path, out_path = sys.argv[1:]
+config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=True)
+backbone_class = get_class_from_dynamic_module(config.auto_map["AutoBackbone"], checkpoint)
+backbone = backbone_class.from_pretrained(checkpoint).eval()
+with torch.no_grad():
+    maps = backbone(torch.load(pixels_path)).feature_maps
+torch.save({"maps": maps, "class": backbone_class.__module__, "hf_mim": any(m.startswith("hf_mim.") for m in sys.modules)},
+           out_path)
+"""
+
+
+def test_a_saved_backbone_loads_where_hf_mim_is_not_installed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    backbone = randomize(BEiTBackbone(BEiTConfig(**TINY, **PER_BLOCK_TABLES, out_indices=[1, 2, 3, 4], add_fpn=True)))
+    backbone.save_pretrained(tmp_path / "checkpoint")
+    assert (tmp_path / "checkpoint" / "modeling_backbone.py").is_file()
+    pixels = torch.randn(1, 3, 32, 32)
+    torch.save(pixels, tmp_path / "pixels.pt")
+    (tmp_path / "load.py").write_text(LOAD_BACKBONE_WITHOUT_HF_MIM)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "checkpoint"),
+                             str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "out.pt")
+    assert remote["class"].startswith("transformers_modules.") and not remote["hf_mim"]
+    with torch.no_grad():
+        for theirs, ours in zip(remote["maps"], backbone(pixels).feature_maps):
+            torch.testing.assert_close(theirs, ours)
