@@ -220,8 +220,8 @@ backbone_class = get_class_from_dynamic_module(config.auto_map["AutoBackbone"], 
 backbone = backbone_class.from_pretrained(checkpoint).eval()
 with torch.no_grad():
     maps = backbone(torch.load(pixels_path)).feature_maps
-torch.save({"maps": maps, "class": backbone_class.__module__, "hf_mim": any(m.startswith("hf_mim.") for m in sys.modules)},
-           out_path)
+loaded = any(name.startswith("hf_mim.") for name in sys.modules)
+torch.save({"maps": maps, "class": backbone_class.__module__, "hf_mim": loaded}, out_path)
 """
 
 

@@ -103,7 +103,8 @@ def test_segmentation_card_describes_the_backbone_and_reports_mean_iou():
     assert metadata["pipeline_tag"] == "image-segmentation" and "custom_code" not in metadata["tags"]
     results = {r.metric_name: r for r in ModelCard(str(card)).data.eval_results}
     assert results["mean_iou"].metric_type == "mean_iou" and results["mean_iou"].metric_value == 0.61
-    assert results["mean_iou"].task_type == "image-segmentation" and results["mean_iou"].dataset_type == "test-user/scenes"
+    assert results["mean_iou"].task_type == "image-segmentation"
+    assert results["mean_iou"].dataset_type == "test-user/scenes"
     text = str(card)
     assert "| `hidden_size` | `32` |" in text and "(2 classes), UperNet" in text  # the backbone's width
     assert 'AutoModelForSemanticSegmentation.from_pretrained("test-user/seg")' in text

@@ -30,7 +30,8 @@ VIT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "interm
               "image_size", "patch_size", "num_channels")
 # ViT names that the MAE converter's map does not cover (ViTForImageClassification's head).
 VIT_TO_REFERENCE = [*mae_converter.TRANSFORMERS_TO_REFERENCE, (r"^classifier\.", "head.")]
-EXPORT_FIX = ("Export the encoder alone (--encoder_only: {encoder}), or export to timm (`python -m hf_mim.export timm`), "
+EXPORT_FIX = ("Export the encoder alone (--encoder_only: {encoder}), or export to timm "
+              "(`python -m hf_mim.export timm`), "
               "or load the hf_mim checkpoint itself with trust_remote_code=True.")
 
 

@@ -57,11 +57,13 @@ def smooth_background(rng: np.random.Generator, size: int) -> np.ndarray:
     return image.clip(0, 255).astype(np.uint8)
 
 
-def paste_digit(image: np.ndarray, mask: np.ndarray, ink: np.ndarray, label: int, rng: np.random.Generator) -> None:
-    """Paste one digit (ink [8, 8] in [0, 1]) scaled to a random size, at a random place, in a random
-    colour that contrasts with the background; its pixels (ink > 0.5) get class `label` in `mask`."""
+def paste_digit(image: np.ndarray, mask: np.ndarray, ink: np.ndarray, label: int, rng: np.random.Generator,
+                sides: tuple[float, float] = (1 / 3, 1 / 2)) -> None:
+    """Paste one digit (ink [8, 8] in [0, 1]) scaled to a random side (`sides`: fractions of the image),
+    at a random place, in a random colour that contrasts with the background; its pixels (ink > 0.5)
+    get class `label` in `mask`."""
     size = image.shape[0]
-    side = int(rng.integers(size // 3, size // 2 + 1))
+    side = int(rng.integers(int(size * sides[0]), int(size * sides[1]) + 1))
     glyph = np.asarray(Image.fromarray((ink * 255).astype(np.uint8)).resize((side, side), Image.Resampling.BILINEAR))
     alpha = glyph.astype(np.float64)[..., None] / 255.0  # [side, side, 1]
     top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
@@ -71,7 +73,8 @@ def paste_digit(image: np.ndarray, mask: np.ndarray, ink: np.ndarray, label: int
     mask[top:top + side, left:left + side][alpha[..., 0] > 0.5] = label
 
 
-def make_digit_scenes(num_images: int, image_size: int = 32, seed: int = 0, digits_per_image: int = 2) -> datasets.Dataset:
+def make_digit_scenes(num_images: int, image_size: int = 32, seed: int = 0, digits_per_image: int = 2,
+                      digit_sides: tuple[float, float] = (1 / 3, 1 / 2)) -> datasets.Dataset:
     """`num_images` scenes of `image_size` px: an `image` column (RGB) and a `mask` column (L, class
     ids 0 = background, 1 + d = digit d). Deterministic for a seed."""
     try:
@@ -86,7 +89,7 @@ def make_digit_scenes(num_images: int, image_size: int = 32, seed: int = 0, digi
         image = smooth_background(rng, image_size)
         mask = np.zeros((image_size, image_size), dtype=np.uint8)
         for index in rng.integers(0, len(digits.target), size=digits_per_image):
-            paste_digit(image, mask, digits.images[index] / 16.0, 1 + int(digits.target[index]), rng)
+            paste_digit(image, mask, digits.images[index] / 16.0, 1 + int(digits.target[index]), rng, digit_sides)
         images.append(Image.fromarray(image))
         masks.append(Image.fromarray(mask, mode="L"))
     features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
@@ -159,12 +162,10 @@ def load_segmentation_data(
 
 
 def mask_array(value) -> np.ndarray:
-    """A mask (PIL image, array or nested list) -> [H, W] int64 class ids."""
-    array = np.asarray(value.convert("L") if isinstance(value, Image.Image) and value.mode not in ("L", "I", "I;16", "P")
-                       else value, dtype=np.int64)
-    if array.ndim == 3:  # an RGB-stored mask with the id in every channel
-        array = array[..., 0]
-    return array
+    """A mask (PIL image in mode L / P / I, an RGB image with the class id in each channel, or an
+    array) -> [H, W] int64 class ids. Palette images keep their indices."""
+    array = np.asarray(value, dtype=np.int64)
+    return array[..., 0] if array.ndim == 3 else array
 
 
 def check_mask_values(dataset: datasets.Dataset | None, mask_column: str, num_labels: int, ignore_index: int,
@@ -181,8 +182,8 @@ def check_mask_values(dataset: datasets.Dataset | None, mask_column: str, num_la
             highest = max(highest, int(outside.max()))
     if bad_examples:
         raise ValueError(
-            f"The {split} masks hold values up to {highest}, outside the class ids [0, {num_labels}) and not the ignore "
-            f"index {ignore_index} (examples {bad_examples[:5]}). Pass --num_labels {highest + 1} if they are classes, "
+            f"The {split} masks hold values up to {highest}, outside the class ids [0, {num_labels}) and not the "
+            f"ignore index {ignore_index} (examples {bad_examples[:5]}). Pass --num_labels {highest + 1} if they are classes, "
             f"or --ignore_index {highest} if that value marks unlabelled pixels (ADE20K's `reduce_labels` style data "
             "uses 255)."
         )
@@ -216,7 +217,8 @@ class SegmentationExamples(torch.utils.data.Dataset):
         box = (left, top, left + side, top + side)
         image, mask = image.crop(box), mask.crop(box)
         if rng.random() < 0.5:
-            image, mask = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            flip = Image.Transpose.FLIP_LEFT_RIGHT
+            image, mask = image.transpose(flip), mask.transpose(flip)
         return image, mask
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

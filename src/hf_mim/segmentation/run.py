@@ -84,8 +84,8 @@ TRAINING_DEFAULTS = {
     "save_total_limit": 2, "remove_unused_columns": False, "report_to": "none", "do_train": True, "do_eval": True,
 }
 # The digit-scenes demo: a tiny backbone and head that learn in a few CPU minutes.
-DEMO_DEFAULTS = {"num_train_epochs": 12.0, "learning_rate": 1e-3, "per_device_train_batch_size": 32,
-                 "per_device_eval_batch_size": 64, "decoder_channels": 64, "auxiliary_channels": 32, "drop_path": 0.0,
+DEMO_DEFAULTS = {"num_train_epochs": 8.0, "learning_rate": 1e-3, "per_device_train_batch_size": 32,
+                 "per_device_eval_batch_size": 64, "decoder_channels": 32, "auxiliary_channels": 16, "drop_path": 0.0,
                  "output_dir": "outputs/segment-demo", "warmup_steps": 0.05}
 
 
