@@ -11,7 +11,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from hf_mim.cards import METHODS, NEEDS_TOKENIZER, make_model_card, write_model_card
+from hf_mim.cards import METHODS, NEEDS_TOKENIZER, make_model_card, saved_card_inputs, write_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = {
@@ -38,7 +38,7 @@ def test_every_method_renders_a_complete_card(method):
     card = card_for(method)
     text = str(card)
     metadata = front_matter(card)
-    assert metadata["library_name"] == "hf_mim"
+    assert metadata["library_name"] == "transformers"  # the Hub convention for Auto-class (also remote-code) models
     assert metadata["pipeline_tag"] == "image-feature-extraction"
     assert {"hf_mim", "masked-image-modeling", method} <= set(metadata["tags"])
     assert "model-index" not in metadata  # nothing measured, nothing reported
@@ -48,7 +48,7 @@ def test_every_method_renders_a_complete_card(method):
         assert heading in text
     assert METHODS[method][0].split()[0] in text.split("## Method")[1]  # the method's own paragraph
     assert "No evaluation was run" in text
-    assert ModelCard(text).data.library_name == "hf_mim"  # round-trips through the Hub's parser
+    assert ModelCard(text).data.library_name == "transformers"  # round-trips through the Hub's parser
 
 
 def test_measured_results_become_the_model_index_and_nothing_else():
@@ -82,6 +82,35 @@ def test_fine_tuned_card_names_base_model_and_classification_pipeline():
     assert "(10 classes)" in text and "Demonstration model" not in text
 
 
+def test_remote_code_repos_carry_the_custom_code_tag_and_hub_metric_types():
+    card = card_for("mae", task="image-classification", config={**TINY_CONFIG, "num_labels": 3},
+                    results={"top1": 0.9, "top5": 1.0}, dataset="uoft-cs/cifar10")
+    metadata = front_matter(card)
+    assert "custom_code" in metadata["tags"]  # the code ships in the repo (auto_map)
+    types = {r.metric_name: r.metric_type for r in ModelCard(str(card)).data.eval_results}
+    assert types == {"top1": "accuracy", "top5": "top5"}  # top-1 is the Hub's `accuracy`
+    assert "custom_code" not in front_matter(card_for("mae"))["tags"]  # no config, no code to name
+
+
+def test_segmentation_card_describes_the_backbone_and_reports_mean_iou():
+    backbone = {key: value for key, value in TINY_CONFIG.items() if key not in ("architectures", "auto_map")}
+    config = {"model_type": "upernet", "architectures": ["UperNetForSemanticSegmentation"], "hidden_size": 64,
+              "backbone_config": backbone, "id2label": {"0": "background", "1": "digit"}}
+    card = card_for("mae", model_type="upernet", task="semantic-segmentation", config=config,
+                    results={"mean_iou": 0.61, "overall_accuracy": 0.93}, dataset="test-user/scenes",
+                    repo_id="test-user/seg")
+    metadata = front_matter(card)
+    assert metadata["pipeline_tag"] == "image-segmentation" and "custom_code" not in metadata["tags"]
+    results = {r.metric_name: r for r in ModelCard(str(card)).data.eval_results}
+    assert results["mean_iou"].metric_type == "mean_iou" and results["mean_iou"].metric_value == 0.61
+    assert results["mean_iou"].task_type == "image-segmentation"
+    assert results["mean_iou"].dataset_type == "test-user/scenes"
+    text = str(card)
+    assert "| `hidden_size` | `32` |" in text and "(2 classes), UperNet" in text  # the backbone's width
+    assert 'AutoModelForSemanticSegmentation.from_pretrained("test-user/seg")' in text
+    assert "trust_remote_code" not in text and "`import hf_mim` registers" in text
+
+
 def test_local_dataset_and_base_model_stay_out_of_hub_metadata(tmp_path):
     card = card_for("mae", dataset=str(tmp_path), results={"eval_loss": 1.0}, base_model=str(tmp_path),
                     task="image-classification")
@@ -100,7 +129,7 @@ def test_tokenizer_and_peco_honesty():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"method": "simmim"}, "Unknown method"),
-    ({"task": "segmentation"}, "Unknown task"),
+    ({"task": "detection"}, "Unknown task"),
     ({"method": "beit", "tokenizer": None, "tokenizer_revision": None}, "tokenizer="),
     ({"method": "dvae", "task": "image-classification"}, "is a tokenizer"),
     ({"tokenizer_revision": "abc"}, "without tokenizer"),
@@ -116,10 +145,11 @@ def test_bad_arguments_are_named(overrides, message):
 
 
 def test_write_model_card(tmp_path):
-    path = write_model_card(tmp_path, method="mae", model_type="hf_mim_mae", recipe={}, results={}, dataset=None,
-                            base_model=None, tokenizer=None, tokenizer_revision=None, task="pretraining")
+    path = write_model_card(tmp_path, method="mae", model_type="hf_mim_mae", recipe={"lr": 1.0}, results={},
+                            dataset=None, base_model=None, tokenizer=None, tokenizer_revision=None, task="pretraining")
     assert path == tmp_path / "README.md"
-    assert ModelCard.load(path).data.library_name == "hf_mim"
+    assert ModelCard.load(path).data.library_name == "transformers"
+    assert saved_card_inputs(tmp_path) == {"method": "mae", "task": "pretraining", "recipe": {"lr": 1.0}, "results": {}}
 
 
 def test_templates_ship_as_package_data():

@@ -264,9 +264,10 @@ def test_finetuning_on_digits_learns_and_saves_what_it_measured(digits_files, ma
     # The saved model and image processor reproduce the measured accuracy.
     assert top1_of_saved_model(output_dir, digits_files["validation"]) == pytest.approx(after, abs=1e-6)
     card = ModelCard.load(output_dir / "README.md")
-    assert card.data.library_name == "hf_mim" and card.data.pipeline_tag == "image-classification"
-    results = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-classification"
+    results = {result.metric_name: result.metric_value for result in card.data.eval_results}
     assert results == {"top1": after, "top5": metrics["eval_top5"]}
+    assert [result.metric_type for result in card.data.eval_results] == ["accuracy", "top5"]  # top-1: the Hub's type
     assert "| `layer_decay` | `0.75` |" in card.text and "| `smoothing` | `0.1` |" in card.text
     assert "image classification (10 classes)" in card.text and "| `num_labels` | `10` |" in card.text
 
@@ -289,8 +290,8 @@ def test_finetune_push_to_hub_publishes_through_hf_mim(local_hub, digits_files, 
     assert messages == ["hf_mim image-classification fine-tuning", "initial commit"]
 
     card = ModelCard.load(repo_id)
-    assert card.data.library_name == "hf_mim" and card.data.pipeline_tag == "image-classification"
-    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-classification"
+    assert {r.metric_name: r.metric_value for r in card.data.eval_results} == {
         "top1": metrics["eval_top1"], "top5": metrics["eval_top5"]}
     # The local card, less its local paths (the base model's folder): see hf_mim.redaction.
     pushed_card = (Path(snapshot_download(repo_id)) / "README.md").read_text()

@@ -126,7 +126,7 @@ def test_publish_then_load_with_and_without_the_package(local_hub, tiny_model, i
         file_bytes(snapshot))
 
     card = ModelCard.load(repo_id)
-    assert card.data.library_name == "hf_mim" and card.data.pipeline_tag == "image-feature-extraction"
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-feature-extraction"
     assert [(r.metric_type, r.metric_value, r.dataset_name) for r in card.data.eval_results] == [
         ("eval_loss", loss, "synthetic-noise")]
 
@@ -253,6 +253,21 @@ def test_publish_cli_with_card_options(local_hub, tiny_model, tmp_path, capsys):
     assert card.data.license == "mit"
     assert [r.metric_type for r in card.data.eval_results] == ["eval_loss"]  # runtime left out as asked
     assert "| `learning_rate` | `0.00015` |" in card.text
+
+
+def test_refresh_card_for_another_repo_keeps_the_runs_recipe_and_results(local_hub, tiny_model, tmp_path):
+    _, model_dir, loss, _ = tiny_model
+    (tmp_path / "results.json").write_text(f'{{"eval_loss": {loss}}}')
+    (tmp_path / "recipe.json").write_text('{"learning_rate": 0.00015}')
+    first, second = f"{local_hub.user}/tiny-mae-first", f"{local_hub.user}/tiny-mae-renamed"
+    cli = load_publish_cli()
+    assert cli.main(["--model_dir", str(model_dir), "--repo_id", first, "--dataset", "uoft-cs/cifar10",
+                     "--results", str(tmp_path / "results.json"), "--recipe", str(tmp_path / "recipe.json")]) == 0
+    assert cli.main(["--model_dir", str(model_dir), "--repo_id", second, "--refresh_card"]) == 0
+    card = ModelCard.load(second)
+    assert [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [("eval_loss", loss)]
+    assert card.data.datasets == ["uoft-cs/cifar10"] and "custom_code" in card.data.tags
+    assert "| `learning_rate` | `0.00015` |" in card.text and f'from_pretrained("{second}"' in card.text
 
 
 def test_publish_cli_help_names_the_hub_arguments(capsys):

@@ -74,7 +74,7 @@ def test_run_writes_a_loadable_model_processor_card_and_figure(learned_run):
     assert written["train_steps"] == 60 and written["total_batch_size"] == 32
     assert written["eval_loss"] == pytest.approx(results["eval_loss"])
     card = (output_dir / "README.md").read_text()
-    assert "library_name: hf_mim" in card and f"{results['eval_loss']:.4f}"[:5] in card
+    assert "library_name: transformers" in card and f"{results['eval_loss']:.4f}"[:5] in card
 
 
 def test_held_out_masked_patch_loss_falls(learned_run):
@@ -295,7 +295,7 @@ def test_push_to_hub_at_the_end(local_hub, tmp_path):
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= files
     assert not any(name.startswith(("checkpoint-", ".tmp-checkpoint")) for name in files)  # local state stays local
     card = ModelCard.load(repo_id)
-    assert card.data.library_name == "hf_mim"
+    assert card.data.library_name == "transformers" and "custom_code" in card.data.tags
     measured = {result.metric_type: result.metric_value for result in card.data.eval_results}
     assert measured["eval_loss"] == pytest.approx(results["eval_loss"], rel=1e-4)  # the model-index holds what ran
     model = AutoModelForPreTraining.from_pretrained(repo_id)

@@ -80,8 +80,17 @@ class NeedsTokenizer(Set):
 
 METHODS = CardMethods()
 NEEDS_TOKENIZER = NeedsTokenizer()
-TASKS = ("pretraining", "image-classification")
-PIPELINE_TAGS = {"pretraining": "image-feature-extraction", "image-classification": "image-classification"}
+TASKS = ("pretraining", "image-classification", "semantic-segmentation")
+PIPELINE_TAGS = {"pretraining": "image-feature-extraction", "image-classification": "image-classification",
+                 "semantic-segmentation": "image-segmentation"}
+TASK_NAMES = {"pretraining": "Masked image modeling", "image-classification": "Image classification",
+              "semantic-segmentation": "Semantic segmentation"}
+# Result name -> the metric type the Hub knows (its leaderboards and model-index read these); others keep their name.
+HUB_METRIC_TYPES = {"top1": "accuracy", "accuracy": "accuracy", "mean_iou": "mean_iou", "overall_accuracy": "accuracy"}
+# The card's inputs, saved beside README.md so a rewrite (publish --refresh_card, another repo id) keeps them.
+CARD_INPUTS_FILE = "model_card_inputs.json"
+KEPT_CARD_INPUTS = ("method", "task", "recipe", "results", "dataset", "dataset_config", "eval_split", "base_model",
+                    "tokenizer", "tokenizer_revision", "license", "from_scratch", "demo")
 # Config fields shown in the Model table, when present.
 ARCHITECTURE_FIELDS = (
     "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -168,13 +177,23 @@ def auto_class_for(config: dict, task: str) -> str:
     for auto_class, target in (config.get("auto_map") or {}).items():
         if architecture and isinstance(target, str) and target.endswith("." + architecture):
             return auto_class
-    return "AutoModelForImageClassification" if task == "image-classification" else "AutoModel"
+    defaults = {"image-classification": "AutoModelForImageClassification",
+                "semantic-segmentation": "AutoModelForSemanticSegmentation"}
+    return defaults.get(task, "AutoModel")
 
 
 def is_demo_model(config: dict) -> bool:
     """Smaller than ViT-Tiny (192 wide, 12 deep) in width, or shallower than 6 blocks."""
     hidden, layers = config.get("hidden_size"), config.get("num_hidden_layers")
     return (hidden is not None and hidden < DEMO_MIN_HIDDEN_SIZE) or (layers is not None and layers < DEMO_MIN_LAYERS)
+
+
+def architecture_config(config: dict, task: str) -> dict:
+    """The config whose fields describe the network: a segmenter's backbone, with the segmenter's classes."""
+    if task != "semantic-segmentation" or not isinstance(config.get("backbone_config"), dict):
+        return config
+    return {**config["backbone_config"], "num_labels": len(config.get("id2label") or {}) or None,
+            "architectures": config.get("architectures")}
 
 
 def check_arguments(method, task, tokenizer, tokenizer_revision, results, dataset) -> None:
@@ -225,7 +244,7 @@ def make_model_card(
     base_model: str | None,
     tokenizer: str | None,
     tokenizer_revision: str | None,
-    task: Literal["pretraining", "image-classification"],
+    task: Literal["pretraining", "image-classification", "semantic-segmentation"],
     license: str = "apache-2.0",
     repo_id: str | None = None,
     revision: str | None = None,
@@ -244,6 +263,8 @@ def make_model_card(
     `from_scratch`: a classifier trained from random weights (no pre-training to name)."""
     check_arguments(method, task, tokenizer, tokenizer_revision, results, dataset)
     config = config_dict(config)
+    remote_code = bool(config.get("auto_map"))  # the repository carries the model code (trust_remote_code)
+    auto_class = auto_class_for(config, task)
     if task == "image-classification":
         config = with_num_labels(config)
     if model_type is None:
@@ -257,26 +278,35 @@ def make_model_card(
     repo_id = repo_id or f"<namespace>/{model_type}-{method}"
     model_name = repo_id.rsplit("/", 1)[-1]
 
+    # The Hub's convention for models loaded with transformers' Auto classes, also through remote code:
+    # library_name transformers (the "Use in Transformers" snippet), and `custom_code` when the code ships in the repo.
     card_data = ModelCardData(
-        library_name="hf_mim",
+        library_name="transformers",
         pipeline_tag=PIPELINE_TAGS[task],
-        tags=["hf_mim", "masked-image-modeling", method, *(["image-tokenizer"] if kind == "tokenizer" else []),
-              *(extra_tags or [])],
+        tags=["hf_mim", "masked-image-modeling", method, *(["custom_code"] if remote_code else []),
+              *(["image-tokenizer"] if kind == "tokenizer" else []), *(extra_tags or [])],
         license=license,
         datasets=[hub_id(dataset)] if hub_id(dataset) else None,  # local data sets have no Hub id
         base_model=hub_id(base_model),
         model_name=model_name,
         eval_results=[
             EvalResult(
-                task_type=PIPELINE_TAGS[task],
-                task_name="Image classification" if task == "image-classification" else "Masked image modeling",
-                dataset_type=dataset, dataset_name=dataset, dataset_config=dataset_config,
-                dataset_split=eval_split, metric_type=metric, metric_name=metric, metric_value=value,
+                task_type=PIPELINE_TAGS[task], task_name=TASK_NAMES[task],
+                dataset_type=hub_id(dataset) or dataset, dataset_name=dataset, dataset_config=dataset_config,
+                dataset_split=eval_split, metric_type=HUB_METRIC_TYPES.get(metric, metric), metric_name=metric,
+                metric_value=value,
             )
             for metric, value in results.items()
         ] or None,
     )
-    if task == "image-classification":
+    config = architecture_config(config, task)
+    if task == "semantic-segmentation":
+        task_description = f"semantic segmentation ({config.get('num_labels') or 'unknown number of'} classes), UperNet"
+        summary = (f"A UperNet semantic segmenter on a ViT backbone fine-tuned with hf_mim, from a {name}-pre-trained "
+                   "encoder.")
+        if from_scratch:
+            summary = f"A UperNet semantic segmenter on a ViT backbone ({name} architecture) trained from scratch."
+    elif task == "image-classification":
         task_description = f"image classification ({config.get('num_labels', 'unknown number of')} classes)"
         summary = f"A ViT fine-tuned for image classification with hf_mim, from a {name}-pre-trained encoder."
         if from_scratch:  # no pre-trained weights: say so rather than name a pre-training
@@ -312,7 +342,9 @@ def make_model_card(
         recipe_rows=[(key, format_value(value)) for key, value in recipe.items()],
         result_rows=[(metric, format_value(value)) for metric, value in results.items()],
         results_where=f"the `{eval_split}` split of `{dataset}`",
-        auto_class=auto_class_for(config, task),
+        auto_class=auto_class,
+        remote_code=task != "semantic-segmentation",  # hf_mim checkpoints ship their code; UperNet is transformers'
+
         # Features from a pre-training checkpoint; a fine-tuned encoder may lack parts AutoModel expects.
         encoder_class="AutoModel" if task == "pretraining" and "AutoModel" in (config.get("auto_map") or {}) else None,
         repo_id=repo_id,
@@ -324,10 +356,19 @@ def make_model_card(
 
 
 def write_model_card(output_dir: str | os.PathLike, **card_kwargs) -> Path:
-    """Render the card (same keyword arguments as `make_model_card`) to `output_dir/README.md`."""
+    """Render the card (same keyword arguments as `make_model_card`) to `output_dir/README.md`, and
+    its run-specific inputs (recipe, results, data ...) to `CARD_INPUTS_FILE` beside it."""
     path = Path(output_dir) / "README.md"
     make_model_card(**card_kwargs).save(path)
+    kept = {key: card_kwargs[key] for key in KEPT_CARD_INPUTS if card_kwargs.get(key) is not None}
+    (Path(output_dir) / CARD_INPUTS_FILE).write_text(json.dumps(kept, indent=2, default=str) + "\n")
     return path
 
 
-__all__ = ["METHODS", "make_model_card", "write_model_card"]
+def saved_card_inputs(model_dir: str | os.PathLike) -> dict:
+    """The inputs the last `write_model_card` recorded for this directory ({} when none)."""
+    path = Path(model_dir) / CARD_INPUTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+__all__ = ["CARD_INPUTS_FILE", "METHODS", "make_model_card", "saved_card_inputs", "write_model_card"]

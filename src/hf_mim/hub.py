@@ -18,7 +18,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from .cards import METHODS, write_model_card
+from .cards import METHODS, saved_card_inputs, write_model_card
 from .redaction import staged_upload
 
 try:  # the HTTP client under huggingface_hub: httpx2 from 2.x, httpx in 1.x
@@ -98,10 +98,16 @@ def default_card_kwargs(model_dir: Path, config: dict, repo_id: str, revision: s
     """What the card can tell from the directory itself."""
     model_type = config.get("model_type", "")
     architecture = (config.get("architectures") or [""])[0]
+    encoder_type = (config.get("backbone_config") or {}).get("model_type", model_type)  # a segmenter's backbone
+    task = "pretraining"
+    if architecture.endswith("ForImageClassification"):
+        task = "image-classification"
+    elif architecture.endswith("ForSemanticSegmentation"):
+        task = "semantic-segmentation"
     return {
-        "method": model_type.removeprefix("hf_mim_"),
+        "method": encoder_type.removeprefix("hf_mim_"),
         "model_type": model_type,
-        "task": "image-classification" if architecture.endswith("ForImageClassification") else "pretraining",
+        "task": task,
         "config": config,
         "repo_id": repo_id,
         "revision": revision,
@@ -113,10 +119,14 @@ def default_card_kwargs(model_dir: Path, config: dict, repo_id: str, revision: s
 
 def ensure_model_card(model_dir: Path, config: dict, repo_id: str, revision: str | None,
                       card_kwargs: dict | None) -> bool:
-    """Write README.md when it is missing, or rewrite it when `card_kwargs` are given; True if written."""
+    """Write README.md when it is missing, or rewrite it when `card_kwargs` are given; True if written.
+    A rewrite keeps what the training run recorded (recipe, results, data: `saved_card_inputs`)
+    unless `card_kwargs` replace it."""
     if (model_dir / "README.md").is_file() and card_kwargs is None:
         return False
-    kwargs = {**default_card_kwargs(model_dir, config, repo_id, revision), **(card_kwargs or {})}
+    saved = saved_card_inputs(model_dir)
+    kwargs = {**default_card_kwargs(model_dir, config, repo_id, revision), **saved, **(card_kwargs or {})}
+    card_kwargs = {**saved, **(card_kwargs or {})}  # a recorded method is not a guess
     if "method" not in (card_kwargs or {}) and kwargs["method"] in METHODS:
         logger.warning("Model card: method %r read from model_type %r; pass card_kwargs={'method': ...} "
                        "(--method) if the checkpoint was trained with another.",

@@ -2,7 +2,8 @@
 
 The families are read from the models themselves: each `models/modeling_*.py` declares, on its model
 classes, the `hub_auto_map` that saved checkpoints carry (Auto class -> "module.Class"); the same map
-registers the classes here. A new model file therefore registers itself (README, "Adding a method").
+registers the classes here (AutoBackbone too: the backbones add it to their map). A new model file therefore
+registers itself (README, "Adding a method").
 """
 
 from __future__ import annotations
@@ -26,8 +27,14 @@ def model_families() -> dict[type, dict[str, type]]:
         for value in vars(module).values():
             if isinstance(value, type) and value.__module__ == module.__name__ and "hub_auto_map" in vars(value):
                 families.setdefault(value.config_class, {}).update(
-                    {auto: getattr(module, target.rsplit(".", 1)[1]) for auto, target in value.hub_auto_map.items()})
+                    {auto: resolve(target) for auto, target in value.hub_auto_map.items()})
     return families
+
+
+def resolve(target: str) -> type:
+    """"modeling_mae.MaeModel" -> the class (the module named in the map, which need not be the declaring one)."""
+    module_name, class_name = target.rsplit(".", 1)
+    return getattr(importlib.import_module(f"{models.__name__}.{module_name}"), class_name)
 
 
 # model family -> (config, base model, pre-training model, classification model); None = no such head.

@@ -13,9 +13,11 @@ from .modeling_vqkd import VqkdTokenizer
 from .configuration_vit_mpp import VitMppConfig
 from .modeling_vit_mpp import VitMppForImageClassification, VitMppForPreTraining, VitMppModel, VitMppPreTrainedModel
 from .configuration_peco import PecoConfig
+from .modeling_backbone import BEiTBackbone, MaeBackbone, VitMppBackbone
 from .modeling_peco import PecoTokenizer
 
 __all__ = [
+    "BEiTBackbone",
     "BEiTConfig",
     "BEiTForImageClassification",
     "BEiTForMaskedImageModeling",
@@ -23,6 +25,7 @@ __all__ = [
     "BEiTPreTrainedModel",
     "DvaeConfig",
     "DvaeTokenizer",
+    "MaeBackbone",
     "MaeConfig",
     "MaeForImageClassification",
     "MaeForPreTraining",
@@ -32,6 +35,7 @@ __all__ = [
     "MimImageProcessorPil",
     "VqkdConfig",
     "VqkdTokenizer",
+    "VitMppBackbone",
     "VitMppConfig",
     "VitMppForImageClassification",
     "VitMppForPreTraining",

@@ -23,6 +23,12 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float(), labels if labels.is_floating_point() else labels.long())
 
 
+def pool_tokens(hidden_states: torch.Tensor, use_mean_pooling: bool) -> torch.Tensor:
+    """[B, 1+N, D] (CLS first) -> [B, D]: the mean of the patch tokens (the MAE / BEiT fine-tuning
+    pooling, before its ``fc_norm``) or the CLS token. Every encoder returns it as ``pooler_output``."""
+    return hidden_states[:, 1:].mean(dim=1) if use_mean_pooling else hidden_states[:, 0]
+
+
 class ImageClassificationMixin:
     """For ``*ForImageClassification`` models: with ``config.use_mean_pooling`` the patch tokens are
     averaged and normalised by ``fc_norm`` (the encoder is then built without its final norm, whose
@@ -47,9 +53,8 @@ class ImageClassificationMixin:
 
     def pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[B, 1+N, D] (CLS first) -> [B, D]."""
-        if self.fc_norm is None:
-            return hidden_states[:, 0]  # [B, D] the final-normed CLS token
-        return self.fc_norm(hidden_states[:, 1:].mean(dim=1))  # [B, D]
+        pooled = pool_tokens(hidden_states, use_mean_pooling=self.fc_norm is not None)  # [B, D]
+        return pooled if self.fc_norm is None else self.fc_norm(pooled)  # CLS: already final-normed
 
     def forward(
         self,
@@ -66,4 +71,4 @@ class ImageClassificationMixin:
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
 
 
-__all__ = ["HEAD_INIT_STD", "ImageClassificationMixin", "classification_loss"]
+__all__ = ["HEAD_INIT_STD", "ImageClassificationMixin", "classification_loss", "pool_tokens"]

@@ -22,7 +22,7 @@ from transformers import initialization as init
 from transformers.modeling_utils import load_state_dict
 from transformers.utils import ModelOutput
 
-from .classification import ImageClassificationMixin
+from .classification import ImageClassificationMixin, pool_tokens
 from .configuration_beit import BEiTConfig
 from .inputs import check_bool_masked_pos, check_patch_labels
 from .losses import masked_token_losses
@@ -40,6 +40,7 @@ class BEiTModelOutput(ModelOutput):
 
     last_hidden_state: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    pooler_output: torch.FloatTensor | None = None  # [B, D]: classification.pool_tokens (last: tuple indices kept)
 
 
 @dataclass
@@ -321,7 +322,9 @@ class BEiTModel(BEiTPreTrainedModel):
         x, hidden_states = run_blocks(  # [B, 1+N, D]
             self.blocks, x, self.norm, output_hidden_states, shared_bias, grid
         )
-        return BEiTModelOutput(last_hidden_state=x, hidden_states=hidden_states)
+        return BEiTModelOutput(
+            last_hidden_state=x, hidden_states=hidden_states, pooler_output=pool_tokens(x, self.config.use_mean_pooling)
+        )
 
 
 class BEiTForMaskedImageModeling(BEiTPreTrainedModel):

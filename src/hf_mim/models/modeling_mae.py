@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .classification import ImageClassificationMixin
+from .classification import ImageClassificationMixin, pool_tokens
 from .configuration_mae import MaeConfig
 from .inputs import check_bool_masked_pos, equal_mask_counts
 from .losses import masked_mse_losses, normalize_patches
@@ -39,6 +39,7 @@ class MaeModelOutput(ModelOutput):
     mask: torch.Tensor | None = None
     ids_restore: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    pooler_output: torch.FloatTensor | None = None  # [B, D]: classification.pool_tokens (last: tuple indices kept)
 
 
 @dataclass
@@ -182,7 +183,8 @@ class MaeModel(MaePreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         x = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # [B, 1+K, D]
         x, hidden_states = run_blocks(self.blocks, x, self.norm, output_hidden_states)  # [B, 1+K, D]
-        output = MaeModelOutput(last_hidden_state=x, mask=mask, ids_restore=ids_restore, hidden_states=hidden_states)
+        output = MaeModelOutput(last_hidden_state=x, mask=mask, ids_restore=ids_restore, hidden_states=hidden_states,
+                                pooler_output=pool_tokens(x, self.config.use_mean_pooling))
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .classification import ImageClassificationMixin
+from .classification import ImageClassificationMixin, pool_tokens
 from .configuration_vit_mpp import VitMppConfig
 from .inputs import check_bool_masked_pos, check_patch_labels
 from .losses import masked_token_losses, mean_color_targets
@@ -41,6 +41,7 @@ class VitMppModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     corruption_branch: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    pooler_output: torch.FloatTensor | None = None  # [B, D]: classification.pool_tokens (last: tuple indices kept)
 
 
 @dataclass
@@ -169,7 +170,10 @@ class VitMppModel(VitMppPreTrainedModel):
         x = torch.cat([cls, tokens], dim=1)  # [B, 1+N, D]
         x = self.pos_drop(x + resize_pos_embed(self.pos_embed, self.grid_size, grid).to(x.dtype))
         x, hidden_states = run_blocks(self.blocks, x, self.norm, output_hidden_states)  # [B, 1+N, D]
-        return VitMppModelOutput(last_hidden_state=x, corruption_branch=branch, hidden_states=hidden_states)
+        return VitMppModelOutput(
+            last_hidden_state=x, corruption_branch=branch, hidden_states=hidden_states,
+            pooler_output=pool_tokens(x, self.config.use_mean_pooling),
+        )
 
 
 class VitMppForPreTraining(VitMppPreTrainedModel):

@@ -1,0 +1,113 @@
+"""Semantic segmentation (`examples/segment.py`): digit scenes, mean IoU, UperNet fine-tuning runs."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+from transformers import AutoModelForSemanticSegmentation
+
+from hf_mim import MaeConfig
+from hf_mim.metrics import load_mean_iou
+from hf_mim.segmentation.data import DIGIT_SCENE_LABELS, check_mask_values, load_segmentation_data, make_digit_scenes
+from hf_mim.segmentation.run import main
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+TINY_BACKBONE = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+                     patch_size=4, decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                     decoder_intermediate_size=32)
+QUICK = ["--dataloader_num_workers", "0", "--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "no",
+         "--decoder_channels", "16", "--auxiliary_channels", "8", "--per_device_train_batch_size", "16",
+         "--logging_steps", "1000", "--eval_strategy", "no"]
+
+
+def test_digit_scenes_are_deterministic_and_label_each_digit_with_its_class():
+    first, again = make_digit_scenes(6, seed=3), make_digit_scenes(6, seed=3)
+    assert first["image"][0].tobytes() == again["image"][0].tobytes()
+    masks = [np.asarray(mask) for mask in first["mask"]]
+    assert all(mask.shape == (32, 32) for mask in masks)
+    values = set(np.unique(np.concatenate([m.ravel() for m in masks])).tolist())
+    assert 0 in values and values <= set(range(len(DIGIT_SCENE_LABELS))) and len(values) > 2
+    image = np.asarray(first["image"][0], dtype=np.float64)
+    digit, background = masks[0] > 0, masks[0] == 0
+    # the digit's pixels differ from the background around them (the colour is chosen to contrast)
+    assert np.abs(image[digit].mean(axis=0) - image[background].mean(axis=0)).max() > 20
+
+
+def test_mean_iou_matches_scikit_learns_jaccard():
+    from sklearn.metrics import jaccard_score
+
+    rng = np.random.default_rng(0)
+    references = [rng.integers(0, 4, (8, 8)) for _ in range(3)]
+    predictions = [np.where(rng.random((8, 8)) < 0.6, ref, rng.integers(0, 4, (8, 8))) for ref in references]
+    references[0][0, :4] = 255  # unlabelled pixels are left out
+    result = load_mean_iou().compute(predictions=predictions, references=references, num_labels=4, ignore_index=255)
+    labelled = np.concatenate([r.ravel() for r in references]) != 255
+    truth = np.concatenate([r.ravel() for r in references])[labelled]
+    predicted = np.concatenate([p.ravel() for p in predictions])[labelled]
+    expected = jaccard_score(truth, predicted, labels=[0, 1, 2, 3], average=None)
+    np.testing.assert_allclose(result["per_category_iou"], expected)
+    assert result["mean_iou"] == pytest.approx(expected.mean())
+    assert result["overall_accuracy"] == pytest.approx((truth == predicted).mean())
+
+
+def test_mask_values_beyond_the_classes_name_the_ignore_index():
+    dataset = datasets.Dataset.from_dict(
+        {"mask": [Image.fromarray(np.array([[0, 1], [7, 255]], dtype=np.uint8), mode="L")]},
+        features=datasets.Features({"mask": datasets.Image()}),
+    )
+    check_mask_values(dataset, "mask", num_labels=8, ignore_index=255, split="train")  # 255 is the ignore index
+    with pytest.raises(ValueError, match=r"up to 7.*--num_labels 8.*--ignore_index 7"):
+        check_mask_values(dataset, "mask", num_labels=5, ignore_index=255, split="train")
+
+
+def test_folders_of_images_and_masks_load(tmp_path):
+    scenes = make_digit_scenes(4, seed=0)
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for index, row in enumerate(scenes):
+        row["image"].save(tmp_path / "images" / f"{index}.jpg")
+        row["mask"].save(tmp_path / "masks" / f"{index}.png")
+    data = load_segmentation_data(train_dir=str(tmp_path), train_val_split=0.5)
+    assert (data.image_column, data.mask_column) == ("image", "mask") and len(data.train) == len(data.eval) == 2
+    (tmp_path / "images" / "extra.jpg").write_bytes((tmp_path / "images" / "0.jpg").read_bytes())
+    with pytest.raises(ValueError, match="have no mask of the same name"):
+        load_segmentation_data(train_dir=str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone_config(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-mae-config")
+    MaeConfig(**TINY_BACKBONE).save_pretrained(folder)
+    return folder
+
+
+def test_a_short_run_improves_mean_iou_and_writes_a_card_with_it(tiny_backbone_config, tmp_path):
+    output_dir = tmp_path / "run"
+    metrics = main(QUICK + ["--config_name", str(tiny_backbone_config), "--num_scenes", "160", "--num_train_epochs",
+                            "4", "--learning_rate", "2e-3", "--output_dir", str(output_dir)])
+    assert metrics["eval_mean_iou"] > metrics["start_eval_mean_iou"] + 0.03
+    saved = json.loads((output_dir / "eval_results.json").read_text())
+    assert saved["eval_mean_iou"] == metrics["eval_mean_iou"] and "start_eval_mean_iou" in saved
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.pipeline_tag == "image-segmentation"
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results}["mean_iou"] == metrics["eval_mean_iou"]
+    assert "| `layer_decay` | `0.65` |" in card.text and "digit scenes" in card.text
+    reloaded = AutoModelForSemanticSegmentation.from_pretrained(output_dir).eval()
+    assert type(reloaded.backbone).__name__ == "MaeBackbone" and reloaded.config.num_labels == 11
+    with torch.no_grad():
+        assert reloaded(torch.randn(1, 3, 32, 32)).logits.shape == (1, 11, 32, 32)
+
+
+def test_masks_with_more_classes_than_given_fail_before_training(tiny_backbone_config, tmp_path):
+    scenes = make_digit_scenes(8, seed=0)
+    scenes.to_parquet(tmp_path / "scenes.parquet")
+    with pytest.raises(ValueError, match=r"outside the class ids \[0, 5\).*Pass --num_labels \d+ .*--ignore_index"):
+        main(QUICK + ["--config_name", str(tiny_backbone_config), "--train_file", str(tmp_path / "scenes.parquet"),
+                      "--num_labels", "5", "--output_dir", str(tmp_path / "run")])
