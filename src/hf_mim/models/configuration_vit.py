@@ -62,6 +62,16 @@ class VitBackboneConfig(BackboneConfigMixin, PreTrainedConfig):
         )
         super().__post_init__(**kwargs)
 
+    def to_dict(self) -> dict:
+        """Without what the depth derives (the stage names; the default output, the last stage), so that a
+        config rebuilt with another depth (``--config_overrides num_hidden_layers=4``) derives them anew."""
+        output = super().to_dict()
+        output.pop("stage_names", None)
+        if output.get("out_indices") == [self.num_hidden_layers]:
+            output.pop("out_indices", None)
+            output.pop("out_features", None)
+        return output
+
     def set_output_features_output_indices(self, out_features, out_indices):
         """transformers' alignment of ``out_features`` / ``out_indices``, after a check that names the fix."""
         depth = len(self.stage_names) - 1
