@@ -50,7 +50,7 @@ def is_classifier(model: PreTrainedModel) -> bool:
 def reference_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The model's weights under the reference (timm) names: the encoder prefix dropped, BEiT's
     per-block tables under `attn.`, MAE's decoder as `decoder_*`, and MAE's fixed sin-cos tables
-    written out as the learned tables the reference stores."""
+    written out as the learned tables the reference stores (a fine-tuned classifier's own trained table is kept)."""
     prefix = model.base_model_prefix + "."
     state = {}
     for key, value in model.state_dict().items():
@@ -63,7 +63,8 @@ def reference_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     config = model.config
     if config.model_type == "hf_mim_mae":
         grid = grid_size_for(config.image_size, config.patch_size)
-        state["pos_embed"] = sincos_2d_table(grid, config.hidden_size).unsqueeze(0)
+        if "pos_embed" not in state:  # a fixed buffer (pre-training), not saved: write it out
+            state["pos_embed"] = sincos_2d_table(grid, config.hidden_size).unsqueeze(0)
         if "decoder_embed.weight" in state:
             state["decoder_pos_embed"] = sincos_2d_table(grid, config.decoder_hidden_size).unsqueeze(0)
     return state
