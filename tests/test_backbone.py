@@ -247,3 +247,17 @@ def test_a_saved_backbone_loads_where_hf_mim_is_not_installed(tmp_path):
     with torch.no_grad():
         for theirs, ours in zip(remote["maps"], backbone(pixels).feature_maps):
             torch.testing.assert_close(theirs, ours)
+
+
+def test_a_config_rebuilt_with_another_depth_derives_its_stages_anew():
+    """`--config_overrides num_hidden_layers=4` on a preset rebuilds the config from its saved fields: the
+    default output stage (the last) must follow the new depth; an explicit choice is kept."""
+
+    def rebuilt(config, **changes):
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+        return type(config)(**{**fields, **changes})
+
+    shallow = rebuilt(MaeConfig(), num_hidden_layers=4)
+    assert list(shallow.out_indices) == [4] and shallow.stage_names[-1] == "stage4"
+    chosen = MaeConfig(num_hidden_layers=8, out_indices=[2, 4, 6, 8])
+    assert list(rebuilt(chosen).out_indices) == [2, 4, 6, 8]
