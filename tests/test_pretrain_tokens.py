@@ -205,7 +205,7 @@ def test_beitv2_training_loss_includes_the_cls_head(tmp_path, tokenizers):
     assert views.shape == (4, 3, 32, 32) and 0.0 <= float(views.min()) and float(views.max()) <= 1.0
     # beit2's masking: every mask has exactly the target count (v1's blockwise masks may fall short)
     assert isinstance(method.build_masks(), ExactBlockwiseMaskGenerator)
-    assert batch["bool_masked_pos"].sum(1).tolist() == [method.mask_generator_kwargs()["num_masking_patches"]] * 4
+    assert batch["bool_masked_pos"].sum(1).tolist() == [method.mask_generator_kwargs()["num_mask_patches"]] * 4
     torch.manual_seed(0)
     loss = method.training_loss(model, batch)
     torch.manual_seed(0)
