@@ -143,14 +143,15 @@ class CheckpointingSteps(argparse.Action):
 
 def add_aliases(parser: argparse.ArgumentParser) -> None:
     """Names of transformers 4 / accelerate / timm scripts, mapped onto TrainingArguments fields."""
+    # The accelerate (no_trainer) scripts' names: synonyms, without a warning, as in pretrain.py.
     parser.add_argument("--max_train_steps", dest="max_steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--num_warmup_steps", dest="warmup_steps", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing_steps", action=CheckpointingSteps, metavar="{N,epoch,no}",
                         dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
                         help="save a checkpoint-<step> every N optimizer steps, at each epoch's end, or never "
                              "(= --save_strategy / --save_steps)")
     for old, dest, kind, replacement in (
         ("--warmup_ratio", "warmup_steps", float, "pass the ratio to --warmup_steps (a float in [0, 1))"),
-        ("--num_warmup_steps", "warmup_steps", float, "use --warmup_steps"),
         ("--evaluation_strategy", "eval_strategy", str, "use --eval_strategy"),
         ("--push_to_hub_model_id", "hub_model_id", str, "use --hub_model_id"),
     ):

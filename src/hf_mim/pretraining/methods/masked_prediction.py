@@ -305,7 +305,7 @@ class TokenPredictionMethod(MaskedPredictionMethod):
                 "tokenizer_type": self.tokenizer.model_type, "tokenizer_precision": self.tokenizer.precision,
                 "tokenizer_image_size": self.tokenizer_size, "vocab_size": self.config.vocab_size,
                 **masking,
-                "crop_scale": (self.crop_min_scale, 1.0), "color_jitter": self.options.color_jitter}
+                "crop_min_scale": self.crop_min_scale, "color_jitter": self.options.color_jitter}
 
 
 __all__ = ["BEIT_DEFAULTS", "MaskedPredictionMethod", "TokenPredictionMethod", "TokenTargetOptions"]
