@@ -280,17 +280,17 @@ def mask_generator_class(name: str) -> type:
 # processors saved before they were accepted carry the second, which still load.
 SCRIPT_NAMES = {"num_mask_patches": "num_masking_patches", "min_mask_patches_per_block": "min_num_patches",
                 "max_mask_patches_per_block": "max_num_patches"}
+GENERATOR_NAMES = {parameter: script for script, parameter in SCRIPT_NAMES.items()}  # the other way round
 
 
 def script_spelling(kwargs: dict) -> dict:
     """Mask generator arguments with the scripts' names (`num_mask_patches`, ...); either spelling in,
     one out. Both spellings of one argument are refused: one of them would be silently dropped."""
-    renamed = {parameter: script for script, parameter in SCRIPT_NAMES.items()}
     both = sorted(script for script, parameter in SCRIPT_NAMES.items() if script in kwargs and parameter in kwargs)
     if both:
         raise ValueError(f"Mask generator arguments {both} are also given under their old names "
                          f"{[SCRIPT_NAMES[name] for name in both]}: pass each once.")
-    return {renamed.get(key, key): value for key, value in kwargs.items()}
+    return {GENERATOR_NAMES.get(key, key): value for key, value in kwargs.items()}
 
 
 def build_mask_generator(name: str, grid_size: int | Sequence[int], **kwargs):
@@ -307,8 +307,8 @@ def build_mask_generator(name: str, grid_size: int | Sequence[int], **kwargs):
         accepted.append("reference_grid")
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(f"Mask generator {name!r} does not take {list(script_spelling(dict.fromkeys(unknown)))}; "
-                         f"it accepts {list(script_spelling(dict.fromkeys(accepted)))}.")
+        shown = [GENERATOR_NAMES.get(key, key) for key in unknown], [GENERATOR_NAMES.get(key, key) for key in accepted]
+        raise ValueError(f"Mask generator {name!r} does not take {shown[0]}; it accepts {shown[1]}.")
     return factory(grid_size, **kwargs)
 
 
