@@ -486,7 +486,7 @@ def test_the_digits_demo_is_short_and_your_data_gets_the_recipe():
     for name, argv in runs.items():
         _, _, finetuning, training = parse_finetuning_args(argv + ["--output_dir", "x"])
         settings[name] = (training.num_train_epochs, finetuning.base_learning_rate, finetuning.layer_decay)
-    assert settings == {"digits demo": (5.0, 4e-3, 0.75), "your data": (50.0, DEFAULT_BASE_LEARNING_RATE, 0.75),
+    assert settings == {"digits demo": (5.0, 8e-3, 0.75), "your data": (50.0, DEFAULT_BASE_LEARNING_RATE, 0.75),
                         "from scratch": (15.0, 4e-3, 1.0)}
     _, _, finetuning, training = parse_finetuning_args(runs["digits demo"] + ["--num_train_epochs", "2", "--blr",
                                                                              "1e-3", "--output_dir", "x"])
