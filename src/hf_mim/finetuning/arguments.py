@@ -99,8 +99,7 @@ class FinetuningArguments:
 # 5 epochs (120 steps of 64) at blr 8e-3 fine-tune the pre-training demo (`examples/pretrain.py`) to
 # top-1 0.94 (top-5 1.0) on the 270 held-out digits (chance 0.1) in 1-3 minutes on 2 shared CPU cores
 # (measured 2026-12-03: 1m14s wall, 2m58s beside another run); at blr 4e-3 the same 5 epochs reach 0.83,
-# at 1e-3 0.62; 10 epochs at 4e-3 reach 0.97 in twice the time;
-# the 50 epochs of the general recipe take ~40 minutes.
+# at 1e-3 0.62; 10 epochs at 4e-3 reach 0.97 in twice the time (the general recipe's 50: ten times).
 DEMO_DATA_DEFAULTS = {"aa": "none", "reprob": 0.0, "hflip": 0.0, "crop_min_scale": 0.35, "crop_pct": 1.0,
                       "num_train_epochs": 5.0, "base_learning_rate": 8e-3}
 FROM_SCRATCH_DEFAULTS = {"layer_decay": 1.0, "drop_path": 0.0, "num_train_epochs": 15.0, "base_learning_rate": 4e-3}
