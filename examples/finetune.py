@@ -1,7 +1,8 @@
 """Image-classification fine-tuning of hf_mim encoders with the transformers Trainer.
 
     python examples/finetune.py                       # tiny ViT on the embedded digits, a few CPU minutes
-    python examples/finetune.py --model_name_or_path outputs/pretrain-mae   # fine-tune the pre-training demo
+    python examples/finetune.py --model_name_or_path outputs/pretrain-mae   # fine-tune the pre-training demo:
+                                                      # 5 epochs, 1-3 CPU minutes, top-1 ~0.94 (chance 0.1)
     python examples/finetune.py --help                # every option (all TrainingArguments flags too)
 
     # MAE ViT-B/16 recipe on ImageNet-1k (total batch 1024)

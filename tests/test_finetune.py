@@ -472,3 +472,22 @@ def test_help_shows_the_defaults_of_a_run_on_your_data(capsys):
     assert "(digits demo: none) (default: rand-m9-mstd0.5-inc1)" in text  # not the digits demo's "none"
     assert "(digits demo: 0.0) (default: 0.25)" in text  # --reprob
     assert "(from scratch on the digits: 1.0) (default: 0.75)" in text  # --layer_decay
+    assert "(digits demo: 5.0; from scratch on the digits: 15.0) (default: 50.0)" in text  # --num_train_epochs
+
+
+def test_the_digits_demo_is_short_and_your_data_gets_the_recipe():
+    """The README's `finetune.py --model_name_or_path outputs/pretrain-mae` runs minutes, not the recipe's 50 epochs."""
+    from hf_mim.finetuning.arguments import DEFAULT_BASE_LEARNING_RATE, parse_finetuning_args
+
+    runs = {"digits demo": ["--model_name_or_path", "ckpt"],
+            "your data": ["--model_name_or_path", "ckpt", "--train_dir", "data/train"],
+            "from scratch": []}
+    settings = {}
+    for name, argv in runs.items():
+        _, _, finetuning, training = parse_finetuning_args(argv + ["--output_dir", "x"])
+        settings[name] = (training.num_train_epochs, finetuning.base_learning_rate, finetuning.layer_decay)
+    assert settings == {"digits demo": (5.0, 8e-3, 0.75), "your data": (50.0, DEFAULT_BASE_LEARNING_RATE, 0.75),
+                        "from scratch": (15.0, 4e-3, 1.0)}
+    _, _, finetuning, training = parse_finetuning_args(runs["digits demo"] + ["--num_train_epochs", "2", "--blr",
+                                                                             "1e-3", "--output_dir", "x"])
+    assert (training.num_train_epochs, finetuning.base_learning_rate) == (2.0, 1e-3)  # given values win

@@ -231,6 +231,24 @@ def test_save_and_load_round_trip(tmp_path):
     assert MimImageProcessor.from_pretrained(tmp_path).to_dict() == processor.to_dict()
 
 
+def test_a_processor_saved_with_the_generators_names_loads_and_resaves_with_the_scripts(tmp_path):
+    """preprocessor_config.json from before the scripts' spelling (`num_masking_patches`) still loads, draws
+    the same masks, and is written back with the one spelling the scripts and cards use."""
+    kwargs = {"num_mask_patches": 30, "min_mask_patches_per_block": 5, "max_mask_patches_per_block": 12}
+    current = MimImageProcessor(size={"height": 64, "width": 64}, patch_size=8, mask_generator="blockwise",
+                                mask_generator_kwargs=kwargs)
+    current.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert config["mask_generator_kwargs"] == kwargs
+    config["mask_generator_kwargs"] = {"num_masking_patches": 30, "min_num_patches": 5, "max_num_patches": 12}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    old = AutoImageProcessor.from_pretrained(tmp_path)
+    assert old.mask_generator_kwargs == kwargs
+    images = [smooth_image(64, 64)] * 3
+    assert torch.equal(old(images, seed=5, return_tensors="pt").bool_masked_pos,
+                       current(images, seed=5, return_tensors="pt").bool_masked_pos)
+
+
 def test_processor_saved_next_to_a_model(tmp_path):
     config = MaeConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                        image_size=32, patch_size=8, decoder_hidden_size=32, decoder_num_hidden_layers=1,

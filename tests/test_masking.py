@@ -307,3 +307,22 @@ def test_build_mask_generator():
         build_mask_generator("random", 14, ratio=0.5)
     with pytest.raises(ValueError, match="does not take"):
         build_mask_generator("random", 14, reference_grid=14)
+
+
+def test_build_mask_generator_takes_the_scripts_names_and_the_old_ones():
+    """`--num_mask_patches` & co. are the one spelling users see; the generators' own names still build
+    the same generator (processors saved before), and both at once are refused rather than one dropped."""
+    script = dict(num_mask_patches=20, min_mask_patches_per_block=6, max_mask_patches_per_block=12)
+    old = dict(num_masking_patches=20, min_num_patches=6, max_num_patches=12)
+    for kwargs in (script, old):
+        generator = build_mask_generator("blockwise_exact", 8, **kwargs)
+        assert (generator.num_masking_patches, generator.min_num_patches, generator.max_num_patches) == (20, 6, 12)
+        assert int(generator(torch.Generator().manual_seed(0)).sum()) == 20
+    assert torch.equal(build_mask_generator("blockwise", 8, **script)(torch.Generator().manual_seed(1)),
+                       build_mask_generator("blockwise", 8, **old)(torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match=r"\['num_mask_patches'\] are also given under their old names "
+                                         r"\['num_masking_patches'\]"):
+        build_mask_generator("blockwise", 8, num_mask_patches=20, num_masking_patches=20)
+    with pytest.raises(ValueError, match=r"it accepts \['num_mask_patches', 'min_mask_patches_per_block', "
+                                         r"'max_mask_patches_per_block', 'min_aspect', 'max_aspect'"):
+        build_mask_generator("blockwise", 8, mask_ratio=0.5)

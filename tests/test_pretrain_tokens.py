@@ -4,6 +4,7 @@ v2 CLS head's loss, exact resume, and a learning check against the majority-toke
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import warnings
@@ -166,6 +167,12 @@ def test_beit_run_writes_a_loadable_model_without_the_tokenizer(beit_run, tokeni
     check_run("beit", output_dir, results, tokenizers["dvae"])
     masking = AutoModelForPreTraining.from_pretrained(output_dir).config
     assert masking.use_cls_pretext_head is False
+    # The option names everywhere a user reads the run back: the saved image processor and the card.
+    saved = json.loads((output_dir / "preprocessor_config.json").read_text())["mask_generator_kwargs"]
+    assert set(saved) == {"num_mask_patches", "min_mask_patches_per_block", "max_mask_patches_per_block"}
+    card = (output_dir / "README.md").read_text()
+    shown = [name for name, value in saved.items() if value is not None] + ["crop_min_scale"]  # None: not shown
+    assert len(shown) == 3 and all(f"| `{name}` |" in card for name in shown)
 
 
 def test_other_methods_write_loadable_models(short_run, tokenizers):
@@ -205,7 +212,7 @@ def test_beitv2_training_loss_includes_the_cls_head(tmp_path, tokenizers):
     assert views.shape == (4, 3, 32, 32) and 0.0 <= float(views.min()) and float(views.max()) <= 1.0
     # beit2's masking: every mask has exactly the target count (v1's blockwise masks may fall short)
     assert isinstance(method.build_masks(), ExactBlockwiseMaskGenerator)
-    assert batch["bool_masked_pos"].sum(1).tolist() == [method.mask_generator_kwargs()["num_masking_patches"]] * 4
+    assert batch["bool_masked_pos"].sum(1).tolist() == [method.mask_generator_kwargs()["num_mask_patches"]] * 4
     torch.manual_seed(0)
     loss = method.training_loss(model, batch)
     torch.manual_seed(0)

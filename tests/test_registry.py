@@ -55,3 +55,9 @@ def test_cli_choices_and_card_names_come_from_the_method_registries():
     assert set(NEEDS_TOKENIZER) == {"beit", "beitv2", "peco"}
     classes = [method.__name__ for registry in (METHODS, TOKENIZER_METHODS) for method in registry.values()]
     assert len(classes) == len(set(classes))  # no two method classes share a name
+
+
+def test_help_of_each_method_says_what_it_does():
+    """A method's summary is its line in `pretrain.py --method NAME --help` (as in train_tokenizer.py)."""
+    for name, method in METHODS.items():
+        assert method.summary and f"--method {name}: {method.summary}" in build_parser(name).format_help()

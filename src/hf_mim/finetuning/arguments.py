@@ -96,7 +96,12 @@ class FinetuningArguments:
 
 # Settings of the digits demo (no data source given) that differ from the general defaults; a
 # from-scratch model (no --model_name_or_path) also gets no layer decay and no drop path.
-DEMO_DATA_DEFAULTS = {"aa": "none", "reprob": 0.0, "hflip": 0.0, "crop_min_scale": 0.35, "crop_pct": 1.0}
+# 5 epochs (120 steps of 64) at blr 8e-3 fine-tune the pre-training demo (`examples/pretrain.py`) to
+# top-1 0.94 (top-5 1.0) on the 270 held-out digits (chance 0.1) in 1-3 minutes on 2 shared CPU cores
+# (measured 2026-12-03: 1m14s wall, 2m58s beside another run); at blr 4e-3 the same 5 epochs reach 0.83,
+# at 1e-3 0.62; 10 epochs at 4e-3 reach 0.97 in twice the time (the general recipe's 50: ten times).
+DEMO_DATA_DEFAULTS = {"aa": "none", "reprob": 0.0, "hflip": 0.0, "crop_min_scale": 0.35, "crop_pct": 1.0,
+                      "num_train_epochs": 5.0, "base_learning_rate": 8e-3}
 FROM_SCRATCH_DEFAULTS = {"layer_decay": 1.0, "drop_path": 0.0, "num_train_epochs": 15.0, "base_learning_rate": 4e-3}
 DATA_SOURCES = ("dataset_name", "train_dir", "validation_dir", "train_file", "validation_file")
 DEFAULT_BASE_LEARNING_RATE = 1e-3  # MAE's main_finetune.py default (BEiT: 4e-3 at batch 1024, the same)
@@ -138,14 +143,15 @@ class CheckpointingSteps(argparse.Action):
 
 def add_aliases(parser: argparse.ArgumentParser) -> None:
     """Names of transformers 4 / accelerate / timm scripts, mapped onto TrainingArguments fields."""
+    # The accelerate (no_trainer) scripts' names: synonyms, without a warning, as in pretrain.py.
     parser.add_argument("--max_train_steps", dest="max_steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--num_warmup_steps", dest="warmup_steps", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing_steps", action=CheckpointingSteps, metavar="{N,epoch,no}",
                         dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
                         help="save a checkpoint-<step> every N optimizer steps, at each epoch's end, or never "
                              "(= --save_strategy / --save_steps)")
     for old, dest, kind, replacement in (
         ("--warmup_ratio", "warmup_steps", float, "pass the ratio to --warmup_steps (a float in [0, 1))"),
-        ("--num_warmup_steps", "warmup_steps", float, "use --warmup_steps"),
         ("--evaluation_strategy", "eval_strategy", str, "use --eval_strategy"),
         ("--push_to_hub_model_id", "hub_model_id", str, "use --hub_model_id"),
     ):

@@ -29,7 +29,7 @@ from transformers.image_processing_base import BatchFeature
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, Unpack
 
-from .masking import build_mask_generator, mask_generator_class
+from .masking import build_mask_generator, mask_generator_class, script_spelling
 from .vit_core import grid_size_for, patchify
 
 # Written into preprocessor_config.json: AutoImageProcessor picks the class of the requested backend.
@@ -50,9 +50,11 @@ class MimImageProcessorKwargs(ImagesKwargs, total=False):
         "random" (MAE), "blockwise" (BEiT) or "blockwise_exact" (BEiT v2): also return `bool_masked_pos`
         [B, N], True = masked.
     mask_generator_kwargs (`dict`, defaults to `{}`):
-        Arguments of the mask generator: `mask_ratio` for "random"; `num_masking_patches`,
-        `min_num_patches`, `max_num_patches`, `min_aspect`, `max_aspect` (and `reference_grid` to
-        scale the counts from that grid to the image's) for the blockwise ones.
+        Arguments of the mask generator: `mask_ratio` for "random"; `num_mask_patches`,
+        `min_mask_patches_per_block`, `max_mask_patches_per_block` (the pre-training script's names),
+        `min_aspect`, `max_aspect` (and `reference_grid` to scale the counts from that grid to the
+        image's) for the blockwise ones. The generators' own names (`num_masking_patches`,
+        `min_num_patches`, `max_num_patches`, in processors saved before) are read as these.
     generator (`torch.Generator`, *optional*, call only):
         Random generator for the masks.
     seed (`int`, *optional*, call only):
@@ -116,6 +118,8 @@ class MimProcessingMixin:
                     f"every batch the same masks."
                 )
         super().__init__(**kwargs)
+        if self.mask_generator_kwargs:  # saved (and shown) with the scripts' names, whichever were given
+            self.mask_generator_kwargs = script_spelling(self.mask_generator_kwargs)
         self.validate_mim_settings(
             self.do_resize, self.size, self.patch_size, self.mask_generator, self.mask_generator_kwargs
         )

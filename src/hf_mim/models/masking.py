@@ -275,10 +275,30 @@ def mask_generator_class(name: str) -> type:
     return MASK_GENERATORS[name]
 
 
+# The scripts' names (`--num_mask_patches`, as BEiT's run_beit_pretraining.py) -> the blockwise generators'
+# parameters (as BEiT's MaskingGenerator). Users write the first, in scripts and image processors alike;
+# processors saved before they were accepted carry the second, which still load.
+SCRIPT_NAMES = {"num_mask_patches": "num_masking_patches", "min_mask_patches_per_block": "min_num_patches",
+                "max_mask_patches_per_block": "max_num_patches"}
+GENERATOR_NAMES = {parameter: script for script, parameter in SCRIPT_NAMES.items()}  # the other way round
+
+
+def script_spelling(kwargs: dict) -> dict:
+    """Mask generator arguments with the scripts' names (`num_mask_patches`, ...); either spelling in,
+    one out. Both spellings of one argument are refused: one of them would be silently dropped."""
+    both = sorted(script for script, parameter in SCRIPT_NAMES.items() if script in kwargs and parameter in kwargs)
+    if both:
+        raise ValueError(f"Mask generator arguments {both} are also given under their old names "
+                         f"{[SCRIPT_NAMES[name] for name in both]}: pass each once.")
+    return {GENERATOR_NAMES.get(key, key): value for key, value in kwargs.items()}
+
+
 def build_mask_generator(name: str, grid_size: int | Sequence[int], **kwargs):
-    """`build_mask_generator("blockwise", (14, 14), num_masking_patches=75)`. For "blockwise" (BEiT) and
+    """`build_mask_generator("blockwise", (14, 14), num_mask_patches=75)`. For "blockwise" (BEiT) and
     "blockwise_exact" (BEiT v2), passing `reference_grid` means the counts are given for that grid and
-    are scaled to `grid_size`."""
+    are scaled to `grid_size`. The counts take the scripts' names (`num_mask_patches`,
+    `min_mask_patches_per_block`, `max_mask_patches_per_block`) or the generators' own (SCRIPT_NAMES)."""
+    kwargs = {SCRIPT_NAMES.get(key, key): value for key, value in script_spelling(kwargs).items()}
     cls = mask_generator_class(name)
     blockwise = issubclass(cls, BlockwiseMaskGenerator)
     factory = cls.scaled if blockwise and "reference_grid" in kwargs else cls
@@ -287,7 +307,8 @@ def build_mask_generator(name: str, grid_size: int | Sequence[int], **kwargs):
         accepted.append("reference_grid")
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(f"Mask generator {name!r} does not take {unknown}; it accepts {accepted}.")
+        shown = [GENERATOR_NAMES.get(key, key) for key in unknown], [GENERATOR_NAMES.get(key, key) for key in accepted]
+        raise ValueError(f"Mask generator {name!r} does not take {shown[0]}; it accepts {shown[1]}.")
     return factory(grid_size, **kwargs)
 
 

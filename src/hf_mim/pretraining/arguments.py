@@ -257,8 +257,8 @@ def add_method_options(parser: HfArgumentParser, method_cls) -> None:
 def build_parser(method_name: str = "mae") -> argparse.ArgumentParser:
     method_cls = get_method(method_name)
     parser = HfArgumentParser(
-        [], prog="pretrain.py", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        [], prog="pretrain.py", description=f"{DESCRIPTION}\n--method {method_name}: {method_cls.summary}",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     group = parser.add_argument_group("method")
     group.add_argument("--method", default="mae", choices=sorted(METHODS),

@@ -244,9 +244,9 @@ class TokenPredictionMethod(MaskedPredictionMethod):
         options = self.options
         scaled = BlockwiseMaskGenerator.scaled(self.grid_size, BEIT_REFERENCE_GRID)
         count = options.num_mask_patches or scaled.num_masking_patches
-        return {"num_masking_patches": count,
-                "min_num_patches": options.min_mask_patches_per_block or min(scaled.min_num_patches, count),
-                "max_num_patches": options.max_mask_patches_per_block}
+        return {"num_mask_patches": count,  # the option names, also in the saved image processor
+                "min_mask_patches_per_block": options.min_mask_patches_per_block or min(scaled.min_num_patches, count),
+                "max_mask_patches_per_block": options.max_mask_patches_per_block}
 
     def build_masks(self):
         """Callable generator -> [N] bool, True = masked."""
@@ -304,10 +304,8 @@ class TokenPredictionMethod(MaskedPredictionMethod):
         return {"tokenizer": self.tokenizer.source, "tokenizer_revision": self.tokenizer.revision,
                 "tokenizer_type": self.tokenizer.model_type, "tokenizer_precision": self.tokenizer.precision,
                 "tokenizer_image_size": self.tokenizer_size, "vocab_size": self.config.vocab_size,
-                "num_mask_patches": masking["num_masking_patches"],
-                "min_mask_patches_per_block": masking["min_num_patches"],
-                "max_mask_patches_per_block": masking["max_num_patches"],
-                "crop_scale": (self.crop_min_scale, 1.0), "color_jitter": self.options.color_jitter}
+                **masking,
+                "crop_min_scale": self.crop_min_scale, "color_jitter": self.options.color_jitter}
 
 
 __all__ = ["BEIT_DEFAULTS", "MaskedPredictionMethod", "TokenPredictionMethod", "TokenTargetOptions"]

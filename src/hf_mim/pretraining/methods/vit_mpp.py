@@ -109,7 +109,7 @@ class VitMppMethod(MaskedPredictionMethod):
     def recipe(self) -> dict:
         config = self.config
         return {"mask_ratio": config.mask_ratio, "replace_prob": config.replace_prob, "random_prob": config.random_prob,
-                "color_bits": config.color_bits, "crop_scale": (self.crop_min_scale, 1.0)}
+                "color_bits": config.color_bits, "crop_min_scale": self.crop_min_scale}  # the option's name
 
 
 __all__ = ["VitMppMethod", "VitMppOptions"]
