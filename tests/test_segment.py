@@ -40,6 +40,16 @@ def test_digit_scenes_are_deterministic_and_label_each_digit_with_its_class():
     assert np.abs(image[digit].mean(axis=0) - image[background].mean(axis=0)).max() > 20
 
 
+def test_ink_labels_mark_every_digit_with_one_class_on_the_same_images():
+    digits, ink = make_digit_scenes(4, seed=5), make_digit_scenes(4, seed=5, labels="ink")
+    for by_digit, by_ink, image in zip(digits["mask"], ink["mask"], ink["image"]):
+        by_digit, by_ink = np.asarray(by_digit), np.asarray(by_ink)
+        np.testing.assert_array_equal(by_ink, (by_digit > 0).astype(np.uint8))
+    assert [a.tobytes() for a in digits["image"]] == [b.tobytes() for b in ink["image"]]
+    with pytest.raises(ValueError, match="choose one of"):
+        make_digit_scenes(1, labels="colours")
+
+
 def test_mean_iou_matches_scikit_learns_jaccard():
     from sklearn.metrics import jaccard_score
 
@@ -103,6 +113,16 @@ def test_a_short_run_improves_mean_iou_and_writes_a_card_with_it(tiny_backbone_c
     assert type(reloaded.backbone).__name__ == "MaeBackbone" and reloaded.config.num_labels == 11
     with torch.no_grad():
         assert reloaded(torch.randn(1, 3, 32, 32)).logits.shape == (1, 11, 32, 32)
+
+
+@pytest.mark.xfail(strict=True, reason="known defect (issue 10): runs end predicting background everywhere, so the "
+                   "mean IoU rises (background IoU ~0.89) while every digit class stays at IoU 0")
+def test_a_short_run_finds_the_digits(tiny_backbone_config, tmp_path):
+    metrics = main(QUICK + ["--config_name", str(tiny_backbone_config), "--num_scenes", "160", "--scene_labels", "ink",
+                            "--per_device_train_batch_size", "8", "--num_train_epochs", "8", "--learning_rate", "3e-3",
+                            "--output_dir", str(tmp_path / "run")])
+    assert metrics["eval_iou_background"] > 0.8  # each class's IoU is reported
+    assert metrics["eval_iou_digit"] > 0.2  # the digits are found, not background everywhere
 
 
 def test_masks_with_more_classes_than_given_fail_before_training(tiny_backbone_config, tmp_path):

@@ -59,6 +59,8 @@ class SegmentationArguments:
     max_train_samples: int | None = option(help="use only this many training images")
     max_eval_samples: int | None = option(help="use only this many evaluation images")
     num_scenes: int = option(600, help="digit scenes to generate (default data only)")
+    scene_labels: str = option("digits", help="digit scenes' classes: digits (background + one per digit) or ink "
+                                              "(background / any digit)")
     image_size: int | None = option(help="train at this resolution (position tables resized; default: the config's)")
     out_indices: list[int] | None = option(
         help="the 4 backbone stages for the neck (stage k = block k's output; default: BEiT's, [4, 6, 8, 12] of 12)")
@@ -161,13 +163,17 @@ def class_names(args: SegmentationArguments, data: SegmentationData) -> dict[int
     return {index: str(index) for index in range(args.num_labels)}
 
 
-def metrics_function(num_labels: int, ignore_index: int):
+def metrics_function(id2label: dict[int, str], ignore_index: int):
+    """Mean IoU, accuracies and each class's IoU (`iou_<name>`: shows which classes are learnt; a model
+    that predicts background everywhere has a fair mean IoU and 0 for every other class)."""
     metric = load_mean_iou()
 
     def compute_metrics(prediction):
         results = metric.compute(predictions=list(prediction.predictions), references=list(prediction.label_ids),
-                                 num_labels=num_labels, ignore_index=ignore_index)
-        return {key: results[key] for key in ("mean_iou", "mean_accuracy", "overall_accuracy")}
+                                 num_labels=len(id2label), ignore_index=ignore_index)
+        per_class = {f"iou_{id2label[index].replace(' ', '_')}": float(iou)  # classes absent from both: left out
+                     for index, iou in enumerate(results["per_category_iou"]) if np.isfinite(iou)}
+        return {**{key: results[key] for key in ("mean_iou", "mean_accuracy", "overall_accuracy")}, **per_class}
 
     return compute_metrics
 
@@ -229,6 +235,7 @@ def run_segmentation(args: SegmentationArguments, training_args: TrainingArgumen
             image_column_name=args.image_column_name, mask_column_name=args.mask_column_name,
             train_val_split=args.train_val_split, seed=data_seed(training_args), num_scenes=args.num_scenes,
             max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+            scene_labels=args.scene_labels,
         )
     id2label = class_names(args, data)
     for split, dataset in (("train", data.train), ("validation", data.eval)):
@@ -244,7 +251,7 @@ def run_segmentation(args: SegmentationArguments, training_args: TrainingArgumen
     push, training_args.push_to_hub = training_args.push_to_hub, False  # uploaded once at the end, by publish()
     trainer = FinetuningTrainer(
         model=model, args=training_args, train_dataset=examples.get("train"), eval_dataset=examples.get("eval"),
-        compute_metrics=metrics_function(len(id2label), args.ignore_index) if "eval" in examples else None,
+        compute_metrics=metrics_function(id2label, args.ignore_index) if "eval" in examples else None,
         preprocess_logits_for_metrics=predicted_classes, layer_decay=args.layer_decay,
     )
     metrics = {}
