@@ -8,7 +8,9 @@ that did not finish and may requeue it). A second signal ends the process at onc
 default action of that signal: the newest complete checkpoint is then the resume point.
 
 With several processes, the signal may reach them at different steps (or only one of them): they
-agree on stopping with one all-reduce per optimiser step, so that all stop at the same step.
+agree on stopping with one all-reduce (`agreed_signal`) at the steps the caller chooses, the same on
+every process (the pre-training loop: its logging steps, which synchronise anyway), so that all stop
+at the same step.
 """
 
 from __future__ import annotations

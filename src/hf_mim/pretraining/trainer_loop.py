@@ -400,8 +400,14 @@ def after_step(run: Run, learning_rate: float, grad_norm: float | None, epoch_en
 
 
 def stop_if_preempted(run: Run) -> None:
-    """After a step: on SIGTERM / SIGINT / SIGUSR1 (on any process), checkpoint and exit (see hf_mim.preemption)."""
-    signum = run.preemption.agreed_signal(run.accelerator.device) if run.preemption else None
+    """After a step: on SIGTERM / SIGINT / SIGUSR1 (on any process), checkpoint and exit (see hf_mim.preemption).
+    With several processes they agree at logging steps only: the agreement is a collective that waits for
+    the device, which the logging step pays anyway (a stop then comes at most --logging_steps steps late)."""
+    if run.preemption is None:
+        return
+    if run.accelerator.num_processes > 1 and run.state.global_step % run.args.logging_steps:
+        return
+    signum = run.preemption.agreed_signal(run.accelerator.device)
     if signum is None:
         return
     if run.last_checkpoint_step != run.state.global_step:
