@@ -13,6 +13,9 @@ class PreemptionCallback(TrainerCallback):
         self.guard = guard
 
     def on_step_end(self, args, state, control, **kwargs):
+        # Several processes agree (a collective that waits for the device) at logging steps only, as pre-training.
+        if args.world_size > 1 and state.global_step % max(1, int(args.logging_steps)):
+            return control
         signum = self.guard.agreed_signal(args.device)  # every process stops at the same step
         if signum is not None:
             self.guard.signum = signum
