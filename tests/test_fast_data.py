@@ -54,12 +54,7 @@ def jpeg_bytes(seed: int, width: int, height: int, exif_orientation: int | None 
 IMAGES = [jpeg_bytes(0, 120, 90), jpeg_bytes(1, 90, 120), jpeg_bytes(2, 260, 200), jpeg_bytes(3, 40, 30)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # conftest.py
 
 
 def build_method(name: str, *extra: str):

@@ -6,7 +6,6 @@ transformers' and timm's scripts, see SCRIPT_CONVENTIONS), plus the deprecated a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
+from ..pretraining import data_loading
 from ..pretraining.arguments import DeprecatedAlias
 from .ema import DEFAULT_DECAY, check_decay
 
@@ -114,9 +114,8 @@ TRAINING_DEFAULTS = {
 
 
 def default_num_workers() -> int:
-    """The CPU cores of this process (cores / local processes), less one for training, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+    """As pre-training: the CPU cores of this process (cores / local processes), less one for training."""
+    return data_loading.default_num_workers(num_processes=1)  # LOCAL_WORLD_SIZE, when launched, wins
 
 
 def has_accelerator() -> bool:

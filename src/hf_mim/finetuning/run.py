@@ -25,6 +25,7 @@ from ..launch import check_one_run_per_launch
 from ..metrics import load_top_k_accuracy
 from ..preemption import Preempted, PreemptionGuard, resume_hint
 from ..pretraining.checkpoints import latest_checkpoint, resolve_resume_path
+from ..pretraining.data_loading import cores_per_process
 from ..models.presets import from_preset, preset_names
 from ..registry import FAMILIES
 from .arguments import DataArguments, FinetuningArguments, ModelArguments, parse_finetuning_args
@@ -245,7 +246,7 @@ def limit_cpu_threads(training_args) -> None:
     more threads than cores make torch's CPU kernels spin and run several times slower."""
     if not training_args.use_cpu or "OMP_NUM_THREADS" in os.environ:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cores_per_process(num_processes=1)  # LOCAL_WORLD_SIZE, when launched, wins
     torch.set_num_threads(max(1, cores - training_args.dataloader_num_workers))
 
 
