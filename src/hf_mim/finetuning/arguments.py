@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
@@ -16,11 +16,8 @@ from transformers.trainer_utils import SaveStrategy
 
 from ..pretraining import data_loading
 from ..pretraining.arguments import DeprecatedAlias
+from ..pretraining.methods import option
 from .ema import DEFAULT_DECAY, check_decay
-
-
-def option(default=None, help: str = "", **metadata):
-    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass

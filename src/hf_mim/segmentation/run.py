@@ -22,7 +22,8 @@ from transformers import (
 )
 from transformers.trainer_utils import set_seed
 
-from ..finetuning.arguments import default_num_workers, given, has_accelerator, option
+from ..finetuning.arguments import default_num_workers, given, has_accelerator
+from ..pretraining.methods import option
 from ..finetuning.classifier import FINETUNING_CONFIG, change_image_size, check_image_size
 from ..finetuning.run import check_can_push, data_seed, resume_checkpoint, scratch_config, setup_logging
 from ..finetuning.trainer import FinetuningTrainer

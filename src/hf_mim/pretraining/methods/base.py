@@ -294,9 +294,10 @@ def processor_pixels(processor, image) -> torch.Tensor:
     return processor(image, return_tensors="pt")["pixel_values"][0]
 
 
-def option(default=None, help: str = ""):
-    """A field of a method's options dataclass, with its `--help` text (HfArgumentParser reads it)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default=None, help: str = "", **metadata):
+    """A field of an options dataclass, with its `--help` text (HfArgumentParser reads it): the methods'
+    options and the fine-tuning and segmentation scripts' arguments."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclasses.dataclass

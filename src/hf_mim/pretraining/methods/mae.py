@@ -10,16 +10,14 @@ import dataclasses
 import torch
 
 from ...models import MaeConfig, MaeForPreTraining
-from .base import PretrainingMethod, processor_pixels, register_method, training_augmentation
+from .base import PretrainingMethod, option, processor_pixels, register_method, training_augmentation
 
 
 @dataclasses.dataclass
 class MaeOptions:
     _argument_group_name = "MAE options (--method mae)"
-    mask_ratio: float | None = dataclasses.field(
-        default=None, metadata={"help": "fraction of patches removed (default: the config's, 0.75)"})
-    norm_pix_loss: bool | None = dataclasses.field(
-        default=None, metadata={"help": "regress per-patch normalised pixels (default: the config's)"})
+    mask_ratio: float | None = option(help="fraction of patches removed (default: the config's, 0.75)")
+    norm_pix_loss: bool | None = option(help="regress per-patch normalised pixels (default: the config's)")
 
 
 @register_method
