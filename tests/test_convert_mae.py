@@ -339,7 +339,7 @@ def test_wrong_kind_errors(tmp_path, capsys):
         run_convert(tmp_path / "vit", tmp_path / "out")
 
     random_mae().save_pretrained(tmp_path / "ours")
-    with pytest.raises(ValueError, match="already is an hf_mim MAE directory"):
+    with pytest.raises(ValueError, match="already is an hf_mim directory"):
         run_convert(tmp_path / "ours", tmp_path / "out")
 
     (tmp_path / "empty").mkdir()

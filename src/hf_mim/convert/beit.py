@@ -41,8 +41,8 @@ from ..models import BEiTConfig, BEiTForImageClassification, BEiTForMaskedImageM
 from ..models.relative_position import NUM_CLS_ROWS
 from ..models.vit_core import to_2tuple
 from .common import (
-    check_config_fields, count_indexed, is_transformers_dir, load_reference_state_dict,
-    load_transformers_state_dict, parse_overrides, read_model_type, rename_keys, save_converted,
+    check_config_fields, check_transformers_dir, count_indexed, load_reference_state_dict,
+    load_transformers_state_dict, parse_overrides, rename_keys, save_converted, substitute_keys,
 )
 
 NAME = "beit"
@@ -136,25 +136,13 @@ def convert(args, method: str = NAME):
 
 def read_transformers_dir(path: str) -> tuple[dict, dict]:
     """Weights renamed to the reference layout, and the config fields shared with hf_mim's BEiTConfig."""
-    if not is_transformers_dir(path):
-        raise ValueError(f"{path} is a directory without config.json: expected a transformers Beit directory "
-                         "(save_pretrained output) or a reference .pth file.")
-    model_type = read_model_type(path)
-    if model_type == BEiTConfig.model_type:
-        raise ValueError(f"{path} already is an hf_mim BEiT directory: load it with from_pretrained instead.")
-    if model_type != "beit":
-        raise ValueError(f"{path} holds a transformers model of model_type {model_type!r}, not 'beit'. "
-                         "The beit converter reads BEiTForMaskedImageModeling / BEiTForImageClassification / "
-                         "BEiTModel directories.")
+    check_transformers_dir(path, expected="beit", hf_mim_type=BEiTConfig.model_type, what="Beit",
+                           reads="BeitForMaskedImageModeling / BeitForImageClassification / BeitModel")
     from transformers import BeitConfig as TransformersBeitConfig
 
     config = TransformersBeitConfig.from_pretrained(path)  # fills fields an older config.json leaves out
     fields = {name: getattr(config, name) for name in TRANSFORMERS_FIELDS}
-    renamed = {}
-    for key, value in load_transformers_state_dict(path).items():
-        for pattern, replacement in TRANSFORMERS_TO_REFERENCE:
-            key = re.sub(pattern, replacement, key)
-        renamed[key] = value
+    renamed = substitute_keys(load_transformers_state_dict(path), TRANSFORMERS_TO_REFERENCE)
     if "encoder_final_norm.weight" in renamed:
         if "norm.weight" in renamed or "lm_head.weight" in renamed:
             raise ValueError(

@@ -132,6 +132,33 @@ def read_model_type(path: str) -> str | None:
         return json.load(handle).get("model_type")
 
 
+def check_transformers_dir(path: str, *, expected: str, hf_mim_type: str, what: str, reads: str) -> None:
+    """`path` must be a transformers ``save_pretrained`` directory of model_type `expected`. `what` names the
+    expected model in the errors, `reads` the classes the converter reads; an hf_mim directory of
+    `hf_mim_type` needs no conversion."""
+    if not is_transformers_dir(path):
+        raise ValueError(f"{path} is a directory without config.json: expected a transformers {what} directory "
+                         "(save_pretrained output) or a reference checkpoint file.")
+    model_type = read_model_type(path)
+    if model_type == hf_mim_type:
+        raise ValueError(f"{path} already is an hf_mim directory (model_type {hf_mim_type!r}): load it with "
+                         "from_pretrained instead.")
+    if model_type != expected:
+        raise ValueError(f"{path} holds a transformers model of model_type {model_type!r}, not {expected!r}. "
+                         f"This converter reads {reads} directories.")
+
+
+def substitute_keys(state_dict: dict, substitutions: Iterable[tuple[str, str]]) -> dict:
+    """Every key with each ``(pattern, replacement)`` applied in turn (``re.sub``; unlike `rename_keys`,
+    keys that no pattern matches are kept as they are)."""
+    renamed = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in substitutions:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed
+
+
 def count_indexed(state_dict: dict, prefix: str) -> int:
     """Number of ``prefix.N.`` entries, e.g. blocks in ``blocks.N.``."""
     indices = {int(k[len(prefix):].split(".")[0]) for k in state_dict if k.startswith(prefix)}

@@ -30,8 +30,8 @@ from huggingface_hub.errors import StrictDataclassError
 
 from ..models import DvaeConfig, DvaeTokenizer
 from .common import (
-    check_config_fields, is_transformers_dir, load_reference_state_dict, load_transformers_state_dict,
-    parse_overrides, read_model_type, save_converted,
+    check_config_fields, check_transformers_dir, is_transformers_dir, load_reference_state_dict,
+    load_transformers_state_dict, parse_overrides, read_model_type, save_converted,
 )
 
 NAME = "dalle"
@@ -75,18 +75,11 @@ def convert(args):
 
 
 def read_flava_dir(path: str) -> dict[str, torch.Tensor]:
-    if not is_transformers_dir(path):
-        raise ValueError(f"{path} is a directory without config.json: expected a transformers FlavaImageCodebook "
-                         "directory (save_pretrained output) or a reference encoder file.")
-    model_type = read_model_type(path)
-    if model_type == DvaeConfig.model_type:
-        raise ValueError(f"{path} already is an hf_mim dVAE directory: load it with from_pretrained instead.")
-    if model_type == "flava":
+    if is_transformers_dir(path) and read_model_type(path) == "flava":
         raise ValueError(f"{path} is a whole FLAVA model. Save its codebook first: FlavaForPreTraining."
                          "from_pretrained(SRC).image_codebook.save_pretrained(DIR), then convert DIR.")
-    if model_type != "flava_image_codebook":
-        raise ValueError(f"{path} holds a transformers model of model_type {model_type!r}, not "
-                         "'flava_image_codebook'. The dalle converter reads FlavaImageCodebook directories.")
+    check_transformers_dir(path, expected="flava_image_codebook", hf_mim_type=DvaeConfig.model_type,
+                           what="FlavaImageCodebook", reads="FlavaImageCodebook")
     # blocks.group_1.group.block_1.res_path.path.conv_1.weight -> blocks.group_1.block_1.res_path.conv_1.weight
     return {re.sub(r"\.(group|path)\.", ".", key): value for key, value in load_transformers_state_dict(path).items()}
 

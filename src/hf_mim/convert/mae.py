@@ -50,8 +50,8 @@ from huggingface_hub.errors import StrictDataclassError
 from ..models import MaeConfig, MaeForImageClassification, MaeForPreTraining, MaeModel, MimImageProcessor
 from ..models.vit_core import grid_size_for, sincos_2d_table, to_2tuple
 from .common import (
-    check_config_fields, count_indexed, is_transformers_dir, load_reference_state_dict,
-    load_transformers_state_dict, parse_overrides, read_model_type, rename_keys, save_converted,
+    check_config_fields, check_transformers_dir, count_indexed, load_reference_state_dict,
+    load_transformers_state_dict, parse_overrides, rename_keys, save_converted, substitute_keys,
 )
 
 NAME = "mae"
@@ -142,23 +142,12 @@ def convert(args):
 
 def read_transformers_dir(path: str) -> tuple[dict, dict]:
     """Weights renamed to the reference layout, and the config fields shared with MaeConfig."""
-    if not is_transformers_dir(path):
-        raise ValueError(f"{path} is a directory without config.json: expected a transformers ViTMAE directory "
-                         "(save_pretrained output) or a reference .pth file.")
-    model_type = read_model_type(path)
-    if model_type == MaeConfig.model_type:
-        raise ValueError(f"{path} already is an hf_mim MAE directory: load it with from_pretrained instead.")
-    if model_type != "vit_mae":
-        raise ValueError(f"{path} holds a transformers model of model_type {model_type!r}, not 'vit_mae'. "
-                         "The mae converter reads ViTMAEForPreTraining / ViTMAEModel directories.")
+    check_transformers_dir(path, expected="vit_mae", hf_mim_type=MaeConfig.model_type, what="ViTMAE",
+                           reads="ViTMAEForPreTraining / ViTMAEModel")
     from transformers import ViTMAEConfig
 
     config = ViTMAEConfig.from_pretrained(path).to_dict()  # fills fields an older config.json leaves out
-    renamed = {}
-    for key, value in load_transformers_state_dict(path).items():
-        for pattern, replacement in TRANSFORMERS_TO_REFERENCE:
-            key = re.sub(pattern, replacement, key)
-        renamed[key] = value
+    renamed = substitute_keys(load_transformers_state_dict(path), TRANSFORMERS_TO_REFERENCE)
     return fuse_qkv(renamed), {name: config[name] for name in TRANSFORMERS_FIELDS}
 
 
