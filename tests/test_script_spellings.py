@@ -169,3 +169,26 @@ def test_pretrains_precision_and_tracking_names_work_in_every_script(script):
 
     assert settings(["--mixed_precision", "bf16", "--with_tracking"]) == settings(["--bf16", "--report_to", "all"])
     assert settings(["--mixed-precision", "fp16"])[0] == "fp16"
+
+
+@pytest.mark.parametrize("parse", [parse_pretraining_args, parse_tokenizer_args])
+@pytest.mark.parametrize("argv,message", [
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
+    (["--gradient-accumulation-steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+    (["--logging_steps", "0"], "--logging_steps must be at least 1, got 0"),
+    (["--streaming", "--train_dir", "x"], "A streamed data set has no length: pass --max_steps"),
+    (["--eval_strategy", "steps", "--train_dir", "x"], "--eval_strategy steps needs --eval_steps N"),
+    (["--bf16", "--mixed_precision", "fp16"], "Conflicting precision options"),
+])
+def test_bad_values_fail_at_parsing_with_the_option_named(parse, argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse(argv)
+
+
+@pytest.mark.parametrize("argv,message", [(["--warmup_steps", "1.5"], "a fractional warmup is a ratio in"),
+                                          (["--checkpointing_steps", "0"], "expected a positive number of steps"),
+                                          (["--lr_scheduler_kwargs", "[1]"], "expected a JSON object")])
+def test_values_with_their_own_parsing_function_are_checked_by_it(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_pretraining_args(argv)
+    assert message in capsys.readouterr().err

@@ -59,6 +59,7 @@ class MimArgumentParser(HfArgumentParser):
     def __init__(self, dataclass_types=(), **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         self.deprecated_group = None
+        self.aliases_without_default: list[argparse.Action] = []
         super().__init__(dataclass_types, **kwargs)
 
     @staticmethod
@@ -81,14 +82,26 @@ class MimArgumentParser(HfArgumentParser):
     def add_alias(self, names: list[str], dest: str, help: str, **kwargs) -> argparse.Action:
         """Another name of `dest`'s option, listed in --help (`help`, e.g. "alias of --max_steps"). Its default
         is the option's own (the first action of a destination sets it)."""
-        return self.add_argument(*names, dest=dest, help=help, default=argparse.SUPPRESS, **kwargs)
+        kwargs.setdefault("default", argparse.SUPPRESS)
+        return self.remember_alias(self.add_argument(*names, dest=dest, help=help, **kwargs))
 
     def add_deprecated_alias(self, name: str, dest: str, replacement: str, **kwargs) -> argparse.Action:
         """An old name that still works, with a FutureWarning and a --help line naming the new one."""
         if self.deprecated_group is None:
             self.deprecated_group = self.add_argument_group("deprecated names (they still work, with a warning)")
-        return self.deprecated_group.add_argument(name, dest=dest, action=DeprecatedAlias, replacement=replacement,
-                                                  **kwargs)
+        return self.remember_alias(self.deprecated_group.add_argument(
+            name, dest=dest, action=DeprecatedAlias, replacement=replacement, **kwargs))
+
+    def remember_alias(self, action: argparse.Action) -> argparse.Action:
+        if action.default is argparse.SUPPRESS:  # the option it stands for gives the default
+            self.aliases_without_default.append(action)
+        return action
+
+    def set_defaults(self, **kwargs) -> None:
+        """As argparse's, but an alias keeps showing no default of its own in --help."""
+        super().set_defaults(**kwargs)
+        for action in self.aliases_without_default:
+            action.default = argparse.SUPPRESS
 
     def add_other_spellings(self) -> None:
         """Give every option all its spellings (idempotent; called before parsing and --help)."""
@@ -103,6 +116,8 @@ class MimArgumentParser(HfArgumentParser):
         return sorted({name for action in self._actions for name in action.option_strings if name.startswith("--")})
 
     def parse_known_args(self, args=None, namespace=None):
+        """As argparse's, except that an unknown option is an error (with the closest names): every script
+        parses its whole command line, so an option left over is always a mistake."""
         self.add_other_spellings()
         namespace, remaining = super().parse_known_args(args, namespace)
         unknown = [arg.split("=", 1)[0] for arg in remaining if arg.startswith("--")]

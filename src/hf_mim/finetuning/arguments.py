@@ -192,8 +192,7 @@ def parse_finetuning_args(argv: list[str] | None = None):
         if not given(argv, "model_name_or_path") and not given(argv, "config_name"):
             defaults.update(FROM_SCRATCH_DEFAULTS)
     parser.set_defaults(**defaults)
-    model_args, data_args, finetuning_args, training_args = parser.parse_args_into_dataclasses(
-        args=argv, look_for_args_file=False)
+    model_args, data_args, finetuning_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     explicit_blr = given(argv, "base_learning_rate") or given(argv, "blr")
     if given(argv, "learning_rate") and explicit_blr:
         raise ValueError("Give either --learning_rate (absolute) or --base_learning_rate (scaled by batch / 256), "

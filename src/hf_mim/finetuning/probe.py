@@ -248,7 +248,7 @@ def run_probe(model_args, data_args, probe_args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = MimArgumentParser((ModelArguments, DataArguments, ProbeArguments))
-    model_args, data_args, probe_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    model_args, data_args, probe_args = parser.parse_args_into_dataclasses(args=argv)
     return run_probe(model_args, data_args, probe_args)
 
 

@@ -10,7 +10,6 @@ import os
 import sys
 
 from ..cli import MimArgumentParser, append_help, option, peek_method
-from ..cli import DeprecatedAlias  # noqa: F401  (its home before hf_mim.cli)
 from .methods import METHODS, get_method
 from .options import LEADING_GROUPS, TRAINING_GROUPS, deprecated_aliases
 
@@ -136,6 +135,7 @@ def resolve_mixed_precision(args: argparse.Namespace) -> str | None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
+    """Checks across option groups (each group's dataclass checks its own fields)."""
     if args.streaming and not args.max_steps:
         raise ValueError("A streamed data set has no length: pass --max_steps.")
     if args.eval_strategy == "steps" and not args.eval_steps:
@@ -144,10 +144,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--push_to_hub needs --hub_model_id NAMESPACE/NAME.")
     if args.push_to_hub:
         check_hub_token(args.hub_token, args.hub_model_id)
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "logging_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     resolve_mixed_precision(args)
 
 

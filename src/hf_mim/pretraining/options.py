@@ -46,6 +46,13 @@ def json_dict(text: str) -> dict:
     return value
 
 
+def check_positive(options, names: tuple[str, ...]) -> None:
+    """Sizes that could never make a step fail at parsing, before any data is read."""
+    for name in names:
+        if getattr(options, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(options, name)}.")
+
+
 @dataclasses.dataclass
 class DataArguments(DataSourceArguments):
     _argument_group_name = "data (one source; none = the embedded handwritten digits)"
@@ -107,6 +114,9 @@ class OptimizationArguments:
     max_grad_norm: float | None = option(help="clip the gradient norm (0 = no clipping)")
     seed: int = option(42)
 
+    def __post_init__(self):
+        check_positive(self, ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"))
+
 
 @dataclasses.dataclass
 class SpeedArguments:
@@ -157,6 +167,9 @@ class EvaluationArguments:
                                                  "'none' (default: tensorboard when installed)")
     with_tracking: bool = option(False, help="= --report_to all")
     run_name: str | None = option(help="tracker run name (default: the output folder's name)")
+
+    def __post_init__(self):
+        check_positive(self, ("logging_steps",))
 
 
 @dataclasses.dataclass

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import AutoBackbone, AutoConfig, TrainingArguments, UperNetConfig, UperNetForSemanticSegmentation
+from transformers import (
+    AutoBackbone, AutoConfig, TrainingArguments, UperNetConfig, UperNetForSemanticSegmentation,
+)
 from transformers.trainer_utils import set_seed
 
 from ..cli import DATA_SOURCES, DataSourceArguments, MimArgumentParser, option
@@ -93,7 +95,7 @@ def parse_segmentation_args(argv: list[str] | None = None) -> tuple[Segmentation
     if not any(given(argv, name) for name in DATA_SOURCES):
         defaults.update(DEMO_DEFAULTS)
     parser.set_defaults(**defaults)
-    return tuple(parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False))
+    return tuple(parser.parse_args_into_dataclasses(args=argv))
 
 
 # ---------------------------------------------------------------------------------------------
