@@ -192,3 +192,11 @@ def test_values_with_their_own_parsing_function_are_checked_by_it(argv, message,
     with pytest.raises(SystemExit):
         parse_pretraining_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_a_method_registered_after_import_is_a_choice(monkeypatch):
+    """--method's choices are the registry's when the parser is built, not when the module was imported."""
+    from hf_mim.pretraining.methods import METHODS, get_method
+
+    monkeypatch.setitem(METHODS, "my_mae", get_method("mae"))
+    assert parse_pretraining_args(["--method", "my_mae"]).method == "my_mae"

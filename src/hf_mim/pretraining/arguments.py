@@ -51,8 +51,7 @@ GENERAL_DEFAULTS = {"num_train_epochs": 3.0, "eval_strategy": "no", "eval_on_sta
 @dataclasses.dataclass
 class MethodArguments:
     _argument_group_name = "method"
-    method: str = option("mae", help="the MIM method; `--method NAME --help` lists its own options",
-                         choices=sorted(METHODS))
+    method: str = option("mae", help="the MIM method; `--method NAME --help` lists its own options")
 
 
 def recipe_notes(method_cls) -> dict[str, str]:
@@ -70,13 +69,15 @@ def recipe_notes(method_cls) -> dict[str, str]:
             "model_type": f"--method {method_cls.name}: {method_cls.config_class.model_type}"}
 
 
-def script_parser(method_cls, method_arguments: type, **kwargs) -> MimArgumentParser:
-    """ONE parser for a training script: its `--method` (`method_arguments`), the shared option groups and the
-    method's own options dataclass (`options_class`), with the method's recipe in --help."""
+def script_parser(method_cls, method_arguments: type, methods, **kwargs) -> MimArgumentParser:
+    """ONE parser for a training script: its `--method` (`method_arguments`, choices: the registry `methods`
+    now), the shared option groups and the method's own options dataclass (`options_class`), with the
+    method's recipe in --help."""
     parser = MimArgumentParser(
         (method_arguments, *LEADING_GROUPS, method_cls.options_class, *TRAINING_GROUPS),
         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs,
     )
+    parser._option_string_actions["--method"].choices = sorted(methods)
     deprecated_aliases(parser)
     if "crop_min_scale" in method_cls.options_class.__dataclass_fields__:
         parser.add_deprecated_alias("--min_crop_scale", "crop_min_scale", type=float,
@@ -87,7 +88,7 @@ def script_parser(method_cls, method_arguments: type, **kwargs) -> MimArgumentPa
 
 def build_parser(method_name: str = "mae") -> MimArgumentParser:
     method_cls = get_method(method_name)
-    parser = script_parser(method_cls, MethodArguments, prog="pretrain.py", epilog=EPILOG,
+    parser = script_parser(method_cls, MethodArguments, METHODS, prog="pretrain.py", epilog=EPILOG,
                            description=f"{DESCRIPTION}\n--method {method_name}: {method_cls.summary}")
     parser.set_defaults(output_dir=f"outputs/pretrain-{method_name}")
     return parser

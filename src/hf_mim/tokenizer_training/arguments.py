@@ -63,8 +63,7 @@ HELP_OVERRIDES = {
 @dataclasses.dataclass
 class TokenizerMethodArguments:
     _argument_group_name = "method"
-    method: str = option("vqkd", help="the tokenizer; `--method NAME --help` lists its own options and recipe",
-                         choices=sorted(TOKENIZER_METHODS))
+    method: str = option("vqkd", help="the tokenizer; `--method NAME --help` lists its own options and recipe")
 
 
 def describe_defaults(method_cls) -> str:
@@ -76,8 +75,9 @@ def describe_defaults(method_cls) -> str:
 def build_parser(method_name: str = "vqkd") -> argparse.ArgumentParser:
     """pretrain.py's parser (the same options, groups and aliases) with the tokenizer's own options."""
     method_cls = get_tokenizer_method(method_name)
-    parser = script_parser(method_cls, TokenizerMethodArguments, prog="train_tokenizer.py", epilog=EPILOG,
-                           description=f"{DESCRIPTION}\n--method {method_name}: {describe_defaults(method_cls)}")
+    description = f"{DESCRIPTION}\n--method {method_name}: {describe_defaults(method_cls)}"
+    parser = script_parser(method_cls, TokenizerMethodArguments, TOKENIZER_METHODS, prog="train_tokenizer.py",
+                           description=description, epilog=EPILOG)
     parser.set_defaults(output_dir=f"outputs/tokenizer-{method_name}", logging_steps=1)
     for dest, text in HELP_OVERRIDES.items():
         set_help(parser, dest, text)
