@@ -249,6 +249,20 @@ def test_a_processor_saved_with_the_generators_names_loads_and_resaves_with_the_
                        current(images, seed=5, return_tensors="pt").bool_masked_pos)
 
 
+@pytest.mark.parametrize("kwargs,option", [
+    ({"num_mask_patches": 80}, "num_mask_patches=80"),
+    ({"num_masking_patches": 80}, "num_mask_patches=80"),  # the reference's name: the error names the one to pass
+    ({"num_mask_patches": 20, "min_mask_patches_per_block": 30}, "min_mask_patches_per_block=30"),
+    ({"num_mask_patches": 20, "min_num_patches": 9, "max_num_patches": 4}, "max_mask_patches_per_block=4"),
+])
+def test_a_mask_count_error_names_the_argument_users_pass(kwargs, option):
+    """One spelling: the processor's mask_generator_kwargs, pretrain.py's --num_mask_patches & co. and the errors."""
+    with pytest.raises(ValueError, match=option) as error:
+        MimImageProcessor(size={"height": 64, "width": 64}, patch_size=8, mask_generator="blockwise",
+                          mask_generator_kwargs=kwargs)
+    assert "num_masking_patches" not in str(error.value) and "num_patches=" not in str(error.value)
+
+
 def test_processor_saved_next_to_a_model(tmp_path):
     config = MaeConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                        image_size=32, patch_size=8, decoder_hidden_size=32, decoder_num_hidden_layers=1,

@@ -111,7 +111,7 @@ def test_random_generator_counts_match_random_masking(grid, ratio):
 def test_random_generator_is_uniform_and_seedable():
     generator = RandomMaskGenerator((6, 8), mask_ratio=0.75)
     masks = draw(generator, 3000).float()
-    rate = generator.num_masking_patches / generator.num_patches
+    rate = generator.num_mask_patches / generator.num_patches
     standard_error = math.sqrt(rate * (1 - rate) / 3000)
     assert (masks.mean(0) - rate).abs().max() < 5 * standard_error  # every position equally likely
     assert torch.equal(generator(seeded(1)), generator(seeded(1)))
@@ -164,7 +164,7 @@ def test_blockwise_first_block_shape_matches_the_sampling_integral(grid, min_sha
     """One block placed on an empty grid: its (height, width) distribution, by sampling vs by a
     2-D midpoint integral over area ~ U[min, budget] and log-aspect ~ U[log lo, log hi]."""
     budget, min_patches = 20, 4
-    generator = BlockwiseMaskGenerator(grid, num_masking_patches=budget, min_num_patches=min_patches)
+    generator = BlockwiseMaskGenerator(grid, num_mask_patches=budget, min_mask_patches_per_block=min_patches)
     # Integral: probability that one try yields (h, w) and is kept.
     steps = 1000
     areas = min_patches + (budget - min_patches) * (np.arange(steps) + 0.5) / steps
@@ -205,7 +205,7 @@ def test_blockwise_first_block_shape_matches_the_sampling_integral(grid, min_sha
 def test_blockwise_placement_is_uniform():
     # A target of exactly one 2x2 square: area 4, aspect 1 -> every mask is one square, placed at
     # one of the (3 - 2 + 1) * (5 - 2 + 1) = 8 positions with equal probability.
-    generator = BlockwiseMaskGenerator((3, 5), num_masking_patches=4, min_num_patches=4, min_aspect=1.0)
+    generator = BlockwiseMaskGenerator((3, 5), num_mask_patches=4, min_mask_patches_per_block=4, min_aspect=1.0)
     draws = 2400
     masks = draw(generator, draws).view(draws, 3, 5)
     counts = {}
@@ -220,15 +220,16 @@ def test_blockwise_placement_is_uniform():
 
 def test_blockwise_non_square_grid_and_scaling():
     generator = BlockwiseMaskGenerator.scaled((6, 20))  # 75 / 196 and 16 / 196 of 120 patches
-    assert (generator.num_masking_patches, generator.min_num_patches) == (round(75 * 120 / 196), round(16 * 120 / 196))
+    assert (generator.num_mask_patches, generator.min_mask_patches_per_block) == (round(75 * 120 / 196),
+                                                                            round(16 * 120 / 196))
     masks = draw(generator, 500)
     assert masks.shape == (500, 120)
-    assert masks.sum(1).max() <= generator.num_masking_patches
-    assert masks.sum(1).float().mean() > 0.9 * generator.num_masking_patches
+    assert masks.sum(1).max() <= generator.num_mask_patches
+    assert masks.sum(1).float().mean() > 0.9 * generator.num_mask_patches
     coverage = masks.float().mean(0).view(6, 20)
     assert coverage.min() > 0 and coverage.max() < 1
     # Row-major order: a mask reshaped to the grid is a union of rectangles; check with one block.
-    single = BlockwiseMaskGenerator((4, 6), num_masking_patches=6, min_num_patches=6, min_aspect=2 / 3,
+    single = BlockwiseMaskGenerator((4, 6), num_mask_patches=6, min_mask_patches_per_block=6, min_aspect=2 / 3,
                                     max_aspect=2 / 3)  # area 6, h = round(2) = 2, w = round(3) = 3
     mask = single(seeded(0)).view(4, 6)
     rows, cols = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
@@ -237,7 +238,7 @@ def test_blockwise_non_square_grid_and_scaling():
     assert repr(BlockwiseMaskGenerator.scaled(14)) == repr(BlockwiseMaskGenerator(14))
     built = build_mask_generator("blockwise", (8, 8), reference_grid=(14, 14))
     assert repr(built) == repr(BlockwiseMaskGenerator.scaled((8, 8)))
-    assert (built.num_masking_patches, built.min_num_patches) == (24, 5)
+    assert (built.num_mask_patches, built.min_mask_patches_per_block) == (24, 5)
 
 
 def test_exact_blockwise_masks_exactly_the_target_as_beit2():
@@ -261,7 +262,7 @@ def test_exact_blockwise_masks_exactly_the_target_as_beit2():
 
 def test_exact_blockwise_is_reproducible_and_scales():
     generator = ExactBlockwiseMaskGenerator.scaled((8, 12))
-    assert generator.num_masking_patches == 37  # 75 * 96 / 196
+    assert generator.num_mask_patches == 37  # 75 * 96 / 196
     assert torch.equal(draw(generator, 20, seed=1), draw(generator, 20, seed=1))
     assert (draw(generator, 200).sum(1) == 37).all()
 
@@ -280,13 +281,13 @@ def test_blockwise_is_reproducible_under_a_generator():
     "kwargs,message",
     [
         (dict(grid_size=(1, 9)), "at least 2x2"),
-        (dict(grid_size=(8, 8), num_masking_patches=75), "reference_grid=.14, 14."),
-        (dict(grid_size=14, num_masking_patches=0), "between 1 and the 196"),
-        (dict(grid_size=14, min_num_patches=80), "min_num_patches=80"),
-        (dict(grid_size=14, max_num_patches=8), "below min_num_patches"),
+        (dict(grid_size=(8, 8), num_mask_patches=75), "reference_grid=.14, 14."),
+        (dict(grid_size=14, num_mask_patches=0), "between 1 and the 196"),
+        (dict(grid_size=14, min_mask_patches_per_block=80), "min_mask_patches_per_block=80"),
+        (dict(grid_size=14, max_mask_patches_per_block=8), "below min_mask_patches_per_block"),
         (dict(grid_size=14, min_aspect=0.0), "0 < min_aspect"),
         (dict(grid_size=14, min_aspect=2.0, max_aspect=1.0), "0 < min_aspect"),
-        (dict(grid_size=(4, 4), num_masking_patches=16, min_num_patches=16), "nothing would ever be masked"),
+        (dict(grid_size=(4, 4), num_mask_patches=16, min_mask_patches_per_block=16), "nothing would ever be masked"),
     ],
 )
 def test_blockwise_errors(kwargs, message):
@@ -299,7 +300,7 @@ def test_build_mask_generator():
     assert isinstance(build_mask_generator("random", 14, mask_ratio=0.5), RandomMaskGenerator)
     assert type(build_mask_generator("blockwise", 14)) is BlockwiseMaskGenerator
     exact = build_mask_generator("blockwise_exact", 8, reference_grid=14)  # 75 and 16 of 14x14 scaled to 8x8
-    assert type(exact) is ExactBlockwiseMaskGenerator and exact.num_masking_patches == 24
+    assert type(exact) is ExactBlockwiseMaskGenerator and exact.num_mask_patches == 24
     with pytest.raises(ValueError, match=r"Unknown mask generator 'block'; choose one of \['blockwise', "
                        r"'blockwise_exact', 'random'\]"):
         build_mask_generator("block", 14)
@@ -310,13 +311,14 @@ def test_build_mask_generator():
 
 
 def test_build_mask_generator_takes_the_scripts_names_and_the_old_ones():
-    """`--num_mask_patches` & co. are the one spelling users see; the generators' own names still build
-    the same generator (processors saved before), and both at once are refused rather than one dropped."""
+    """`--num_mask_patches` & co. are the one spelling (scripts, processors, generators); the reference's names
+    still build the same generator (processors saved before), and both at once are refused rather than one dropped."""
     script = dict(num_mask_patches=20, min_mask_patches_per_block=6, max_mask_patches_per_block=12)
     old = dict(num_masking_patches=20, min_num_patches=6, max_num_patches=12)
     for kwargs in (script, old):
         generator = build_mask_generator("blockwise_exact", 8, **kwargs)
-        assert (generator.num_masking_patches, generator.min_num_patches, generator.max_num_patches) == (20, 6, 12)
+        counts = generator.num_mask_patches, generator.min_mask_patches_per_block, generator.max_mask_patches_per_block
+        assert counts == (20, 6, 12)
         assert int(generator(torch.Generator().manual_seed(0)).sum()) == 20
     assert torch.equal(build_mask_generator("blockwise", 8, **script)(torch.Generator().manual_seed(1)),
                        build_mask_generator("blockwise", 8, **old)(torch.Generator().manual_seed(1)))

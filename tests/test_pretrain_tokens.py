@@ -281,6 +281,19 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path, method):
         main(run_args(method, tmp_path / "out", None, "--max_steps", "1"))
 
 
+@pytest.mark.parametrize("method", ["beit", "beitv2"])
+@pytest.mark.parametrize("counts, message", [
+    (["--num_mask_patches", "65"], r"num_mask_patches=65 must be between 1 and the 64 patches of the 8x8 grid"),
+    (["--num_mask_patches", "20", "--min_mask_patches_per_block", "21"], r"min_mask_patches_per_block=21 must be"),
+])
+def test_a_mask_count_error_names_the_option_before_training(tmp_path, tokenizers, method, counts, message):
+    """The blockwise generator's errors name the script's options (one spelling), before any step is taken."""
+    tokenizer = tokenizers["dvae" if method == "beit" else "vqkd"]
+    with pytest.raises(ValueError, match=message):
+        main(run_args(method, tmp_path / "out", tokenizer, "--max_steps", "1", *counts))
+    assert not (tmp_path / "out" / "log.jsonl").exists()
+
+
 @pytest.mark.parametrize("case, message", [
     ("grid", r"4x4 token grid, but the model has a 8x8 patch grid"),
     ("vocab_override", r"vocab_size=64 conflicts with the 32 codes"),

@@ -150,7 +150,7 @@ def test_selection_count_matches_the_random_mask_generator():
     for ratio in (0.5, 0.3, 0.75):
         generator = RandomMaskGenerator((5, 5), ratio)
         drawn = random_patch_selection(4, 25, ratio, torch.Generator().manual_seed(0))
-        assert torch.all(drawn.sum(1) == generator.num_masking_patches)
+        assert torch.all(drawn.sum(1) == generator.num_mask_patches)
 
 
 # ---------------------------------------------------------------------------------------------

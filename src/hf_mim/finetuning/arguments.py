@@ -11,34 +11,20 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
+from ..cli import DATA_SOURCES, DataSourceArguments, MimArgumentParser, given, option
 from ..pretraining import data_loading
-from ..pretraining.arguments import DeprecatedAlias
-from ..pretraining.methods import option
 from .ema import DEFAULT_DECAY, check_decay
 
 
 @dataclass
-class DataArguments:
+class DataArguments(DataSourceArguments):
     """One data source (none: scikit-learn's handwritten digits, embedded, offline)."""
 
-    dataset_name: str | None = option(help="a Hub data set id, e.g. ILSVRC/imagenet-1k")
-    dataset_config_name: str | None = option(help="the data set's configuration")
-    train_dir: str | None = option(help="image folder for training (class sub-folders give the labels)")
-    validation_dir: str | None = option(help="image folder for evaluation")
-    train_file: str | None = option(help="parquet file(s) for training; globs allowed ('data/train-*.parquet')")
-    validation_file: str | None = option(help="parquet file(s) for evaluation; globs allowed")
-    image_column_name: str | None = option(help="the image column (default: 'image', else 'img')")
+    _help_overrides = {"train_dir": "image folder for training (class sub-folders give the labels)"}
     label_column_name: str | None = option(help="the column of integer class ids (default: 'label')")
-    train_val_split: float = option(0.15, help="held-out fraction of train when there is no validation split")
-    max_train_samples: int | None = option(help="use only this many training images (seeded choice)")
-    max_eval_samples: int | None = option(help="use only this many evaluation images")
-
-    @property
-    def is_demo(self) -> bool:
-        return not any((self.dataset_name, self.train_dir, self.validation_dir, self.train_file, self.validation_file))
 
 
 @dataclass
@@ -100,7 +86,6 @@ class FinetuningArguments:
 DEMO_DATA_DEFAULTS = {"aa": "none", "reprob": 0.0, "hflip": 0.0, "crop_min_scale": 0.35, "crop_pct": 1.0,
                       "num_train_epochs": 5.0, "base_learning_rate": 8e-3}
 FROM_SCRATCH_DEFAULTS = {"layer_decay": 1.0, "drop_path": 0.0, "num_train_epochs": 15.0, "base_learning_rate": 4e-3}
-DATA_SOURCES = ("dataset_name", "train_dir", "validation_dir", "train_file", "validation_file")
 DEFAULT_BASE_LEARNING_RATE = 1e-3  # MAE's main_finetune.py default (BEiT: 4e-3 at batch 1024, the same)
 TRAINING_DEFAULTS = {
     "output_dir": "outputs/finetune", "per_device_train_batch_size": 64, "per_device_eval_batch_size": 64,
@@ -119,11 +104,6 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
 
 
-def given(argv: list[str], name: str) -> bool:
-    """Whether `--name` is on the command line (to tell an explicit value from a default)."""
-    return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
-
-
 class CheckpointingSteps(argparse.Action):
     """accelerate-script style `--checkpointing_steps N | epoch | no` -> save_strategy (+ save_steps)."""
 
@@ -137,11 +117,25 @@ class CheckpointingSteps(argparse.Action):
             parser.error(f"{option_string} takes a number of optimizer steps, 'epoch' or 'no', got {values!r}.")
 
 
-def add_aliases(parser: argparse.ArgumentParser) -> None:
+class MixedPrecision(argparse.Action):
+    """pretrain.py's (and accelerate's) `--mixed_precision no | fp16 | bf16` -> --bf16 / --fp16."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.bf16, namespace.fp16 = values == "bf16", values == "fp16"
+
+
+def add_aliases(parser: MimArgumentParser) -> None:
     """Names of transformers 4 / accelerate / timm scripts, mapped onto TrainingArguments fields."""
     # The accelerate (no_trainer) scripts' names: synonyms, without a warning, as in pretrain.py.
-    parser.add_argument("--max_train_steps", dest="max_steps", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--num_warmup_steps", dest="warmup_steps", type=float, help=argparse.SUPPRESS)
+    parser.add_alias(["--max_train_steps"], "max_steps", type=int, help="alias of --max_steps (accelerate's scripts)")
+    parser.add_alias(["--num_warmup_steps"], "warmup_steps", type=float,
+                     help="alias of --warmup_steps (accelerate's scripts)")
+    # pretrain.py's names for the same settings: one spelling in every script.
+    parser.add_alias(["--with_tracking"], "report_to", action="store_const", const="all",
+                     help="= --report_to all (accelerate's scripts, pretrain.py)")
+    parser.add_argument("--mixed_precision", action=MixedPrecision, choices=["no", "fp16", "bf16"],
+                        dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                        help="= --bf16 / --fp16 (accelerate's name, pretrain.py)")
     parser.add_argument("--checkpointing_steps", action=CheckpointingSteps, metavar="{N,epoch,no}",
                         dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
                         help="save a checkpoint-<step> every N optimizer steps, at each epoch's end, or never "
@@ -151,11 +145,10 @@ def add_aliases(parser: argparse.ArgumentParser) -> None:
         ("--evaluation_strategy", "eval_strategy", str, "use --eval_strategy"),
         ("--push_to_hub_model_id", "hub_model_id", str, "use --hub_model_id"),
     ):
-        parser.add_argument(old, dest=dest, type=kind, action=DeprecatedAlias, replacement=replacement,
-                            help=argparse.SUPPRESS)
-    parser.add_argument("--overwrite_output_dir", dest="resume_from_checkpoint", action=DeprecatedAlias, nargs=0,
-                        const="none", replacement="use --resume_from_checkpoint none to start afresh",
-                        help=argparse.SUPPRESS)
+        parser.add_deprecated_alias(old, dest, type=kind, replacement=replacement, default=argparse.SUPPRESS)
+    parser.add_deprecated_alias("--overwrite_output_dir", "resume_from_checkpoint", nargs=0, const="none",
+                                replacement="use --resume_from_checkpoint none to start afresh",
+                                default=argparse.SUPPRESS)
 
 
 def check_model_ema(argv: list[str], finetuning_args: FinetuningArguments) -> None:
@@ -189,7 +182,7 @@ def parse_finetuning_args(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, FinetuningArguments, TrainingArguments) with the fine-tuning
     defaults, the demo's where it applies, and no boilerplate flags needed."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments, TrainingArguments))
+    parser = MimArgumentParser((ModelArguments, DataArguments, FinetuningArguments, TrainingArguments))
     add_aliases(parser)
     defaults = {**TRAINING_DEFAULTS, "use_cpu": not has_accelerator(), "dataloader_num_workers": default_num_workers()}
     if any(arg in ("-h", "--help") for arg in argv):  # the defaults of a run on your data, and the demo's beside them
@@ -216,4 +209,5 @@ def parse_finetuning_args(argv: list[str] | None = None):
     return model_args, data_args, finetuning_args, training_args
 
 
-__all__ = ["DataArguments", "FinetuningArguments", "ModelArguments", "default_num_workers", "parse_finetuning_args"]
+__all__ = ["DataArguments", "FinetuningArguments", "ModelArguments", "add_aliases", "default_num_workers", "given",
+           "parse_finetuning_args"]

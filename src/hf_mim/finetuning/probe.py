@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, HfArgumentParser, set_seed
+from transformers import AutoModel, set_seed
 
+from ..cli import MimArgumentParser
 from ..data import ImageExamples, load_image_datasets
 from .arguments import DataArguments, ModelArguments, default_num_workers
 from .classifier import read_labels
@@ -246,7 +247,7 @@ def run_probe(model_args, data_args, probe_args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, ProbeArguments))
+    parser = MimArgumentParser((ModelArguments, DataArguments, ProbeArguments))
     model_args, data_args, probe_args = parser.parse_args_into_dataclasses(args=argv)
     return run_probe(model_args, data_args, probe_args)
 

@@ -53,7 +53,7 @@ class MimImageProcessorKwargs(ImagesKwargs, total=False):
         Arguments of the mask generator: `mask_ratio` for "random"; `num_mask_patches`,
         `min_mask_patches_per_block`, `max_mask_patches_per_block` (the pre-training script's names),
         `min_aspect`, `max_aspect` (and `reference_grid` to scale the counts from that grid to the
-        image's) for the blockwise ones. The generators' own names (`num_masking_patches`,
+        image's) for the blockwise ones. The reference's names (`num_masking_patches`,
         `min_num_patches`, `max_num_patches`, in processors saved before) are read as these.
     generator (`torch.Generator`, *optional*, call only):
         Random generator for the masks.

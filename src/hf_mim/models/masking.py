@@ -70,15 +70,15 @@ def _grid_pair(grid_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 class RandomMaskGenerator:
-    """MAE's masking as a generator: each call hides `num_masking_patches = L - int(L * (1 - mask_ratio))`
+    """MAE's masking as a generator: each call hides `num_mask_patches = L - int(L * (1 - mask_ratio))`
     patches chosen uniformly at random, the count `random_masking` removes for the same ratio."""
 
     def __init__(self, grid_size: int | Sequence[int], mask_ratio: float = 0.75):
         self.grid_size = _grid_pair(grid_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.mask_ratio = check_mask_ratio(mask_ratio)
-        self.num_masking_patches = self.num_patches - int(self.num_patches * (1 - self.mask_ratio))
-        if self.num_masking_patches >= self.num_patches:
+        self.num_mask_patches = self.num_patches - int(self.num_patches * (1 - self.mask_ratio))
+        if self.num_mask_patches >= self.num_patches:
             raise ValueError(
                 f"mask_ratio={mask_ratio} keeps no patch of the {self.grid_size[0]}x{self.grid_size[1]} grid; lower it."
             )
@@ -109,15 +109,17 @@ class _Uniforms:
 class BlockwiseMaskGenerator:
     """BEiT's blockwise masking (Bao et al., 2022) on any rows x cols grid.
 
-    Rectangular blocks are added until `num_masking_patches` (an ABSOLUTE count: 75 of 14x14 in
-    BEiT) are masked. For each block, up to 10 tries: area ~ U[min_num_patches, budget] with
-    budget = min(remaining, max_num_patches), aspect ratio log-uniform in [min_aspect, max_aspect]
+    Rectangular blocks are added until `num_mask_patches` (an ABSOLUTE count: 75 of 14x14 in
+    BEiT) are masked. For each block, up to 10 tries: area ~ U[min_mask_patches_per_block, budget] with
+    budget = min(remaining, max_mask_patches_per_block), aspect ratio log-uniform in [min_aspect, max_aspect]
     (max_aspect defaults to 1 / min_aspect), height = round(sqrt(area * aspect)), width =
     round(sqrt(area / aspect)); as in the reference, a block must be strictly smaller than the grid
     in both directions, and is kept only if it adds between 1 and `budget` new patches. Masking
     stops when a block's 10 tries all fail, so the count can end below the target (mean 74.5 for
     75 of 14x14): gather masked tokens with a boolean index, never a reshape.
-    Use :meth:`scaled` to carry BEiT's counts over to another grid in proportion.
+    Use :meth:`scaled` to carry BEiT's counts over to another grid in proportion. The counts have the
+    names of the scripts' options (`--num_mask_patches`, ...; the reference's: OLD_NAMES), so that an
+    error names what a user can pass.
     """
 
     tries_per_block = 10
@@ -125,9 +127,9 @@ class BlockwiseMaskGenerator:
     def __init__(
         self,
         grid_size: int | Sequence[int],
-        num_masking_patches: int = 75,
-        min_num_patches: int = 16,
-        max_num_patches: int | None = None,
+        num_mask_patches: int = 75,
+        min_mask_patches_per_block: int = 16,
+        max_mask_patches_per_block: int | None = None,
         min_aspect: float = 0.3,
         max_aspect: float | None = None,
     ):
@@ -138,45 +140,48 @@ class BlockwiseMaskGenerator:
                 f"Blockwise masking needs a grid of at least 2x2 patches (blocks are strictly smaller than the "
                 f"grid), got {rows}x{cols}. Use the 'random' mask generator for this grid."
             )
-        if not 1 <= num_masking_patches <= self.num_patches:
+        if not 1 <= num_mask_patches <= self.num_patches:
             raise ValueError(
-                f"num_masking_patches={num_masking_patches} must be between 1 and the {self.num_patches} patches of "
+                f"num_mask_patches={num_mask_patches} must be between 1 and the {self.num_patches} patches of "
                 f"the {rows}x{cols} grid. BEiT masks 75 of 14x14: to scale that to this grid, use "
                 f"BlockwiseMaskGenerator.scaled(grid_size), or pass reference_grid=(14, 14) to "
                 f"build_mask_generator (the image processor's mask_generator_kwargs)."
             )
-        if not 1 <= min_num_patches <= num_masking_patches:
+        if not 1 <= min_mask_patches_per_block <= num_mask_patches:
             raise ValueError(
-                f"min_num_patches={min_num_patches} must be between 1 and num_masking_patches={num_masking_patches}."
+                f"min_mask_patches_per_block={min_mask_patches_per_block} must be between 1 and "
+                f"num_mask_patches={num_mask_patches}."
             )
-        if max_num_patches is not None and max_num_patches < min_num_patches:
+        if max_mask_patches_per_block is not None and max_mask_patches_per_block < min_mask_patches_per_block:
             raise ValueError(
-                f"max_num_patches={max_num_patches} is below min_num_patches={min_num_patches}; raise it or pass None."
+                f"max_mask_patches_per_block={max_mask_patches_per_block} is below "
+                f"min_mask_patches_per_block={min_mask_patches_per_block}; raise it or pass None."
             )
         max_aspect = 1.0 / min_aspect if max_aspect is None and min_aspect > 0 else max_aspect
         if not 0 < min_aspect <= max_aspect:
             raise ValueError(
                 f"Need 0 < min_aspect <= max_aspect, got min_aspect={min_aspect}, max_aspect={max_aspect}."
             )
-        self.num_masking_patches = int(num_masking_patches)
-        self.min_num_patches = int(min_num_patches)
-        self.max_num_patches = self.num_masking_patches if max_num_patches is None else int(max_num_patches)
+        self.num_mask_patches = int(num_mask_patches)
+        self.min_mask_patches_per_block = int(min_mask_patches_per_block)
+        self.max_mask_patches_per_block = (self.num_mask_patches if max_mask_patches_per_block is None
+                                           else int(max_mask_patches_per_block))
         self.min_aspect, self.max_aspect = float(min_aspect), float(max_aspect)
         self.log_aspect = (math.log(self.min_aspect), math.log(self.max_aspect))
         self._check_a_block_fits()
 
     def _check_a_block_fits(self) -> None:
         """Fail early when no first block can ever be placed: the generator would silently mask nothing."""
-        (rows, cols), budget = self.grid_size, min(self.num_masking_patches, self.max_num_patches)
-        areas = np.linspace(self.min_num_patches, budget, 257)[:, None]  # [257, 1]
+        (rows, cols), budget = self.grid_size, min(self.num_mask_patches, self.max_mask_patches_per_block)
+        areas = np.linspace(self.min_mask_patches_per_block, budget, 257)[:, None]  # [257, 1]
         aspects = np.exp(np.linspace(*self.log_aspect, 257))[None, :]  # [1, 257]
         heights, widths = np.round(np.sqrt(areas * aspects)), np.round(np.sqrt(areas / aspects))  # [257, 257]
         fits = (heights >= 1) & (widths >= 1) & (heights < rows) & (widths < cols) & (heights * widths <= budget)
         if not fits.any():
             raise ValueError(
-                f"No block of {self.min_num_patches} to {budget} patches with an aspect ratio in "
+                f"No block of {self.min_mask_patches_per_block} to {budget} patches with an aspect ratio in "
                 f"[{self.min_aspect:.3g}, {self.max_aspect:.3g}] fits strictly inside the {rows}x{cols} grid, so "
-                f"nothing would ever be masked. Lower min_num_patches (reference_grid=(14, 14) scales "
+                f"nothing would ever be masked. Lower min_mask_patches_per_block (reference_grid=(14, 14) scales "
                 f"BEiT's counts to the grid) or widen the aspect range."
             )
 
@@ -185,9 +190,9 @@ class BlockwiseMaskGenerator:
         cls,
         grid_size: int | Sequence[int],
         reference_grid: int | Sequence[int] = (14, 14),
-        num_masking_patches: int = 75,
-        min_num_patches: int = 16,
-        max_num_patches: int | None = None,
+        num_mask_patches: int = 75,
+        min_mask_patches_per_block: int = 16,
+        max_mask_patches_per_block: int | None = None,
         min_aspect: float = 0.3,
         max_aspect: float | None = None,
     ) -> BlockwiseMaskGenerator:
@@ -201,16 +206,16 @@ class BlockwiseMaskGenerator:
             return max(1, round(count * scale))
 
         return cls(
-            (rows, cols), rescale(num_masking_patches), rescale(min_num_patches),
-            None if max_num_patches is None else rescale(max_num_patches), min_aspect, max_aspect,
+            (rows, cols), rescale(num_mask_patches), rescale(min_mask_patches_per_block),
+            None if max_mask_patches_per_block is None else rescale(max_mask_patches_per_block), min_aspect, max_aspect,
         )
 
     def __call__(self, generator: torch.Generator | None = None) -> torch.Tensor:
         uniforms = _Uniforms(generator)
         mask = np.zeros(self.grid_size, dtype=bool)  # [rows, cols]
         count = 0
-        while count < self.num_masking_patches:
-            budget = min(self.num_masking_patches - count, self.max_num_patches)
+        while count < self.num_mask_patches:
+            budget = min(self.num_mask_patches - count, self.max_mask_patches_per_block)
             added = self._add_block(mask, budget, uniforms)
             if added == 0:
                 break
@@ -222,7 +227,7 @@ class BlockwiseMaskGenerator:
         rows, cols = self.grid_size
         for _ in range(self.tries_per_block):
             u_area, u_aspect, u_top, u_left = uniforms.take(4)
-            area = self.min_num_patches + (budget - self.min_num_patches) * u_area
+            area = self.min_mask_patches_per_block + (budget - self.min_mask_patches_per_block) * u_area
             aspect = math.exp(self.log_aspect[0] + (self.log_aspect[1] - self.log_aspect[0]) * u_aspect)
             height, width = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
             if height >= rows or width >= cols:
@@ -238,20 +243,21 @@ class BlockwiseMaskGenerator:
 
     def __repr__(self) -> str:
         return (
-            f"BlockwiseMaskGenerator(grid_size={self.grid_size}, num_masking_patches={self.num_masking_patches}, "
-            f"min_num_patches={self.min_num_patches}, max_num_patches={self.max_num_patches}, "
+            f"BlockwiseMaskGenerator(grid_size={self.grid_size}, num_mask_patches={self.num_mask_patches}, "
+            f"min_mask_patches_per_block={self.min_mask_patches_per_block}, "
+            f"max_mask_patches_per_block={self.max_mask_patches_per_block}, "
             f"min_aspect={self.min_aspect}, max_aspect={self.max_aspect})"
         )
 
 
 class ExactBlockwiseMaskGenerator(BlockwiseMaskGenerator):
     """BEiT v2's masking (beit2's ``masking_generator.py``): BEiT's blockwise masking, then the count is
-    made exactly `num_masking_patches` by masking uniformly chosen unmasked patches (or, should the
+    made exactly `num_mask_patches` by masking uniformly chosen unmasked patches (or, should the
     blocks overshoot, unmasking uniformly chosen masked ones). Every mask then has the same count."""
 
     def __call__(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        mask = super().__call__(generator)  # [N], count <= num_masking_patches
-        missing = self.num_masking_patches - int(mask.sum())
+        mask = super().__call__(generator)  # [N], count <= num_mask_patches
+        missing = self.num_mask_patches - int(mask.sum())
         if missing == 0:
             return mask
         # One uniform subset of the patches to flip: masking the missing ones, or unmasking the surplus.
@@ -275,30 +281,29 @@ def mask_generator_class(name: str) -> type:
     return MASK_GENERATORS[name]
 
 
-# The scripts' names (`--num_mask_patches`, as BEiT's run_beit_pretraining.py) -> the blockwise generators'
-# parameters (as BEiT's MaskingGenerator). Users write the first, in scripts and image processors alike;
-# processors saved before they were accepted carry the second, which still load.
-SCRIPT_NAMES = {"num_mask_patches": "num_masking_patches", "min_mask_patches_per_block": "min_num_patches",
-                "max_mask_patches_per_block": "max_num_patches"}
-GENERATOR_NAMES = {parameter: script for script, parameter in SCRIPT_NAMES.items()}  # the other way round
+# The reference generator's names (BEiT's MaskingGenerator), which image processors saved before the
+# scripts' spelling carry: they still load, read as the scripts' names.
+OLD_NAMES = {"num_masking_patches": "num_mask_patches", "min_num_patches": "min_mask_patches_per_block",
+             "max_num_patches": "max_mask_patches_per_block"}
 
 
 def script_spelling(kwargs: dict) -> dict:
     """Mask generator arguments with the scripts' names (`num_mask_patches`, ...); either spelling in,
     one out. Both spellings of one argument are refused: one of them would be silently dropped."""
-    both = sorted(script for script, parameter in SCRIPT_NAMES.items() if script in kwargs and parameter in kwargs)
+    both = sorted(new for old, new in OLD_NAMES.items() if old in kwargs and new in kwargs)
     if both:
+        old_names = {new: old for old, new in OLD_NAMES.items()}
         raise ValueError(f"Mask generator arguments {both} are also given under their old names "
-                         f"{[SCRIPT_NAMES[name] for name in both]}: pass each once.")
-    return {GENERATOR_NAMES.get(key, key): value for key, value in kwargs.items()}
+                         f"{[old_names[name] for name in both]}: pass each once.")
+    return {OLD_NAMES.get(key, key): value for key, value in kwargs.items()}
 
 
 def build_mask_generator(name: str, grid_size: int | Sequence[int], **kwargs):
     """`build_mask_generator("blockwise", (14, 14), num_mask_patches=75)`. For "blockwise" (BEiT) and
     "blockwise_exact" (BEiT v2), passing `reference_grid` means the counts are given for that grid and
     are scaled to `grid_size`. The counts take the scripts' names (`num_mask_patches`,
-    `min_mask_patches_per_block`, `max_mask_patches_per_block`) or the generators' own (SCRIPT_NAMES)."""
-    kwargs = {SCRIPT_NAMES.get(key, key): value for key, value in script_spelling(kwargs).items()}
+    `min_mask_patches_per_block`, `max_mask_patches_per_block`) or the reference's (OLD_NAMES)."""
+    kwargs = script_spelling(kwargs)
     cls = mask_generator_class(name)
     blockwise = issubclass(cls, BlockwiseMaskGenerator)
     factory = cls.scaled if blockwise and "reference_grid" in kwargs else cls
@@ -307,8 +312,7 @@ def build_mask_generator(name: str, grid_size: int | Sequence[int], **kwargs):
         accepted.append("reference_grid")
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        shown = [GENERATOR_NAMES.get(key, key) for key in unknown], [GENERATOR_NAMES.get(key, key) for key in accepted]
-        raise ValueError(f"Mask generator {name!r} does not take {shown[0]}; it accepts {shown[1]}.")
+        raise ValueError(f"Mask generator {name!r} does not take {unknown}; it accepts {accepted}.")
     return factory(grid_size, **kwargs)
 
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from transformers import (
-    AutoBackbone, AutoConfig, HfArgumentParser, TrainingArguments, UperNetConfig, UperNetForSemanticSegmentation,
+    AutoBackbone, AutoConfig, TrainingArguments, UperNetConfig, UperNetForSemanticSegmentation,
 )
 from transformers.trainer_utils import set_seed
 
-from ..finetuning.arguments import default_num_workers, given, has_accelerator
-from ..pretraining.methods import option
+from ..cli import DATA_SOURCES, DataSourceArguments, MimArgumentParser, option
+from ..finetuning.arguments import add_aliases, default_num_workers, given, has_accelerator
 from ..finetuning.classifier import FINETUNING_CONFIG, change_image_size, check_image_size
 from ..finetuning.run import check_can_push, data_seed, resume_checkpoint, scratch_config, setup_logging
 from ..finetuning.trainer import FinetuningTrainer
@@ -39,26 +39,25 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SegmentationArguments:
-    """Model, data and recipe of a segmentation run (every TrainingArguments flag works too)."""
+class SegmentationArguments(DataSourceArguments):
+    """Data (the options every script shares), model and recipe of a segmentation run (every TrainingArguments
+    flag works too)."""
 
+    _help_overrides = {
+        "dataset_name": "Hub data set id with image and mask columns (e.g. scene_parse_150)",
+        "train_dir": "folder with images/ and masks/ (same file names) for training",
+        "validation_dir": "the same layout for evaluation",
+        "train_file": "parquet file(s) with image and mask columns; globs allowed",
+        "image_column_name": "image column (default: image, pixel_values, img)",
+        "max_train_samples": "use only this many training images",
+    }
     model_name_or_path: str | None = option(
         help="hf_mim checkpoint for the backbone (pre-training or fine-tuning; folder or Hub id). None: a tiny "
              "randomly initialised MAE encoder (--config_name to choose another)")
     config_name: str | None = option(help="backbone from scratch: a pre-training preset (mae-demo, mae-base, ...)")
-    dataset_name: str | None = option(help="Hub data set id with image and mask columns (e.g. scene_parse_150)")
-    dataset_config_name: str | None = option(help="the data set's configuration")
-    train_dir: str | None = option(help="folder with images/ and masks/ (same file names) for training")
-    validation_dir: str | None = option(help="the same layout for evaluation")
-    train_file: str | None = option(help="parquet file(s) with image and mask columns; globs allowed")
-    validation_file: str | None = option(help="parquet file(s) for evaluation")
-    image_column_name: str | None = option(help="image column (default: image, pixel_values, img)")
     mask_column_name: str | None = option(help="mask column (default: label, mask, annotation, ...)")
     num_labels: int | None = option(help="number of classes (needed unless the data names them)")
     ignore_index: int = option(255, help="mask value of unlabelled pixels (left out of loss and mIoU)")
-    train_val_split: float = option(0.15, help="held-out fraction of train when there is no validation split")
-    max_train_samples: int | None = option(help="use only this many training images")
-    max_eval_samples: int | None = option(help="use only this many evaluation images")
     num_scenes: int = option(600, help="digit scenes to generate (default data only)")
     scene_labels: str = option("digits", help="digit scenes' classes: digits (background + one per digit) or ink "
                                               "(background / any digit)")
@@ -75,10 +74,6 @@ class SegmentationArguments:
     def hub_kwargs(self) -> dict:  # what finetuning.run.scratch_config passes to AutoConfig
         return {}
 
-    @property
-    def is_demo(self) -> bool:
-        return not any((self.dataset_name, self.train_dir, self.validation_dir, self.train_file, self.validation_file))
-
 
 TRAINING_DEFAULTS = {
     "output_dir": "outputs/segment", "per_device_train_batch_size": 16, "per_device_eval_batch_size": 16,
@@ -94,10 +89,10 @@ DEMO_DEFAULTS = {"num_train_epochs": 8.0, "learning_rate": 1e-3, "per_device_tra
 
 def parse_segmentation_args(argv: list[str] | None = None) -> tuple[SegmentationArguments, TrainingArguments]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((SegmentationArguments, TrainingArguments))
+    parser = MimArgumentParser((SegmentationArguments, TrainingArguments))
+    add_aliases(parser)  # the same names as finetune.py (--max_train_steps, --checkpointing_steps, ...)
     defaults = {**TRAINING_DEFAULTS, "use_cpu": not has_accelerator(), "dataloader_num_workers": default_num_workers()}
-    if not any(given(argv, name) for name in ("dataset_name", "train_dir", "validation_dir", "train_file",
-                                                "validation_file")):
+    if not any(given(argv, name) for name in DATA_SOURCES):
         defaults.update(DEMO_DEFAULTS)
     parser.set_defaults(**defaults)
     return tuple(parser.parse_args_into_dataclasses(args=argv))

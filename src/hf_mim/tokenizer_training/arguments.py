@@ -4,13 +4,11 @@ groups, same deprecated aliases) plus each tokenizer's own, with the tokenizers'
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 
-from transformers import HfArgumentParser
-
-from ..pretraining.arguments import (
-    add_checkpoint_arguments, add_data_arguments, add_evaluation_arguments, add_hub_arguments, add_method_options,
-    add_model_arguments, add_optimization_arguments, add_speed_arguments, check_arguments, fill_defaults, is_demo,
-)
+from ..cli import option, peek_method, set_help
+from ..pretraining.arguments import check_arguments, fill_defaults, is_demo, parse_into_namespace, script_parser
 from .methods import TOKENIZER_METHODS, get_tokenizer_method
 
 DESCRIPTION = """\
@@ -62,10 +60,10 @@ HELP_OVERRIDES = {
 }
 
 
-def set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
-    for action in parser._actions:
-        if action.dest == dest and action.help is not argparse.SUPPRESS:
-            action.help = text
+@dataclasses.dataclass
+class TokenizerMethodArguments:
+    _argument_group_name = "method"
+    method: str = option("vqkd", help="the tokenizer; `--method NAME --help` lists its own options and recipe")
 
 
 def describe_defaults(method_cls) -> str:
@@ -75,22 +73,11 @@ def describe_defaults(method_cls) -> str:
 
 
 def build_parser(method_name: str = "vqkd") -> argparse.ArgumentParser:
+    """pretrain.py's parser (the same options, groups and aliases) with the tokenizer's own options."""
     method_cls = get_tokenizer_method(method_name)
-    parser = HfArgumentParser(
-        [], prog="train_tokenizer.py", description=DESCRIPTION + "\n--method " + method_name + ": " +
-        describe_defaults(method_cls), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument_group("method").add_argument(
-        "--method", default="vqkd", choices=sorted(TOKENIZER_METHODS),
-        help="the tokenizer; `--method NAME --help` lists its own options and recipe")
-    add_data_arguments(parser)
-    add_model_arguments(parser, method_cls)
-    add_method_options(parser, method_cls)
-    add_optimization_arguments(parser, method_cls)
-    add_speed_arguments(parser)
-    add_checkpoint_arguments(parser, method_name)
-    add_evaluation_arguments(parser)
-    add_hub_arguments(parser)
+    description = f"{DESCRIPTION}\n--method {method_name}: {describe_defaults(method_cls)}"
+    parser = script_parser(method_cls, TokenizerMethodArguments, TOKENIZER_METHODS, prog="train_tokenizer.py",
+                           description=description, epilog=EPILOG)
     parser.set_defaults(output_dir=f"outputs/tokenizer-{method_name}", logging_steps=1)
     for dest, text in HELP_OVERRIDES.items():
         set_help(parser, dest, text)
@@ -108,14 +95,12 @@ def fill_tokenizer_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Two passes: `--method` first, then the full parser with that method's options."""
-    method_parser = argparse.ArgumentParser(add_help=False)
-    method_parser.add_argument("--method", default="vqkd")
-    known, _ = method_parser.parse_known_args(argv)
-    get_tokenizer_method(known.method)  # a clear error for an unknown method
-    args = fill_tokenizer_defaults(build_parser(known.method).parse_args(argv))
+    """`--method` decides the parser's options; then one parse, the method's defaults, and the checks."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    method_cls = get_tokenizer_method(peek_method(argv, "vqkd"))  # a clear error for an unknown method
+    args = fill_tokenizer_defaults(parse_into_namespace(build_parser(method_cls.name), argv))
     check_arguments(args)
-    get_tokenizer_method(args.method).options_from(args)  # validates the method's options now
+    method_cls.options_from(args)  # validates the method's options now
     return args
 
 

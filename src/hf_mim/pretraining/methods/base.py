@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForPreTraining, PreTrainedModel
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ...cli import option
 from ...models import MimImageProcessor
 from ...models.presets import preset_fields, preset_names
 from ...models.vit_core import grid_size_for, to_2tuple
@@ -292,12 +293,6 @@ def training_augmentation(image_size, mean, std, scale=(0.2, 1.0)) -> v2.Compose
 def processor_pixels(processor, image) -> torch.Tensor:
     """[C, H, W]: exactly what the saved image processor gives at inference."""
     return processor(image, return_tensors="pt")["pixel_values"][0]
-
-
-def option(default=None, help: str = "", **metadata):
-    """A field of an options dataclass, with its `--help` text (HfArgumentParser reads it): the methods'
-    options and the fine-tuning and segmentation scripts' arguments."""
-    return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclasses.dataclass

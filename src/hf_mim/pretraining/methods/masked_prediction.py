@@ -243,9 +243,10 @@ class TokenPredictionMethod(MaskedPredictionMethod):
         """BEiT's blockwise counts (75 of 14x14, blocks of at least 16) scaled to the grid, unless given."""
         options = self.options
         scaled = BlockwiseMaskGenerator.scaled(self.grid_size, BEIT_REFERENCE_GRID)
-        count = options.num_mask_patches or scaled.num_masking_patches
+        count = options.num_mask_patches or scaled.num_mask_patches
         return {"num_mask_patches": count,  # the option names, also in the saved image processor
-                "min_mask_patches_per_block": options.min_mask_patches_per_block or min(scaled.min_num_patches, count),
+                "min_mask_patches_per_block": (options.min_mask_patches_per_block
+                                               or min(scaled.min_mask_patches_per_block, count)),
                 "max_mask_patches_per_block": options.max_mask_patches_per_block}
 
     def build_masks(self):
