@@ -186,6 +186,10 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                             "resize + flip + jitter + normalise batched there (same draws, pixels within 1-2 uint8 "
                             "levels); reference: torchvision on PIL images in the workers; auto (default): fast on "
                             "a GPU, reference on a CPU, where the batched resize costs more (see hf_mim.fast_data)")
+    group.add_argument("--jpeg_decoding", choices=["auto", "device", "host"], default="auto",
+                       help="fast pipeline: where JPEGs are decoded. device: the workers ship the files' bytes and the "
+                            "training process decodes each batch on its device (nvJPEG on CUDA, batched); host: the "
+                            "workers decode (at reduced scale where the crop allows); auto (default): device on CUDA")
     group.add_argument("--dataloader_pin_memory", action=argparse.BooleanOptionalAction, default=True)
     group.add_argument("--dataloader_persistent_workers", action="store_true")
 
