@@ -19,7 +19,7 @@ from test_fast_data import IMAGES, assert_close_levels, build_method, fast_run, 
 
 from hf_mim.data import ImageExamples, decode_image
 from hf_mim.device_decoding import ORIENTATIONS, decode_files, reaches_end_of_image
-from hf_mim.fast_data import CANVAS, ENCODED, FastImageExamples, collate
+from hf_mim.fast_data import CANVAS, ENCODED, FastImageExamples, collate, decode_jpegs_on_device
 from hf_mim.models import DvaeConfig, DvaeTokenizer
 from hf_mim.pretraining import main
 from hf_mim.pretraining.tracking import LOG_FILE, read_log
@@ -102,6 +102,13 @@ def test_markers_reaching_end_of_image_tell_truncated_files():
             with pytest.raises(OSError, match="truncated"):
                 Image.open(io.BytesIO(data[:cut])).load()
     assert not reaches_end_of_image(b"\x89PNG\r\n\x1a\n") and not reaches_end_of_image(b"")
+
+
+def test_where_jpegs_are_decoded():
+    """auto: the device on CUDA only (on a CPU decode_jpeg would run in the training process); device: also
+    on the CPU (what these tests run: the GPU's code but for decode_jpeg's device argument); host: never."""
+    assert not decode_jpegs_on_device("auto", CPU) and not decode_jpegs_on_device("host", CPU)
+    assert decode_jpegs_on_device("device", CPU)
 
 
 # ---------------------------------------------------------------------------------------------

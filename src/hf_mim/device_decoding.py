@@ -222,17 +222,16 @@ def upright_crop(image: torch.Tensor, encoded: EncodedJpeg) -> torch.Tensor:
     return image[:, top:bottom, left:right].permute(1, 2, 0)
 
 
-def device_decoding_works(device: torch.device) -> bool:
-    """Whether decode_jpeg can decode on `device` (torchvision built with nvJPEG on CUDA): one tiny JPEG."""
+def device_decoding_problem(device: torch.device) -> str | None:
+    """Why decode_jpeg cannot decode on `device` (e.g. torchvision built without nvJPEG), tried on one tiny
+    JPEG; None when it can."""
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 30, 60)).save(buffer, format="JPEG")
     try:
         decode_on([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device)
-        return True
+        return None
     except RuntimeError as error:
-        logger.warning("JPEG decoding on %s is not available (%s): the data-loader workers decode JPEGs.", device,
-                       error)
-        return False
+        return str(error).strip().splitlines()[-1]
 
 
 def place_in_canvas(pieces: dict[int, torch.Tensor], host_canvas: torch.Tensor, host_slots: torch.Tensor,
@@ -258,4 +257,4 @@ def crop_bounds(box: tuple[float, float, float, float], height: int, width: int)
 
 
 __all__ = ["EncodedBatch", "EncodedJpeg", "JPEG_DECODINGS", "decodable_on_device", "decode_files",
-           "device_decoding_works", "place_in_canvas", "reaches_end_of_image", "upright_crop"]
+           "device_decoding_problem", "place_in_canvas", "reaches_end_of_image", "upright_crop"]

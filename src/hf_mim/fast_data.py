@@ -49,7 +49,7 @@ from torchvision.transforms import v2
 
 from .data import ImageExamples, apply_seeded, decode_image, finish_decoding
 from .device_decoding import (EncodedBatch, EncodedJpeg, crop_bounds, decodable_on_device, decode_files,
-                              device_decoding_works, pillow_or_error, place_in_canvas, uint8_tensor, upright_crop)
+                              device_decoding_problem, pillow_or_error, place_in_canvas, uint8_tensor, upright_crop)
 from .resampling import color_jitter, resize_boxes
 
 logger = logging.getLogger(__name__)
@@ -364,9 +364,16 @@ def fast_training_examples(args, method, processor, dataset, image_column: str,
 def decode_jpegs_on_device(choice: str, device: torch.device) -> bool:
     """`--jpeg_decoding`: device, host, or auto (the device on CUDA, where torchvision decodes with nvJPEG,
     if it can; elsewhere decode_jpeg would be libjpeg-turbo in the main process: host)."""
-    if choice == "auto":
-        return device.type == "cuda" and device_decoding_works(device)
-    return choice == "device"
+    if choice == "host" or (choice == "auto" and device.type != "cuda"):
+        return False
+    problem = device_decoding_problem(device)
+    if problem and choice == "device":
+        raise RuntimeError(f"--jpeg_decoding device: torchvision cannot decode JPEGs on {device} ({problem}). "
+                           "Pass --jpeg_decoding host (the data-loader workers decode them).")
+    if problem:
+        logger.warning("JPEG decoding on %s is not available (%s): the data-loader workers decode JPEGs.", device,
+                       problem)
+    return not problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +405,6 @@ class DeviceViews:
                 batch[view.unit_key] = pixels
             batch[view.key] = pixels if view.mean is None else normalize(pixels, view.mean, view.std)
         return self.spec.finish(batch) if self.spec.finish is not None else batch
-
 
     def decoded_canvas(self, batch: dict, host_canvas: torch.Tensor) -> torch.Tensor:
         """Decode the batch's JPEGs on the canvas' device and return the whole batch's canvas [B, H, W, C];
