@@ -48,7 +48,7 @@ from torchvision.transforms import v2
 
 from hf_mim.data import ImageExamples
 from hf_mim.device_decoding import decode_files
-from hf_mim.fast_data import ENCODED, FastImageExamples, collate
+from hf_mim.fast_data import FastImageExamples, collate
 from hf_mim.models import DvaeConfig, DvaeTokenizer, PecoConfig, PecoTokenizer, VqkdConfig, VqkdTokenizer
 from hf_mim.pretraining import get_method, main as pretrain_main, parse_args
 from hf_mim.pretraining.optimization import build_optimizer

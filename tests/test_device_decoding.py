@@ -209,15 +209,21 @@ def test_a_damaged_jpeg_in_a_parquet_run_is_counted(tmp_path, capsys):
 
 
 def test_device_decoding_run_resumes_exactly(tmp_path):
-    """The same crops, flips and masks after a resume, with JPEGs decoded in the training process."""
+    """The same crops, flips and masks after a resume, with JPEGs decoded in the training process; one
+    data-loader worker, so the JPEG bytes cross from a worker's shared memory."""
     import shutil
 
+    def run(output_dir):
+        arguments = fast_run(train, output_dir) + ["--jpeg_decoding", "device"]
+        arguments[arguments.index("--dataloader_num_workers") + 1] = "1"
+        main(arguments)
+
     train = write_jpeg_parquet(tmp_path / "train.parquet", 12, broken=(5,), truncated=(7,))
-    main(fast_run(train, tmp_path / "run") + ["--jpeg_decoding", "device"])
+    run(tmp_path / "run")
     log = str(tmp_path / "run" / LOG_FILE)
     assert max(read_log(log, "skipped_images").values()) >= 1
     shutil.copytree(tmp_path / "run" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    main(fast_run(train, tmp_path / "resumed") + ["--jpeg_decoding", "device"])
+    run(tmp_path / "resumed")
     expected, resumed = read_log(log, "loss"), read_log(str(tmp_path / "resumed" / LOG_FILE), "loss")
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
