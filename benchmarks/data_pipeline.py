@@ -206,22 +206,45 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
+# JPEG kinds whose decoding on the device is compared with Pillow's (re-encoded from the script's files).
+DECODE_VARIANTS = {"baseline 4:2:0": {}, "progressive": {"progressive": True}, "4:4:4": {"subsampling": 0},
+                   "4:2:2": {"subsampling": 1}, "grey": {"grey": True}}
+
+
 def decode_figures(paths: list[str], batch_size: int, repeats: int, device: torch.device) -> dict:
     """The training process's part of device decoding: decode_jpeg of batches of the files on `device`
-    (img/s; on a CPU, of one core), and how far its pixels are from Pillow's (uint8 levels, every file)."""
-    files = [torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8) for path in paths]
+    (img/s; on a CPU, of one core), and how far its pixels are from Pillow's (uint8 levels) on the files
+    and on a few re-encoded kinds (progressive, 4:4:4, 4:2:2, grey)."""
+    files = [Path(path).read_bytes() for path in paths]
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files]
     count = len(files)
 
     def batch(start):
-        return synchronize(decode_files([files[(start + i) % count] for i in range(batch_size)], device), device)
+        return synchronize(decode_files([tensors[(start + i) % count] for i in range(batch_size)], device), device)
 
     batch(0)  # nvJPEG's first call creates its decoder
     seconds = seconds_per_image({"decode": batch}, count, batch_size, repeats)["decode"]
-    differences = [(image.cpu().int() - torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
-                    ).abs() for path, image in zip(paths, decode_files(files, device))]
-    return {"decode_img_s": 1 / seconds, "decode_device": str(device),
-            "decode_agreement": {"max_levels": max(int(d.max()) for d in differences),
-                                 "mean_levels": float(sum(d.float().mean() for d in differences) / count)}}
+    agreement = {"files": decode_agreement(files, device)}
+    for name, options in DECODE_VARIANTS.items():
+        agreement[name] = decode_agreement([reencoded(data, **options) for data in files[:8]], device)
+    return {"decode_img_s": 1 / seconds, "decode_device": str(device), "decode_agreement": agreement["files"],
+            "decode_agreement_by_kind": agreement}
+
+
+def reencoded(data: bytes, grey: bool = False, **options) -> bytes:
+    image = Image.open(io.BytesIO(data))
+    buffer = io.BytesIO()
+    (image.convert("L") if grey else image).save(buffer, format="JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+def decode_agreement(files: list[bytes], device: torch.device) -> dict:
+    """Max and mean |decode_files on `device` - Pillow's decoding| over the files, in uint8 levels."""
+    decoded = decode_files([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files], device)
+    differences = [(image.cpu().int() - torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB")))
+                    .permute(2, 0, 1)).abs() for data, image in zip(files, decoded)]
+    return {"max_levels": max(int(d.max()) for d in differences),
+            "mean_levels": float(sum(d.float().mean() for d in differences) / len(differences))}
 
 
 def synchronize(value, device: torch.device):
@@ -341,6 +364,8 @@ def markdown(report: dict) -> str:
         lines += ["", f"decode_jpeg in the training process on {decode['decode_device']}: {decode['decode_img_s']:.0f} "
                   f"img/s (batches of 32); pixels vs Pillow: max {agreement['max_levels']}, mean "
                   f"{agreement['mean_levels']:.3f} uint8 levels"]
+        lines += [f"- {kind}: max {values['max_levels']}, mean {values['mean_levels']:.3f} levels"
+                  for kind, values in decode.get("decode_agreement_by_kind", {}).items() if kind != "files"]
     if report.get("e2e"):
         lines += ["", "| method | e2e img/s (real loader) | model only img/s (synthetic) | e2e / model | data wait |",
                   "|---|---|---|---|---|"]
