@@ -35,7 +35,7 @@ import io
 import logging
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -139,7 +139,7 @@ class EncodedBatch:
     data: torch.Tensor
     sizes: list[int]
     slots: list[int]
-    images: list[EncodedJpeg] = field(default_factory=list)
+    images: list[EncodedJpeg]
 
     @classmethod
     def pack(cls, slots: list[int], images: list[EncodedJpeg]) -> EncodedBatch:
@@ -149,9 +149,7 @@ class EncodedBatch:
         for image, size in zip(images, sizes):
             flat[offset:offset + size] = np.frombuffer(image.data, dtype=np.uint8)
             offset += size
-        fields = [EncodedJpeg(b"", image.orientation, image.size, image.crop, image.index, image.sample_seed)
-                  for image in images]
-        return cls(data, sizes, slots, fields)
+        return cls(data, sizes, slots, [replace(image, data=b"") for image in images])
 
     def files(self) -> list[torch.Tensor]:
         """One 1-D uint8 CPU tensor per JPEG (views of `data`), as decode_jpeg takes them."""
