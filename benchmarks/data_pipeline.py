@@ -371,7 +371,9 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|"]
         lines += [f"| {r['method']} ({r['pipeline']} path{e2e_decoding(r)}) | {r['e2e_img_s']:.1f} | "
                   f"{r['model_only_img_s']:.1f} | {r['e2e_img_s'] / r['model_only_img_s']:.0%} | "
-                  f"{r['data_wait_fraction']:.0%} |" for r in report["e2e"]]
+                  f"{r['data_wait_fraction']:.0%} |" if "error" not in r else
+                  f"| {r['method']} ({r['pipeline']} path{e2e_decoding(r)}) | failed: {r['error'][:200]} | "
+                  f"{r['model_only_img_s']:.1f} | - | - |" for r in report["e2e"]]
         if report.get("complete") is False:
             lines.append("(partial: the e2e section stopped before its last row)")
     return "\n".join(lines) + "\n"
@@ -426,12 +428,15 @@ def main(argv=None) -> dict:
             report["e2e"], report["complete"], model_only = [], False, {}
             for decoding in args.jpeg_decodings.split(","):
                 for name in args.e2e_methods.split(","):
-                    real = e2e_real_img_s(name, preset, tokenizers, root / "jpegs", root / "runs", args.workers,
-                                          args.pipeline, decoding)
+                    row = {"method": name, "pipeline": args.pipeline, "jpeg_decoding": decoding}
+                    try:  # a row that fails (e.g. no nvJPEG in this torchvision) is reported; the others still run
+                        row.update(e2e_real_img_s(name, preset, tokenizers, root / "jpegs", root / "runs",
+                                                  args.workers, args.pipeline, decoding))
+                    except Exception as error:  # noqa: BLE001 - recorded in the report, with its type and message
+                        row["error"] = f"{type(error).__name__}: {error}"
                     if name not in model_only:
                         model_only[name] = model_only_img_s(name, preset, tokenizers, root / "jpegs", device)
-                    report["e2e"].append({"method": name, "pipeline": args.pipeline, "jpeg_decoding": decoding, **real,
-                                          "model_only_img_s": model_only[name]})
+                    report["e2e"].append(row | {"model_only_img_s": model_only[name]})
                     write(report, args)  # a part that runs out of time keeps its finished rows
             report["complete"] = True
     write(report, args)

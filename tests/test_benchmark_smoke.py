@@ -128,6 +128,7 @@ def test_gpu_check_smoke_mode_writes_json_and_markdown(tmp_path):
     assert {r["pair"] for r in report["throughput"]} == {"mae", "beit", "beitv2", "beitv2-tokenizer"}
     assert report["data_pipeline"]["e2e"][0]["e2e_img_s"] > 0 and report["data_pipeline"]["host"]
     assert [r["jpeg_decoding"] for r in report["data_pipeline"]["e2e"]] == ["device", "host"]
+    assert all(row.get("e2e_img_s", 0) > 0 for row in report["data_pipeline"]["e2e"])  # no row failed
     assert report["data_pipeline"]["complete"] and report["data_pipeline"]["decode"]["decode_img_s"] > 0
     table = (out / "gpu_check.md").read_text()
     assert "| mae | eager |" in table and "e2e / model" in table
