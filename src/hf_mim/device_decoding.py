@@ -40,7 +40,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from .data import convert_mode
 
@@ -170,9 +169,12 @@ def uint8_tensor(numel: int) -> torch.Tensor:
 
 def decode_on(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """decode_jpeg of CPU byte tensors -> [3, H, W] uint8 on `device` (stored orientation). Raises
-    RuntimeError when any file fails (it returns no partial results)."""
+    RuntimeError when any file fails (it returns no partial results), or without decode_jpeg."""
+    try:  # torchvision 0.29 deprecates its decoders for TorchCodec (not a dependency here): a later one may lack it
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError as error:
+        raise RuntimeError(f"this torchvision has no decode_jpeg: {error}") from error
     with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its decoders for TorchCodec, which is not a dependency here.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
         images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device if device.type == "cuda" else "cpu")
     return [image.to(device) for image in images]
