@@ -23,10 +23,10 @@ Unreadable images are counted exactly as on the reference path, where Pillow dec
   the image is counted (`num_skipped`) and logged, and the next readable image of the data set fills the
   slot with the same sample seed, as the reference path does (`FastImageExamples.replacement`).
 
-Pixels: on the CPU decode_jpeg is bit-identical to Pillow (the same libjpeg-turbo; measured on baseline,
-progressive, 4:2:0/4:2:2/4:4:4, grey and CMYK files, `tests/test_device_decoding.py`). nvJPEG's inverse DCT
-and chroma upsampling are its own: `benchmarks/data_pipeline.py` measures its difference to Pillow on a
-GPU (`decode_agreement`).
+Pixels: on the CPU decode_jpeg is bit-identical to Pillow (the same libjpeg-turbo; `tests/test_device_decoding.py`
+checks baseline, progressive, 4:2:0/4:2:2/4:4:4, restart-marker and grey files). nvJPEG's inverse DCT and
+chroma upsampling are its own: `benchmarks/data_pipeline.py` measures its difference to Pillow per kind of
+JPEG on a GPU (`decode_agreement_by_kind`), still to be measured.
 """
 
 from __future__ import annotations
