@@ -4,12 +4,17 @@
    (500x375 and 375x500, quality 90, photo-like texture) that this script writes itself: the
    reference path (`--data_pipeline reference`: decode, torchvision on PIL, float32 tensors), the
    fast path's host part (what a data-loader worker does: header, draws, reduced decode, uint8 box,
-   padded batch) and its device part (batched resize/flip/jitter/normalise, timed on the device
-   given), and a plain torchvision v2 pipeline (RandomResizedCrop + flip + normalise on PIL) in the
-   same process. One thread, one process: the figures are per core.
+   padded batch), the same with device decoding (`--jpeg_decoding device`: header, draws, the file's
+   bytes; no decoding in the worker), and the device part (batched resize/flip/jitter/normalise, timed
+   on the device given), and a plain torchvision v2 pipeline (RandomResizedCrop + flip + normalise on
+   PIL) in the same process. One thread, one process: the figures are per core. Device decoding moves
+   the decode into the training process: `decode` times it there (decode_jpeg of a batch on the device
+   given: nvJPEG on CUDA; on a CPU it is libjpeg-turbo, CPU time the training process pays) and
+   measures its pixels' difference to Pillow's decoding (`decode_agreement`, uint8 levels).
 2. `e2e`: training images/s of `examples/pretrain.py`'s loop reading the JPEG folder with its real
-   loader (fast path, default workers), against the same model and optimiser stepping on one
-   synthetic batch already on the device (model only). Target: e2e >= 90% of model only.
+   loader (fast path, default workers; each `--jpeg_decodings` choice), against the same model and
+   optimiser stepping on one synthetic batch already on the device (model only). Target: e2e >= 90% of
+   model only. The report is written after each e2e row (`"complete": false` until the last).
 
     python benchmarks/data_pipeline.py                                  # CPU: host figures + a small e2e model
     python benchmarks/data_pipeline.py --sections e2e --preset gpu      # on a GPU: ViT-B/16, batch 256, bf16
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -41,6 +47,7 @@ from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
 from hf_mim.data import ImageExamples
+from hf_mim.device_decoding import decode_files
 from hf_mim.fast_data import FastImageExamples, collate
 from hf_mim.models import DvaeConfig, DvaeTokenizer, PecoConfig, PecoTokenizer, VqkdConfig, VqkdTokenizer
 from hf_mim.pretraining import get_method, main as pretrain_main, parse_args
@@ -174,20 +181,70 @@ def host_figures(name: str, preset: Preset, tokenizers: dict, paths: list[str], 
     dataset = path_dataset(paths)
     reference = ImageExamples(dataset, "image", method.train_transform(processor), image_mode=method.image_mode)
     fast = FastImageExamples(dataset, "image", method.fast_views(processor), image_mode=method.image_mode)
+    encoded = FastImageExamples(dataset, "image", method.fast_views(processor), image_mode=method.image_mode,
+                                device_decoding=True)
     count = len(paths)
 
     def keys(start):
         return [((start + i) % count, 1000 + start + i) for i in range(batch_size)]
 
-    batches = {s: {key: value.to(device) for key, value in collate([fast[k] for k in keys(s)]).items()}
-               for s in range(0, count, batch_size)}
+    batches = {s: to_device(collate([fast[k] for k in keys(s)]), device) for s in range(0, count, batch_size)}
     seconds = seconds_per_image({
         "reference": lambda s: default_collate([reference[k] for k in keys(s)]),
         "fast_host": lambda s: collate([fast[k] for k in keys(s)]),
+        "fast_device_decoding_host": lambda s: collate([encoded[k] for k in keys(s)]),
         "fast_device": lambda s: synchronize(fast.device_views(dict(batches[s])), device),
     }, count, batch_size, repeats)
     return {"method": name, "reference_img_s": 1 / seconds["reference"], "fast_host_img_s": 1 / seconds["fast_host"],
-            "fast_device_img_s": 1 / seconds["fast_device"], "host_speedup": seconds["reference"] / seconds["fast_host"]}
+            "fast_device_img_s": 1 / seconds["fast_device"], "host_speedup": seconds["reference"] / seconds["fast_host"],
+            "device_decoding_host_img_s": 1 / seconds["fast_device_decoding_host"],
+            "device_decoding_host_speedup": seconds["reference"] / seconds["fast_device_decoding_host"]}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """As accelerate moves a batch: tensors to the device; the JPEG bytes (EncodedBatch) stay where they are."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+# JPEG kinds whose decoding on the device is compared with Pillow's (re-encoded from the script's files).
+DECODE_VARIANTS = {"baseline 4:2:0": {}, "progressive": {"progressive": True}, "4:4:4": {"subsampling": 0},
+                   "4:2:2": {"subsampling": 1}, "grey": {"grey": True}}
+
+
+def decode_figures(paths: list[str], batch_size: int, repeats: int, device: torch.device) -> dict:
+    """The training process's part of device decoding: decode_jpeg of batches of the files on `device`
+    (img/s; on a CPU, of one core), and how far its pixels are from Pillow's (uint8 levels) on the files
+    and on a few re-encoded kinds (progressive, 4:4:4, 4:2:2, grey)."""
+    files = [Path(path).read_bytes() for path in paths]
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files]
+    count = len(files)
+
+    def batch(start):
+        return synchronize(decode_files([tensors[(start + i) % count] for i in range(batch_size)], device), device)
+
+    batch(0)  # nvJPEG's first call creates its decoder
+    seconds = seconds_per_image({"decode": batch}, count, batch_size, repeats)["decode"]
+    agreement = {"files": decode_agreement(files, device)}
+    for name, options in DECODE_VARIANTS.items():
+        agreement[name] = decode_agreement([reencoded(data, **options) for data in files[:8]], device)
+    return {"decode_img_s": 1 / seconds, "decode_device": str(device), "decode_agreement": agreement["files"],
+            "decode_agreement_by_kind": agreement}
+
+
+def reencoded(data: bytes, grey: bool = False, **options) -> bytes:
+    image = Image.open(io.BytesIO(data))
+    buffer = io.BytesIO()
+    (image.convert("L") if grey else image).save(buffer, format="JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+def decode_agreement(files: list[bytes], device: torch.device) -> dict:
+    """Max and mean |decode_files on `device` - Pillow's decoding| over the files, in uint8 levels."""
+    decoded = decode_files([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files], device)
+    differences = [(image.cpu().int() - torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB")))
+                    .permute(2, 0, 1)).abs() for data, image in zip(files, decoded)]
+    return {"max_levels": max(int(d.max()) for d in differences),
+            "mean_levels": float(sum(d.float().mean() for d in differences) / len(differences))}
 
 
 def synchronize(value, device: torch.device):
@@ -215,19 +272,20 @@ def torchvision_plain_img_s(paths: list[str], image_size: int, batch_size: int, 
 
 
 def e2e_real_img_s(name: str, preset: Preset, tokenizers: dict, folder: Path, output: Path,
-                   workers: int | None, pipeline: str) -> dict:
+                   workers: int | None, pipeline: str, jpeg_decoding: str) -> dict:
     """examples/pretrain.py's loop on the JPEG folder: img/s and data wait of the windows after the first."""
     arguments = method_arguments(name, preset, tokenizers) + [
         "--train_dir", str(folder), "--output_dir", str(output / name), "--resume_from_checkpoint", "none",
         "--max_steps", str(preset.e2e_steps), "--per_device_train_batch_size", str(preset.batch_size),
         "--logging_steps", str(preset.logging_steps), "--report_to", "none", "--no-do_eval",
         "--checkpointing_steps", "no", "--train_val_split", "0", "--dataloader_persistent_workers",
-        "--data_pipeline", pipeline,
+        "--data_pipeline", pipeline, "--jpeg_decoding", jpeg_decoding,
     ]
     if workers is not None:
         arguments += ["--dataloader_num_workers", str(workers)]
     if preset.bf16 and torch.cuda.is_available():
         arguments += ["--bf16", "--tf32"]
+    shutil.rmtree(output / name, ignore_errors=True)  # one run per decoding choice
     pretrain_main(arguments)
     log = str(output / name / LOG_FILE)
     speeds = read_log(log, "images_per_second")
@@ -297,12 +355,32 @@ def markdown(report: dict) -> str:
                   for r in report["host"]]
         lines.append(f"| plain torchvision v2 (RandomResizedCrop + flip + normalise) | "
                      f"{report['torchvision_plain_img_s']:.0f} | - | - | - |")
+        lines += ["", "Device decoding (`--jpeg_decoding device`): the workers ship JPEG bytes, the training process "
+                  "decodes.", "", "| method | worker img/s/core | vs reference |", "|---|---|---|"]
+        lines += [f"| {r['method']} | {r['device_decoding_host_img_s']:.0f} | {r['device_decoding_host_speedup']:.2f}x |"
+                  for r in report["host"]]
+    if report.get("decode"):
+        decode, agreement = report["decode"], report["decode"]["decode_agreement"]
+        lines += ["", f"decode_jpeg in the training process on {decode['decode_device']}: {decode['decode_img_s']:.0f} "
+                  f"img/s (batches of 32); pixels vs Pillow: max {agreement['max_levels']}, mean "
+                  f"{agreement['mean_levels']:.3f} uint8 levels"]
+        lines += [f"- {kind}: max {values['max_levels']}, mean {values['mean_levels']:.3f} levels"
+                  for kind, values in decode.get("decode_agreement_by_kind", {}).items() if kind != "files"]
     if report.get("e2e"):
         lines += ["", "| method | e2e img/s (real loader) | model only img/s (synthetic) | e2e / model | data wait |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {r['method']} ({r['pipeline']} path) | {r['e2e_img_s']:.1f} | {r['model_only_img_s']:.1f} | "
-                  f"{r['e2e_img_s'] / r['model_only_img_s']:.0%} | {r['data_wait_fraction']:.0%} |" for r in report["e2e"]]
+        lines += [f"| {r['method']} ({r['pipeline']} path{e2e_decoding(r)}) | {r['e2e_img_s']:.1f} | "
+                  f"{r['model_only_img_s']:.1f} | {r['e2e_img_s'] / r['model_only_img_s']:.0%} | "
+                  f"{r['data_wait_fraction']:.0%} |" if "error" not in r else
+                  f"| {r['method']} ({r['pipeline']} path{e2e_decoding(r)}) | failed: {r['error'][:200]} | "
+                  f"{r['model_only_img_s']:.1f} | - | - |" for r in report["e2e"]]
+        if report.get("complete") is False:
+            lines.append("(partial: the e2e section stopped before its last row)")
     return "\n".join(lines) + "\n"
+
+
+def e2e_decoding(row: dict) -> str:
+    return f", JPEG decoding: {row['jpeg_decoding']}" if row.get("jpeg_decoding") and row["pipeline"] != "reference" else ""
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -316,6 +394,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed passes over the images per host figure (median)")
     parser.add_argument("--pipeline", default="fast", choices=["auto", "fast", "reference"],
                         help="the e2e run's --data_pipeline (default: fast)")
+    parser.add_argument("--jpeg_decodings", default="auto",
+                        help="comma-separated --jpeg_decoding choices of the e2e runs (auto, device, host), in order")
     parser.add_argument("--workers", type=int, default=None, help="e2e data-loader workers (default: the loop's)")
     parser.add_argument("--device", default=None, help="where the device part and the e2e run (default: cuda if present)")
     parser.add_argument("--smoke", action="store_true", help="tiny everything: checks the code paths in seconds")
@@ -343,20 +423,33 @@ def main(argv=None) -> dict:
             report["host"] = [host_figures(name, preset, tokenizers, paths, batch, repeats, device)
                               for name in args.methods.split(",")]
             report["torchvision_plain_img_s"] = torchvision_plain_img_s(paths, preset.image_size, batch, repeats)
+            report["decode"] = decode_figures(paths, batch, repeats, device)
         if "e2e" in sections:
-            report["e2e"] = []
-            for name in args.e2e_methods.split(","):
-                real = e2e_real_img_s(name, preset, tokenizers, root / "jpegs", root / "runs", args.workers,
-                                      args.pipeline)
-                synthetic = model_only_img_s(name, preset, tokenizers, root / "jpegs", device)
-                report["e2e"].append({"method": name, "pipeline": args.pipeline, **real, "model_only_img_s": synthetic})
+            report["e2e"], report["complete"], model_only = [], False, {}
+            for decoding in args.jpeg_decodings.split(","):
+                for name in args.e2e_methods.split(","):
+                    row = {"method": name, "pipeline": args.pipeline, "jpeg_decoding": decoding}
+                    try:  # a row that fails (e.g. no nvJPEG in this torchvision) is reported; the others still run
+                        row.update(e2e_real_img_s(name, preset, tokenizers, root / "jpegs", root / "runs",
+                                                  args.workers, args.pipeline, decoding))
+                    except Exception as error:  # noqa: BLE001 - recorded in the report, with its type and message
+                        row["error"] = f"{type(error).__name__}: {error}"
+                    if name not in model_only:
+                        model_only[name] = model_only_img_s(name, preset, tokenizers, root / "jpegs", device)
+                    report["e2e"].append(row | {"model_only_img_s": model_only[name]})
+                    write(report, args)  # a part that runs out of time keeps its finished rows
+            report["complete"] = True
+    write(report, args)
+    return report
+
+
+def write(report: dict, args: argparse.Namespace) -> None:
     table = markdown(report)
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.markdown:
         Path(args.markdown).write_text(table)
-    return report
 
 
 if __name__ == "__main__":

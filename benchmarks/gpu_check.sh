@@ -5,8 +5,10 @@
 #      eager, then (last) torch.compile'd, ours vs transformers, peak GPU memory (10 timed steps x 2 repeats);
 #   2. the BEiT v2 VQ-KD tokenizer forward alone, bf16 autocast, eager;
 #   3. benchmarks/data_pipeline.py: per-core host cost of each method's example (device part on the GPU),
-#      and end-to-end pre-training img/s from JPEG files with the real loader (fast path, default workers)
-#      vs the same model on synthetic batches (ViT-B/16, batch 256, bf16; tiny random tokenizer for BEiT).
+#      with JPEGs decoded in the workers and on the GPU (the workers' part per core; nvJPEG's img/s and its
+#      pixels' difference to Pillow), and end-to-end pre-training img/s from JPEG files with the real loader
+#      (fast path, default workers; JPEGs decoded on the GPU, then in the workers) vs the same model on
+#      synthetic batches (ViT-B/16, batch 256, bf16; tiny random tokenizer for BEiT).
 # Each part has its own time limit; a part that fails or runs out of time is reported as missing.
 #
 #   bash benchmarks/gpu_check.sh [OUT]          # default OUT: gpu_check
@@ -22,13 +24,14 @@ if [ "${SMOKE:-0}" = 1 ]; then
   PAIRS=(--preset cpu-tiny --device cpu --batch_size 2 --steps 1 --warmup 0 --repeats 1)
   COMPILE=(--torch_compile_backend eager)  # dynamo tracing without code generation: seconds
   HOST=(--smoke --device cpu --methods mae,beit)
-  E2E=(--smoke --device cpu --e2e_methods mae)
+  E2E=(--smoke --device cpu --e2e_methods mae --jpeg_decodings device,host)
   LIMITS=(180 180 180 240 180 180 180)  # generous: a busy CI machine; idle, each part takes seconds
 else
   PAIRS=(--preset vit-b16 --steps 10 --warmup 3 --repeats 2)
   COMPILE=()
   HOST=(--preset gpu --repeats 3 --images 64)
-  E2E=(--preset gpu --e2e_methods mae,beit --images 4096)
+  # rows in this order, each written when done: a part out of time keeps the finished ones
+  E2E=(--preset gpu --e2e_methods mae,beit --images 4096 --jpeg_decodings device,host)
   # seconds per part, in the order below (sum 460): the compiled pairs last, as compilation takes the
   # longest and the least predictably; a part out of time loses only its own figures
   LIMITS=(60 25 45 120 75 75 60)

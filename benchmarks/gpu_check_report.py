@@ -48,7 +48,7 @@ def main(out: Path) -> dict:
     throughput = [r for part in THROUGHPUT_PARTS if parts[part] for r in parts[part]["results"]]
     environment = next((parts[p]["environment"] for p in THROUGHPUT_PARTS + DATA_PARTS if parts[p]), {})
     data = {key: value for part in DATA_PARTS if parts[part] for key, value in parts[part].items()
-            if key in ("host", "torchvision_plain_img_s", "e2e", "jpeg_kb")}
+            if key in ("host", "torchvision_plain_img_s", "decode", "e2e", "complete", "jpeg_kb")}
     if parts["data_host"] or parts["data_e2e"]:
         data["environment"] = (parts["data_host"] or parts["data_e2e"])["environment"]
     report = {"environment": environment, "throughput": throughput, "data_pipeline": data, "missing": missing}

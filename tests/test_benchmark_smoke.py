@@ -104,7 +104,11 @@ def test_data_pipeline_host_figures_of_every_method(tmp_path):
     report = data_pipeline.main(["--smoke", "--sections", "host", "--json", str(tmp_path / "r.json"),
                                  "--markdown", str(tmp_path / "r.md")])
     assert [r["method"] for r in report["host"]] == list(data_pipeline.METHODS)
-    assert all(r[key] > 0 for r in report["host"] for key in ("reference_img_s", "fast_host_img_s", "fast_device_img_s"))
+    assert all(r[key] > 0 for r in report["host"] for key in ("reference_img_s", "fast_host_img_s", "fast_device_img_s",
+                                                              "device_decoding_host_img_s"))
+    assert report["decode"]["decode_img_s"] > 0  # on the CPU, libjpeg-turbo: Pillow's pixels for every kind of JPEG
+    assert {kind: values["max_levels"] for kind, values in report["decode"]["decode_agreement_by_kind"].items()} == {
+        kind: 0 for kind in ("files", *data_pipeline.DECODE_VARIANTS)}
     assert report["torchvision_plain_img_s"] > 0 and report["jpeg_kb"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["environment"]["device"] == "cpu"
     assert "| beitv2 |" in (tmp_path / "r.md").read_text()
@@ -123,5 +127,8 @@ def test_gpu_check_smoke_mode_writes_json_and_markdown(tmp_path):
     assert report["missing"] == [], done.stdout
     assert {r["pair"] for r in report["throughput"]} == {"mae", "beit", "beitv2", "beitv2-tokenizer"}
     assert report["data_pipeline"]["e2e"][0]["e2e_img_s"] > 0 and report["data_pipeline"]["host"]
+    assert [r["jpeg_decoding"] for r in report["data_pipeline"]["e2e"]] == ["device", "host"]
+    assert all(row.get("e2e_img_s", 0) > 0 for row in report["data_pipeline"]["e2e"])  # no row failed
+    assert report["data_pipeline"]["complete"] and report["data_pipeline"]["decode"]["decode_img_s"] > 0
     table = (out / "gpu_check.md").read_text()
     assert "| mae | eager |" in table and "e2e / model" in table

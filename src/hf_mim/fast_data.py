@@ -14,6 +14,9 @@ float32 tensors. Here a data-loader worker only
 3. ships the uint8 pixels of the box (of the whole image when the colour jitter needs its mean grey),
    in one padded uint8 canvas per batch (channels last, in shared memory) with each box and flip.
 
+With `--jpeg_decoding device` (the default on CUDA) step 2 leaves the worker for JPEGs: it ships the
+file's bytes and the training process decodes the batch on its device (`hf_mim.device_decoding`).
+
 :class:`DeviceViews` then makes every view of the whole batch on the training device with Pillow's
 arithmetic (`hf_mim.resampling`): the model view and, for BEiT-style methods, the tokenizer view of
 the same box at the tokenizer's size and interpolation, then normalises. A method declares what it
@@ -28,12 +31,14 @@ are skipped and counted exactly as on the reference path (same decoder, same loo
 
 from __future__ import annotations
 
+import copy
+import functools
 import io
 import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import datasets
 import numpy as np
@@ -43,6 +48,8 @@ from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
 from .data import ImageExamples, apply_seeded, decode_image, finish_decoding
+from .device_decoding import (EncodedBatch, EncodedJpeg, crop_bounds, decodable_on_device, decode_files,
+                              device_decoding_problem, pillow_or_error, place_in_canvas, uint8_tensor, upright_crop)
 from .resampling import color_jitter, resize_boxes
 
 logger = logging.getLogger(__name__)
@@ -56,6 +63,8 @@ EXIF_ORIENTATION = 0x0112
 # Keys of the host -> device batch (popped by DeviceViews).
 CANVAS, BOX, LIMITS, FLIP, VALID, JITTER_ORDER, JITTER_FACTORS = (
     "canvas", "crop_box", "crop_limits", "flip", "image_valid", "jitter_order", "jitter_factors")
+# With device decoding (hf_mim.device_decoding): the JPEGs (an EncodedBatch) and the canvas' slots in the batch.
+ENCODED, CANVAS_SLOTS = "encoded_jpegs", "canvas_slots"
 
 
 @dataclass(frozen=True)
@@ -202,51 +211,80 @@ class HostSampler:
         out_h, out_w = self.spec.largest_view
         return next(r for r in DRAFT_REDUCTIONS if box_h / r >= out_h and box_w / r >= out_w or r == 1)
 
-    def __call__(self, image: Image.Image, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def __call__(self, image: Image.Image, generator: torch.Generator, encoded: bytes | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """The example's augmentation and pixels; given the file's bytes (`encoded`), a JPEG the device
+        can decode is shipped as bytes instead (hf_mim.device_decoding)."""
         height, width = oriented_size(image)
         augmentation = self.draw(height, width)
-        image, reduction = decode_reduced(image, self.reduction(augmentation), self.image_mode)
-        example = self.pixels(image, augmentation, reduction)
+        if encoded is not None and decodable_on_device(image, encoded, self.image_mode):
+            example = self.encoded(encoded, exif_orientation(image), augmentation, height, width)
+        else:
+            image, reduction = decode_reduced(image, self.reduction(augmentation), self.image_mode)
+            example = self.pixels(image, augmentation, reduction)
         if self.spec.extras is not None:
             example.update(self.spec.extras(generator))
         return example
 
-    def pixels(self, image: Image.Image, augmentation: Augmentation, reduction: float) -> dict[str, torch.Tensor]:
-        """The uint8 pixels (the box's, or the whole image's for the jitter) and the box inside them."""
-        top, left, box_h, box_w = (value / reduction for value in augmentation.box)
-        limits = [math.floor(top), math.floor(left), min(math.ceil(top + box_h), image.height),
-                  min(math.ceil(left + box_w), image.width)]  # top, left, bottom, right
+    def layout(self, augmentation: Augmentation, reduction: float, height: int, width: int) -> dict:
+        """What to ship of a (height, width) decoded image: the crop (top, left, bottom, right; the
+        box's pixels, or the whole image for the jitter, whose contrast needs its mean grey), and the
+        box and its limits inside that crop; the flip and jitter draws."""
+        box = [value / reduction for value in augmentation.box]  # top, left, height, width
+        limits = crop_bounds(box, height, width)  # top, left, bottom, right
         example = {FLIP: torch.tensor(augmentation.flip)}
         if self.jitter is None:  # ship only the box
-            image = image.crop((limits[1], limits[0], limits[3], limits[2]))
-            top, left = top - limits[0], left - limits[1]
+            crop = tuple(limits)
+            box[:2] = box[0] - limits[0], box[1] - limits[1]
             limits = [0, 0, limits[2] - limits[0], limits[3] - limits[1]]
         else:
+            crop = (0, 0, height, width)
             example[JITTER_ORDER], example[JITTER_FACTORS] = augmentation.jitter_order, augmentation.jitter_factors
+        example[VALID] = torch.tensor([crop[2] - crop[0], crop[3] - crop[1]])
+        example[BOX] = torch.tensor(box, dtype=torch.float32)
+        example[LIMITS] = torch.tensor(limits, dtype=torch.float32)
+        return example | {"crop": crop}
+
+    def pixels(self, image: Image.Image, augmentation: Augmentation, reduction: float) -> dict[str, torch.Tensor]:
+        """The uint8 pixels (the box's, or the whole image's for the jitter) and the box inside them."""
+        example = self.layout(augmentation, reduction, image.height, image.width)
+        top, left, bottom, right = example.pop("crop")
+        if (bottom - top, right - left) != (image.height, image.width):
+            image = image.crop((left, top, right, bottom))
         pixels = torch.from_numpy(np.array(image))  # [h, w, C] or [h, w]: rows of pixels, as decoded
         example[CANVAS] = pixels if pixels.ndim == 3 else pixels[..., None]
-        example[VALID] = torch.tensor([image.height, image.width])
-        example[BOX] = torch.tensor([top, left, box_h, box_w], dtype=torch.float32)
-        example[LIMITS] = torch.tensor(limits, dtype=torch.float32)
+        return example
+
+    def encoded(self, data: bytes, orientation: int, augmentation: Augmentation, height: int, width: int) -> dict:
+        """The JPEG's bytes and what the device keeps of the full-scale upright image (no pixels here)."""
+        example = self.layout(augmentation, 1, height, width)
+        example[ENCODED] = EncodedJpeg(data, orientation, (height, width), example.pop("crop"))
         return example
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack examples; the pixels of different sizes go into one uint8 canvas [B, H, W, C] (channels
     last: each row is one memcpy), in shared memory inside a worker (no copy to send it). The padding
-    is left unset: nothing reads it (see resize_boxes' limits)."""
-    pixels = [example.pop(CANVAS) for example in examples]
-    height, width = max(p.shape[0] for p in pixels), max(p.shape[1] for p in pixels)
-    shape = (len(pixels), height, width, pixels[0].shape[2])
-    if torch.utils.data.get_worker_info() is not None:
-        canvas = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
-    else:
-        canvas = torch.empty(shape, dtype=torch.uint8)
+    is left unset: nothing reads it (see resize_boxes' limits). Examples shipped as JPEG bytes go into
+    an EncodedBatch; the canvas then holds the others only ([B_host, H, W, C]), in `CANVAS_SLOTS`."""
+    encoded = {slot: example.pop(ENCODED) for slot, example in enumerate(examples) if ENCODED in example}
+    pixels = [example.pop(CANVAS) for example in examples if CANVAS in example]
+    batch = default_collate(examples)
+    batch[CANVAS] = pad_into_canvas(pixels)
+    if encoded:
+        batch[CANVAS_SLOTS] = torch.tensor([slot for slot in range(len(examples)) if slot not in encoded])
+        batch[ENCODED] = EncodedBatch.pack(list(encoded), list(encoded.values()))
+    return batch
+
+
+def pad_into_canvas(pixels: list[torch.Tensor], channels: int = 3) -> torch.Tensor:
+    """[h, w, C] uint8 images -> one canvas [B, H, W, C] (uninitialised padding)."""
+    height, width = max((p.shape[0] for p in pixels), default=0), max((p.shape[1] for p in pixels), default=0)
+    shape = (len(pixels), height, width, pixels[0].shape[2] if pixels else channels)
+    canvas = uint8_tensor(math.prod(shape)).view(shape)
     for slot, image in zip(canvas, pixels):
         slot[:image.shape[0], :image.shape[1]] = image
-    batch = default_collate(examples)
-    batch[CANVAS] = canvas
-    return batch
+    return canvas
 
 
 class FastImageExamples(ImageExamples):
@@ -255,18 +293,54 @@ class FastImageExamples(ImageExamples):
     `device_views` on the training device."""
 
     def __init__(self, dataset, image_column: str, spec: FastViews, image_mode: str = "RGB",
-                 label_column: str | None = None):
+                 label_column: str | None = None, device_decoding: bool = False):
         super().__init__(dataset, image_column, HostSampler(spec, image_mode), image_mode, label_column)
-        self.device_views = DeviceViews(spec)
+        self.device_decoding = device_decoding  # workers ship JPEG bytes, DeviceViews decodes them
+        self.device_views = DeviceViews(spec, replacement=self.replacement)
         self.collate = collate
 
     def attempt(self, index: int, sample_seed: int):
         row = self.dataset[index]
-        try:  # the lazy open reads the header; the decode inside the transform reads the rest
-            return apply_seeded(self.transform, open_image(row[self.image_column]), sample_seed), row
+        value = row[self.image_column]
+        try:  # the lazy open reads the header; the decode inside the transform (or on the device) the rest
+            data = file_bytes(value) if self.device_decoding else None
+            transform = functools.partial(self.transform, encoded=data) if data else self.transform
+            example = apply_seeded(transform, open_image({"bytes": data} if data else value), sample_seed)
         except UnreadableImage as error:  # not other errors: a bug must not pass for unreadable images
-            self.unreadable.report(index, row[self.image_column], error.__cause__)
+            self.unreadable.report(index, value, error.__cause__)
             return None, row
+        if ENCODED in example:  # to find the example that replaces it, should the device find it unreadable
+            example[ENCODED] = replace(example[ENCODED], index=index, sample_seed=sample_seed)
+        return example, row
+
+    def replacement(self, index: int, sample_seed: int, error: Exception) -> dict[str, torch.Tensor]:
+        """For image `index`, found unreadable in the main process (hf_mim.device_decoding): logged and
+        counted as the workers do, and the example the reference path puts in its slot, the next readable
+        image's with the same sample seed (decoded here, by Pillow); its `num_skipped` counts from there."""
+        self.unreadable.report(index, self.dataset[index][self.image_column], error)
+        on_host = copy.copy(self)
+        on_host.device_decoding = False
+        return on_host[((index + 1) % len(self), sample_seed)]
+
+    @property
+    def decoding(self) -> str:
+        """Where JPEGs are decoded, for the start-of-run line."""
+        return ("JPEGs decoded on the training device in the main process (torchvision decode_jpeg)"
+                if self.device_decoding else "images decoded in the data-loader workers")
+
+
+def file_bytes(value) -> bytes | None:
+    """The encoded file of a `datasets.Image(decode=False)` value (its bytes, or a local file's), or None
+    (remote files, decoded PIL images: the workers decode those). Raises UnreadableImage."""
+    try:
+        if isinstance(value, dict) and value.get("bytes"):
+            return value["bytes"]
+        if isinstance(value, dict) and value.get("path") and os.path.isfile(value["path"]):
+            with open(value["path"], "rb") as file:
+                return file.read()
+        return None
+    except OSError as error:
+        raise UnreadableImage(error) from error
 
 
 def fast_training_examples(args, method, processor, dataset, image_column: str,
@@ -283,7 +357,23 @@ def fast_training_examples(args, method, processor, dataset, image_column: str,
     if isinstance(dataset, datasets.IterableDataset):
         logger.warning("Streamed data sets take the reference data path (the fast path needs a map-style data set).")
         return None
-    return FastImageExamples(dataset, image_column, spec, image_mode=method.image_mode)
+    return FastImageExamples(dataset, image_column, spec, image_mode=method.image_mode,
+                             device_decoding=decode_jpegs_on_device(getattr(args, "jpeg_decoding", "auto"), device))
+
+
+def decode_jpegs_on_device(choice: str, device: torch.device) -> bool:
+    """`--jpeg_decoding`: device, host, or auto (the device on CUDA, where torchvision decodes with nvJPEG,
+    if it can; elsewhere decode_jpeg would be libjpeg-turbo in the main process: host)."""
+    if choice == "host" or (choice == "auto" and device.type != "cuda"):
+        return False
+    problem = device_decoding_problem(device)
+    if problem and choice == "device":
+        raise RuntimeError(f"--jpeg_decoding device: torchvision cannot decode JPEGs on {device} ({problem}). "
+                           "Pass --jpeg_decoding host (the data-loader workers decode them).")
+    if problem:
+        logger.warning("JPEG decoding on %s is not available (%s): the data-loader workers decode JPEGs.", device,
+                       problem)
+    return not problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,14 +382,19 @@ def fast_training_examples(args, method, processor, dataset, image_column: str,
 
 
 class DeviceViews:
-    """Batch from the loader (on the training device) -> the model's inputs: jitter (per sample),
-    crop + resize + flip of every view, normalisation, then the method's `finish`."""
+    """Batch from the loader (on the training device) -> the model's inputs: the JPEGs decoded (if the
+    workers shipped any), jitter (per sample), crop + resize + flip of every view, normalisation, then
+    the method's `finish`. `replacement(index, sample_seed, error)`: the example for the slot of an
+    image found unreadable here (FastImageExamples.replacement)."""
 
-    def __init__(self, spec: FastViews):
-        self.spec = spec
+    def __init__(self, spec: FastViews, replacement: Callable[[int, int, Exception], dict] | None = None):
+        self.spec, self.replacement = spec, replacement
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        canvas = batch.pop(CANVAS).permute(0, 3, 1, 2).float()  # [B, C, H, W] uint8 levels
+        canvas = batch.pop(CANVAS)  # [B, H, W, C] uint8, or [B_host, H, W, C] next to the JPEGs
+        if ENCODED in batch:
+            canvas = self.decoded_canvas(batch, canvas)
+        canvas = canvas.permute(0, 3, 1, 2).float()  # [B, C, H, W] uint8 levels
         boxes, limits, flips, valid = (batch.pop(key) for key in (BOX, LIMITS, FLIP, VALID))
         if JITTER_ORDER in batch:
             canvas = color_jitter(canvas, valid, batch.pop(JITTER_ORDER), batch.pop(JITTER_FACTORS))
@@ -310,6 +405,42 @@ class DeviceViews:
                 batch[view.unit_key] = pixels
             batch[view.key] = pixels if view.mean is None else normalize(pixels, view.mean, view.std)
         return self.spec.finish(batch) if self.spec.finish is not None else batch
+
+    def decoded_canvas(self, batch: dict, host_canvas: torch.Tensor) -> torch.Tensor:
+        """Decode the batch's JPEGs on the canvas' device and return the whole batch's canvas [B, H, W, C];
+        an unreadable image's slot gets its replacement (all its tensors, its pixels, its skip count)."""
+        encoded: EncodedBatch = batch.pop(ENCODED)
+        host_slots, device = batch.pop(CANVAS_SLOTS), host_canvas.device
+        files = encoded.files()
+        pieces = {}  # slot -> [h, w, 3] uint8 on the device
+        for slot, image, file, decoded in zip(encoded.slots, encoded.images, files, decode_files(files, device)):
+            piece = upright_piece(image, file, decoded, device)
+            if isinstance(piece, Exception):  # unreadable: the slot takes the replacement example
+                example = self.replacement(image.index, image.sample_seed, piece)
+                piece = example.pop(CANVAS).to(device)
+                self.put_example(batch, slot, example, device)
+            pieces[slot] = piece
+        return place_in_canvas(pieces, host_canvas, host_slots.to(device), len(batch[FLIP]))
+
+    @staticmethod
+    def put_example(batch: dict, slot: int, example: dict, device: torch.device) -> None:
+        """Write a replacement example's tensors into row `slot` of the batch; add its skipped images."""
+        skipped = batch["num_skipped"][slot] + 1 + example.pop("num_skipped")
+        for key, value in example.items():
+            if key in batch:
+                batch[key][slot] = value.to(device)
+        batch["num_skipped"][slot] = skipped
+
+
+def upright_piece(image: EncodedJpeg, file: torch.Tensor, decoded: torch.Tensor | Exception,
+                  device: torch.device) -> torch.Tensor | Exception:
+    """[h, w, 3] of the upright image's crop, or Pillow's error when the image is unreadable."""
+    if isinstance(decoded, torch.Tensor):
+        try:
+            return upright_crop(decoded, image)
+        except ValueError:  # the device decoder's size is not the header's: Pillow decides
+            decoded = pillow_or_error(file.numpy().tobytes(), device)
+    return upright_crop(decoded, image) if isinstance(decoded, torch.Tensor) else decoded
 
 
 def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:

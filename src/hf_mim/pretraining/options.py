@@ -135,6 +135,10 @@ class SpeedArguments:
                      "resize + flip + jitter + normalise batched there (same draws, pixels within 1-2 uint8 levels); "
                      "reference: torchvision on PIL images in the workers; auto (default): fast on a GPU, reference "
                      "on a CPU, where the batched resize costs more (see hf_mim.fast_data)")
+    jpeg_decoding: Literal["auto", "device", "host"] = option(
+        "auto", help="fast pipeline: where JPEGs are decoded. device: the workers ship the files' bytes and the "
+                     "training process decodes each batch on its device (nvJPEG on CUDA, batched); host: the workers "
+                     "decode (at reduced scale where the crop allows); auto (default): device on CUDA")
     dataloader_pin_memory: bool = option(True)
     dataloader_persistent_workers: bool = option(False)
 

@@ -312,10 +312,10 @@ def train_micro_batch(run: Run, batch: dict) -> float | None:
     """Forward, backward and (at accumulation boundaries) the optimiser step. Returns the gradient norm
     when it was clipped at this step."""
     accelerator, args = run.accelerator, run.args
-    skipped = batch.pop("num_skipped")
     batch.pop("labels", None)
-    if isinstance(run.train_examples, FastImageExamples):  # crop, resize, flip, jitter, normalise on the device
-        batch = run.train_examples.device_views(batch)
+    if isinstance(run.train_examples, FastImageExamples):  # decode, crop, resize, flip, jitter, normalise on the device
+        batch = run.train_examples.device_views(batch)  # (an image found unreadable there adds to num_skipped)
+    skipped = batch.pop("num_skipped")
     grad_norm = None
     with accelerator.accumulate(run.model):
         seed_micro_batch(run)
@@ -582,8 +582,9 @@ def describe_run(run: Run) -> None:
         plan.learning_rate, "explicit" if args.learning_rate is not None else f"blr {args.base_learning_rate:g} x batch/256",
         plan.warmup_steps, args.lr_scheduler_type, state.global_step, state.epoch, state.batch_in_epoch,
     )
-    pipeline = "fast" if isinstance(run.train_examples, FastImageExamples) else "reference"
-    logger.info("Data: the %s pipeline, %s.", pipeline, run.workers)
+    fast = isinstance(run.train_examples, FastImageExamples)
+    logger.info("Data: the %s pipeline, %s%s.", "fast" if fast else "reference", run.workers,
+                f"; {run.train_examples.decoding}" if fast else "")
 
 
 __all__ = ["LossMeter", "Plan", "Run", "evaluate", "run_pretraining", "train"]
