@@ -111,7 +111,10 @@ def test_a_short_run_improves_mean_iou_and_writes_a_card_with_it(tiny_backbone_c
     assert saved["eval_mean_iou"] == metrics["eval_mean_iou"] and "start_eval_mean_iou" in saved
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.pipeline_tag == "image-segmentation"
-    assert {r.metric_type: r.metric_value for r in card.data.eval_results}["mean_iou"] == metrics["eval_mean_iou"]
+    card_results = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert card_results["mean_iou"] == metrics["eval_mean_iou"]
+    assert card_results["iou_digit_7"] == metrics["eval_iou_digit_7"]  # each class's IoU too
+    assert "digits labels" in card.text and "| `balance_classes` | `True` |" in card.text
     assert "| `layer_decay` | `0.65` |" in card.text and "digit scenes" in card.text
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(output_dir).eval()
     assert type(reloaded.backbone).__name__ == "MaeBackbone" and reloaded.config.num_labels == 11

@@ -5,7 +5,7 @@ linear ("poly", power 1) decay, drop path 0.1, auxiliary FCN head at weight 0.4)
 Trainer of `hf_mim.finetuning` and evaluated with the packaged mean-IoU module (offline).
 
 Data: any data set with an image and a mask column (`segmentation/data.py`); without one, the
-embedded digit scenes. Masks are resized to the model's input size (nearest neighbour) for training
+embedded digit scenes, trained with the class-balanced loss of `segmentation/loss.py` (why: there). Masks are resized to the model's input size (nearest neighbour) for training
 and evaluation, so the reported mIoU is at that resolution.
 """
 
@@ -221,10 +221,13 @@ def write_card(args, training_args, data: SegmentationData, trainer, metrics: di
     model = trainer.model
     backbone_type = model.backbone.config.model_type
     results = {name: metrics[f"eval_{name}"] for name in ("mean_iou", "overall_accuracy") if f"eval_{name}" in metrics}
+    results.update({name.removeprefix("eval_"): value for name, value in metrics.items()  # each class's IoU
+                    if name.startswith("eval_iou_")})
     write_model_card(
         training_args.output_dir, method=args.method or backbone_type.removeprefix("hf_mim_"), model_type="upernet",
         task="semantic-segmentation", recipe=recipe(args, training_args, trainer, model), results=results,
-        dataset=DIGIT_SCENES_DESCRIPTION if data.source == DIGIT_SCENES_SOURCE else data.source,
+        dataset=f"{DIGIT_SCENES_DESCRIPTION}; {args.scene_labels} labels" if data.source == DIGIT_SCENES_SOURCE
+        else data.source,
         dataset_config=args.dataset_config_name, eval_split=data.eval_split or "validation",
         base_model=args.model_name_or_path, tokenizer=None, tokenizer_revision=None, config=model.config,
         repo_id=training_args.hub_model_id, from_scratch=not args.model_name_or_path,
