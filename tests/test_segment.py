@@ -105,7 +105,8 @@ def tiny_backbone_config(tmp_path_factory):
 def test_a_short_run_improves_mean_iou_and_writes_a_card_with_it(tiny_backbone_config, tmp_path):
     output_dir = tmp_path / "run"
     metrics = main(QUICK + ["--config_name", str(tiny_backbone_config), "--num_scenes", "160", "--num_train_epochs",
-                            "4", "--learning_rate", "2e-3", "--scene_labels", "digits", "--output_dir", str(output_dir)])
+                            "4", "--learning_rate", "2e-3", "--scene_labels", "digits",
+                            "--output_dir", str(output_dir)])
     assert metrics["eval_mean_iou"] > metrics["start_eval_mean_iou"] + 0.03
     saved = json.loads((output_dir / "eval_results.json").read_text())
     assert saved["eval_mean_iou"] == metrics["eval_mean_iou"] and "start_eval_mean_iou" in saved
@@ -193,9 +194,9 @@ def test_masks_with_more_classes_than_given_fail_before_training(tiny_backbone_c
                       "--num_labels", "5", "--output_dir", str(tmp_path / "run")])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="open (issue 10): at test scale a briefly pre-trained backbone does not beat a "
-                   "random one on the default (ink) task: measured 2026-12-03, 3 seeds, mIoU differences -0.006..+0.008 "
-                   "(the neck and head carry the task; the backbone's layers train at 0.65^k of the rate)")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="open (issue 10): at test scale a briefly pre-trained backbone does not beat a random one "
+                   "on the default (ink) task: measured 2026-12-03, 3 seeds, mIoU differences -0.006..+0.008")
 def test_a_pretrained_backbone_beats_a_random_one(tiny_backbone_config, tmp_path):
     from hf_mim.pretraining import main as pretrain
 

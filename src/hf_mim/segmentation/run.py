@@ -5,8 +5,9 @@ linear ("poly", power 1) decay, drop path 0.1, auxiliary FCN head at weight 0.4)
 Trainer of `hf_mim.finetuning` and evaluated with the packaged mean-IoU module (offline).
 
 Data: any data set with an image and a mask column (`segmentation/data.py`); without one, the
-embedded digit scenes, trained with the class-balanced loss of `segmentation/loss.py` (why: there). Masks are resized to the model's input size (nearest neighbour) for training
-and evaluation, so the reported mIoU is at that resolution.
+embedded digit scenes, trained with the class-balanced loss of `segmentation/loss.py` (why: there).
+Masks are resized to the model's input size (nearest neighbour) for training and evaluation, so the
+reported mIoU is at that resolution.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from ..pretraining.methods import option
 from ..finetuning.classifier import FINETUNING_CONFIG, change_image_size, check_image_size
 from ..finetuning.run import check_can_push, data_seed, resume_checkpoint, scratch_config, setup_logging
 from ..finetuning.transforms import default_mean_std
-from ..models.image_processing_mim import MimImageProcessor
 from ..metrics import load_mean_iou
 from ..models.configuration_vit import default_pyramid_stages
+from ..models.image_processing_mim import MimImageProcessor
 from .data import (
     DIGIT_SCENES_DESCRIPTION, DIGIT_SCENES_SOURCE, SegmentationData, SegmentationExamples, check_mask_values,
     class_pixel_counts, load_segmentation_data,
