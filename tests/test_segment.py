@@ -158,7 +158,7 @@ def test_class_pixel_counts_leave_out_the_ignore_index():
     np.testing.assert_array_equal(class_pixel_counts(dataset, "mask", 3, 255), [3, 2, 2])
 
 
-def test_balanced_loss_with_equal_weights_is_upernets_own_loss(tiny_backbone_config):
+def test_balanced_loss_with_equal_weights_is_upernets_own_loss(tiny_backbone_config, tmp_path):
     """The trainer's loss (main + auxiliary logits caught by a hook) against UperNet's forward: with
     every weight 1 they are the same cross-entropy, ignore index and auxiliary weight included."""
     from hf_mim.segmentation.loss import SegmentationTrainer
@@ -167,7 +167,7 @@ def test_balanced_loss_with_equal_weights_is_upernets_own_loss(tiny_backbone_con
     torch.manual_seed(0)
     args = SegmentationArguments(config_name=str(tiny_backbone_config), decoder_channels=8, auxiliary_channels=4)
     model = build_segmenter(args, {0: "background", 1: "a", 2: "b"}, ignore_index=255).eval()
-    _, training_args = parse_segmentation_args(QUICK + ["--output_dir", "unused"])
+    _, training_args = parse_segmentation_args(QUICK + ["--output_dir", str(tmp_path)])
     inputs = {"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.randint(0, 3, (2, 32, 32))}
     inputs["labels"][0, :5] = 255
     trainer = SegmentationTrainer(model=model, args=training_args, class_weights=torch.ones(3))
