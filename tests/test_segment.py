@@ -10,11 +10,15 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from PIL import Image
-from transformers import AutoModelForSemanticSegmentation
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 from hf_mim import MaeConfig
 from hf_mim.metrics import load_mean_iou
-from hf_mim.segmentation.data import DIGIT_SCENE_LABELS, check_mask_values, load_segmentation_data, make_digit_scenes
+from hf_mim.segmentation.data import (
+    DIGIT_SCENE_LABELS, SegmentationExamples, check_mask_values, class_pixel_counts, load_segmentation_data,
+    make_digit_scenes,
+)
+from hf_mim.segmentation.loss import balanced_class_weights, weighted_cross_entropy
 from hf_mim.segmentation.run import main
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -101,28 +105,85 @@ def tiny_backbone_config(tmp_path_factory):
 def test_a_short_run_improves_mean_iou_and_writes_a_card_with_it(tiny_backbone_config, tmp_path):
     output_dir = tmp_path / "run"
     metrics = main(QUICK + ["--config_name", str(tiny_backbone_config), "--num_scenes", "160", "--num_train_epochs",
-                            "4", "--learning_rate", "2e-3", "--output_dir", str(output_dir)])
+                            "4", "--learning_rate", "2e-3", "--scene_labels", "digits",
+                            "--output_dir", str(output_dir)])
     assert metrics["eval_mean_iou"] > metrics["start_eval_mean_iou"] + 0.03
     saved = json.loads((output_dir / "eval_results.json").read_text())
     assert saved["eval_mean_iou"] == metrics["eval_mean_iou"] and "start_eval_mean_iou" in saved
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.pipeline_tag == "image-segmentation"
-    assert {r.metric_type: r.metric_value for r in card.data.eval_results}["mean_iou"] == metrics["eval_mean_iou"]
+    card_results = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert card_results["mean_iou"] == metrics["eval_mean_iou"]
+    assert card_results["iou_digit_7"] == metrics["eval_iou_digit_7"]  # each class's IoU too
+    assert "digits labels" in card.text and "| `balance_classes` | `True` |" in card.text
     assert "| `layer_decay` | `0.65` |" in card.text and "digit scenes" in card.text
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(output_dir).eval()
     assert type(reloaded.backbone).__name__ == "MaeBackbone" and reloaded.config.num_labels == 11
     with torch.no_grad():
         assert reloaded(torch.randn(1, 3, 32, 32)).logits.shape == (1, 11, 32, 32)
+    # the evaluation transform is saved too: the folder gives what the run evaluated on
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    scene = make_digit_scenes(1, seed=9)
+    expected = SegmentationExamples(scene, "image", "mask", 32, processor.image_mean, processor.image_std,
+                                    train=False)[0]["pixel_values"]
+    torch.testing.assert_close(processor(scene[0]["image"], return_tensors="pt")["pixel_values"][0], expected,
+                               atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (issue 10): runs end predicting background everywhere, so the "
-                   "mean IoU rises (background IoU ~0.89) while every digit class stays at IoU 0")
 def test_a_short_run_finds_the_digits(tiny_backbone_config, tmp_path):
-    metrics = main(QUICK + ["--config_name", str(tiny_backbone_config), "--num_scenes", "160", "--scene_labels", "ink",
+    """The default task (ink: background / any digit) with the demo's class-balanced loss. Without the
+    balance this run ended at digit IoU 0 on 4 of 4 seeds (every digit pixel at background); with it,
+    0.39-0.41."""
+    metrics = main(QUICK + ["--config_name", str(tiny_backbone_config), "--num_scenes", "160",
                             "--per_device_train_batch_size", "8", "--num_train_epochs", "8", "--learning_rate", "3e-3",
                             "--output_dir", str(tmp_path / "run")])
     assert metrics["eval_iou_background"] > 0.8  # each class's IoU is reported
-    assert metrics["eval_iou_digit"] > 0.2  # the digits are found, not background everywhere
+    assert metrics["eval_iou_digit"] > 0.25  # the digits are found, not background everywhere
+    assert metrics["eval_mean_iou"] > metrics["start_eval_mean_iou"] + 0.3
+
+
+def test_balanced_weights_are_inverse_square_root_frequencies_with_mean_one():
+    counts = np.array([900, 100, 0])
+    weights = balanced_class_weights(counts).double()
+    frequency = np.maximum(counts, 1) / np.maximum(counts, 1).sum()
+    assert float(weights[0] / weights[1]) == pytest.approx(np.sqrt(100 / 900))
+    assert float(weights[2] / weights[1]) == pytest.approx(np.sqrt(100 / 1))  # absent: counted as one pixel
+    assert float((weights.numpy() * frequency).sum()) == pytest.approx(1.0)  # a pixel's mean weight
+
+
+def test_class_pixel_counts_leave_out_the_ignore_index():
+    masks = [np.array([[0, 1], [1, 255]], dtype=np.uint8), np.array([[2, 2], [0, 0]], dtype=np.uint8)]
+    dataset = datasets.Dataset.from_dict({"mask": [Image.fromarray(m, mode="L") for m in masks]},
+                                         features=datasets.Features({"mask": datasets.Image()}))
+    np.testing.assert_array_equal(class_pixel_counts(dataset, "mask", 3, 255), [3, 2, 2])
+
+
+def test_balanced_loss_with_equal_weights_is_upernets_own_loss(tiny_backbone_config, tmp_path):
+    """The trainer's loss (main + auxiliary logits caught by a hook) against UperNet's forward: with
+    every weight 1 they are the same cross-entropy, ignore index and auxiliary weight included."""
+    from hf_mim.segmentation.loss import SegmentationTrainer
+    from hf_mim.segmentation.run import SegmentationArguments, build_segmenter, parse_segmentation_args
+
+    torch.manual_seed(0)
+    args = SegmentationArguments(config_name=str(tiny_backbone_config), decoder_channels=8, auxiliary_channels=4)
+    model = build_segmenter(args, {0: "background", 1: "a", 2: "b"}, ignore_index=255).eval()
+    _, training_args = parse_segmentation_args(QUICK + ["--output_dir", str(tmp_path)])
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.randint(0, 3, (2, 32, 32))}
+    inputs["labels"][0, :5] = 255
+    trainer = SegmentationTrainer(model=model, args=training_args, class_weights=torch.ones(3))
+    with torch.no_grad():
+        expected = model(**inputs).loss
+        loss, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
+    torch.testing.assert_close(loss, expected)
+    assert outputs.logits.shape == (2, 3, 32, 32) and model.config.auxiliary_loss_weight == 0.4
+    # unequal weights: the weighted mean that torch's cross_entropy defines, on the main logits alone
+    weights = torch.tensor([0.5, 2.0, 1.0])
+    logits, labels = outputs.logits, inputs["labels"]
+    labelled = labels != 255
+    per_pixel = -logits.log_softmax(1).gather(1, labels.clamp(max=2)[:, None])[:, 0]  # [B, H, W]
+    pixel_weights = weights[labels.clamp(max=2)] * labelled
+    torch.testing.assert_close(weighted_cross_entropy(logits, labels, weights, 255),
+                               (per_pixel * pixel_weights).sum() / pixel_weights.sum())
 
 
 def test_masks_with_more_classes_than_given_fail_before_training(tiny_backbone_config, tmp_path):
@@ -131,3 +192,22 @@ def test_masks_with_more_classes_than_given_fail_before_training(tiny_backbone_c
     with pytest.raises(ValueError, match=r"outside the class ids \[0, 5\).*Pass --num_labels \d+ .*--ignore_index"):
         main(QUICK + ["--config_name", str(tiny_backbone_config), "--train_file", str(tmp_path / "scenes.parquet"),
                       "--num_labels", "5", "--output_dir", str(tmp_path / "run")])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="open (issue 10): at test scale a briefly pre-trained backbone does not beat a random one "
+                   "on the default (ink) task: measured 2026-12-03, 3 seeds, mIoU differences -0.006..+0.008")
+def test_a_pretrained_backbone_beats_a_random_one(tiny_backbone_config, tmp_path):
+    from hf_mim.pretraining import main as pretrain
+
+    unlabelled = make_digit_scenes(640, seed=101).remove_columns("mask")  # other scenes than the segmentation run's
+    unlabelled.to_parquet(tmp_path / "scenes.parquet")
+    pretrain(["--train_file", str(tmp_path / "scenes.parquet"), "--config_name", str(tiny_backbone_config),
+              "--output_dir", str(tmp_path / "mae"), "--max_steps", "150", "--per_device_train_batch_size", "32",
+              "--max_eval_samples", "32", "--checkpointing_steps", "1000", "--report_to", "none",
+              "--dataloader_num_workers", "0"])
+    segment = QUICK + ["--num_scenes", "160", "--per_device_train_batch_size", "8", "--num_train_epochs", "8",
+                       "--learning_rate", "3e-3"]
+    pretrained = main(segment + ["--model_name_or_path", str(tmp_path / "mae"), "--output_dir", str(tmp_path / "a")])
+    scratch = main(segment + ["--config_name", str(tiny_backbone_config), "--output_dir", str(tmp_path / "b")])
+    assert pretrained["eval_mean_iou"] > scratch["eval_mean_iou"] + 0.02

@@ -197,6 +197,16 @@ def check_mask_values(dataset: datasets.Dataset | None, mask_column: str, num_la
         )
 
 
+def class_pixel_counts(dataset: datasets.Dataset, mask_column: str, num_labels: int, ignore_index: int) -> np.ndarray:
+    """[num_labels] pixels of each class over every mask (the ignore index not counted): the class
+    frequencies that `segmentation/loss.py` balances."""
+    counts = np.zeros(num_labels, dtype=np.int64)
+    for value in dataset[mask_column]:
+        classes = mask_array(value).ravel()
+        counts += np.bincount(classes[classes != ignore_index], minlength=num_labels)[:num_labels]
+    return counts
+
+
 # ---------------------------------------------------------------------------------------------
 # Examples for PyTorch
 # ---------------------------------------------------------------------------------------------
@@ -205,13 +215,14 @@ def check_mask_values(dataset: datasets.Dataset | None, mask_column: str, num_la
 class SegmentationExamples(torch.utils.data.Dataset):
     """(pixel_values [3, S, S] normalised, labels [S, S] long) per example. Training: a random square
     crop of 50-100% of the shorter side (a zoom of 1-2x, as mmsegmentation's random rescale + crop)
-    and a horizontal flip, the same for image and mask, drawn from torch's RNG (seeded by the
-    Trainer); evaluation: a plain resize to S x S."""
+    and a horizontal flip (unless `horizontal_flip=False`: mirrored digits are not digits), the same
+    for image and mask, drawn from torch's RNG (seeded by the Trainer); evaluation: a plain resize
+    to S x S."""
 
     def __init__(self, dataset: datasets.Dataset, image_column: str, mask_column: str, size: int, mean, std,
-                 train: bool):
+                 train: bool, horizontal_flip: bool = True):
         self.dataset, self.image_column, self.mask_column = dataset, image_column, mask_column
-        self.size, self.train = size, train
+        self.size, self.train, self.horizontal_flip = size, train, horizontal_flip
         self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
 
@@ -224,7 +235,7 @@ class SegmentationExamples(torch.utils.data.Dataset):
         left, top = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
         box = (left, top, left + side, top + side)
         image, mask = image.crop(box), mask.crop(box)
-        if rng.random() < 0.5:
+        if self.horizontal_flip and rng.random() < 0.5:
             flip = Image.Transpose.FLIP_LEFT_RIGHT
             image, mask = image.transpose(flip), mask.transpose(flip)
         return image, mask
@@ -243,5 +254,5 @@ class SegmentationExamples(torch.utils.data.Dataset):
 
 __all__ = [
     "DIGIT_SCENES_DESCRIPTION", "DIGIT_SCENES_SOURCE", "DIGIT_SCENE_LABELS", "INK_SCENE_LABELS", "SegmentationData", "SegmentationExamples",
-    "check_mask_values", "load_segmentation_data", "make_digit_scenes",
+    "check_mask_values", "class_pixel_counts", "load_segmentation_data", "make_digit_scenes",
 ]

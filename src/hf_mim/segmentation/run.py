@@ -5,8 +5,9 @@ linear ("poly", power 1) decay, drop path 0.1, auxiliary FCN head at weight 0.4)
 Trainer of `hf_mim.finetuning` and evaluated with the packaged mean-IoU module (offline).
 
 Data: any data set with an image and a mask column (`segmentation/data.py`); without one, the
-embedded digit scenes. Masks are resized to the model's input size (nearest neighbour) for training
-and evaluation, so the reported mIoU is at that resolution.
+embedded digit scenes, trained with the class-balanced loss of `segmentation/loss.py` (why: there).
+Masks are resized to the model's input size (nearest neighbour) for training and evaluation, so the
+reported mIoU is at that resolution.
 """
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ import torch
 from transformers import (
     AutoBackbone, AutoConfig, TrainingArguments, UperNetConfig, UperNetForSemanticSegmentation,
 )
+from transformers.image_utils import PILImageResampling
 from transformers.trainer_utils import set_seed
 
 from ..cli import DATA_SOURCES, DataSourceArguments, MimArgumentParser, option
 from ..finetuning.arguments import add_aliases, default_num_workers, given, has_accelerator
 from ..finetuning.classifier import FINETUNING_CONFIG, change_image_size, check_image_size
 from ..finetuning.run import check_can_push, data_seed, resume_checkpoint, scratch_config, setup_logging
-from ..finetuning.trainer import FinetuningTrainer
 from ..finetuning.transforms import default_mean_std
 from ..metrics import load_mean_iou
 from ..models.configuration_vit import default_pyramid_stages
+from ..models.image_processing_mim import MimImageProcessor
 from .data import (
     DIGIT_SCENES_DESCRIPTION, DIGIT_SCENES_SOURCE, SegmentationData, SegmentationExamples, check_mask_values,
-    load_segmentation_data,
+    class_pixel_counts, load_segmentation_data,
 )
+from .loss import SegmentationTrainer, balanced_class_weights
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +62,9 @@ class SegmentationArguments(DataSourceArguments):
     num_labels: int | None = option(help="number of classes (needed unless the data names them)")
     ignore_index: int = option(255, help="mask value of unlabelled pixels (left out of loss and mIoU)")
     num_scenes: int = option(600, help="digit scenes to generate (default data only)")
-    scene_labels: str = option("digits", help="digit scenes' classes: digits (background + one per digit) or ink "
-                                              "(background / any digit)")
+    scene_labels: str = option("ink", help="digit scenes' classes: ink (background / any digit; the default, learnt "
+                                           "in CPU minutes) or digits (background + one per digit; needs far more "
+                                           "training)")
     image_size: int | None = option(help="train at this resolution (position tables resized; default: the config's)")
     out_indices: list[int] | None = option(
         help="the 4 backbone stages for the neck (stage k = block k's output; default: BEiT's, [4, 6, 8, 12] of 12)")
@@ -69,6 +73,9 @@ class SegmentationArguments(DataSourceArguments):
     decoder_channels: int = option(512, help="UperNet head width (the reference uses 512 for ViT-B)")
     auxiliary_channels: int = option(256, help="auxiliary FCN head width")
     auxiliary_loss_weight: float = option(0.4, help="weight of the auxiliary head's loss (0: no auxiliary head)")
+    balance_classes: bool = option(False, help="weight each class in the loss by 1/sqrt(its pixel frequency in the "
+                                               "training masks): keeps a small head from leaving rare classes at "
+                                               "background (segmentation/loss.py; on for the digit scenes demo)")
     method: str | None = option(help="pre-training method for the model card (default: from the backbone type)")
 
     def hub_kwargs(self) -> dict:  # what finetuning.run.scratch_config passes to AutoConfig
@@ -84,7 +91,7 @@ TRAINING_DEFAULTS = {
 # The digit-scenes demo: a tiny backbone and head that learn in a few CPU minutes.
 DEMO_DEFAULTS = {"num_train_epochs": 8.0, "learning_rate": 1e-3, "per_device_train_batch_size": 32,
                  "per_device_eval_batch_size": 64, "decoder_channels": 32, "auxiliary_channels": 16, "drop_path": 0.0,
-                 "output_dir": "outputs/segment-demo", "warmup_steps": 0.05}
+                 "output_dir": "outputs/segment-demo", "warmup_steps": 0.05, "balance_classes": True}
 
 
 def parse_segmentation_args(argv: list[str] | None = None) -> tuple[SegmentationArguments, TrainingArguments]:
@@ -174,6 +181,14 @@ def metrics_function(id2label: dict[int, str], ignore_index: int):
     return compute_metrics
 
 
+def segmentation_processor(size: int, config, mean, std) -> MimImageProcessor:
+    """The evaluation transform (a plain resize to size x size, then mean / std), saved with the model
+    so that the output folder loads with AutoImageProcessor."""
+    return MimImageProcessor(size={"height": size, "width": size}, do_center_crop=False,
+                             resample=PILImageResampling.BILINEAR, image_mean=list(mean), image_std=list(std),
+                             patch_size=config.patch_size, do_convert_rgb=config.num_channels == 3)
+
+
 def predicted_classes(logits, labels) -> torch.Tensor:
     """UperNet's logits [B, K, H, W] (already at the input size) -> class per pixel [B, H, W]; kept
     instead of the logits so that evaluation does not hold K maps per image."""
@@ -192,7 +207,7 @@ def recipe(args: SegmentationArguments, training_args, trainer, model) -> dict:
         "lr_scheduler_type": str(training_args.lr_scheduler_type), "drop_path": args.drop_path,
         "image_size": model.backbone.config.image_size, "out_indices": model.backbone.out_indices,
         "decoder_channels": args.decoder_channels, "auxiliary_loss_weight": args.auxiliary_loss_weight,
-        "ignore_index": args.ignore_index, "seed": training_args.seed,
+        "ignore_index": args.ignore_index, "balance_classes": args.balance_classes, "seed": training_args.seed,
     }
 
 
@@ -202,10 +217,13 @@ def write_card(args, training_args, data: SegmentationData, trainer, metrics: di
     model = trainer.model
     backbone_type = model.backbone.config.model_type
     results = {name: metrics[f"eval_{name}"] for name in ("mean_iou", "overall_accuracy") if f"eval_{name}" in metrics}
+    results.update({name.removeprefix("eval_"): value for name, value in metrics.items()  # each class's IoU
+                    if name.startswith("eval_iou_")})
     write_model_card(
         training_args.output_dir, method=args.method or backbone_type.removeprefix("hf_mim_"), model_type="upernet",
         task="semantic-segmentation", recipe=recipe(args, training_args, trainer, model), results=results,
-        dataset=DIGIT_SCENES_DESCRIPTION if data.source == DIGIT_SCENES_SOURCE else data.source,
+        dataset=f"{DIGIT_SCENES_DESCRIPTION}; {args.scene_labels} labels" if data.source == DIGIT_SCENES_SOURCE
+        else data.source,
         dataset_config=args.dataset_config_name, eval_split=data.eval_split or "validation",
         base_model=args.model_name_or_path, tokenizer=None, tokenizer_revision=None, config=model.config,
         repo_id=training_args.hub_model_id, from_scratch=not args.model_name_or_path,
@@ -240,15 +258,23 @@ def run_segmentation(args: SegmentationArguments, training_args: TrainingArgumen
     config = model.backbone.config
     mean, std = default_mean_std(config.num_channels)
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    flip = data.source != DIGIT_SCENES_SOURCE  # a mirrored digit is no digit
     examples = {split: SegmentationExamples(dataset, data.image_column, data.mask_column, size, mean, std,
-                                            train=split == "train")
+                                            train=split == "train", horizontal_flip=flip)
                 for split, dataset in (("train", data.train), ("eval", data.eval)) if dataset is not None}
+    class_weights = None
+    if args.balance_classes and data.train is not None:
+        counts = class_pixel_counts(data.train, data.mask_column, len(id2label), args.ignore_index)
+        class_weights = balanced_class_weights(counts)
+        logger.info("Class weights (1/sqrt(pixel frequency)): %s.",
+                    ", ".join(f"{id2label[i]} {w:.2f}" for i, w in enumerate(class_weights.tolist())))
     training_args.remove_unused_columns, training_args.label_names = False, ["labels"]
     push, training_args.push_to_hub = training_args.push_to_hub, False  # uploaded once at the end, by publish()
-    trainer = FinetuningTrainer(
+    trainer = SegmentationTrainer(
         model=model, args=training_args, train_dataset=examples.get("train"), eval_dataset=examples.get("eval"),
         compute_metrics=metrics_function(id2label, args.ignore_index) if "eval" in examples else None,
-        preprocess_logits_for_metrics=predicted_classes, layer_decay=args.layer_decay,
+        preprocess_logits_for_metrics=predicted_classes, layer_decay=args.layer_decay, class_weights=class_weights,
+        processing_class=segmentation_processor(size, config, mean, std),
     )
     metrics = {}
     if "eval" in examples:
