@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from hf_mim.cards import METHODS, TASKS
+from hf_mim.cli import MimArgumentParser
 from hf_mim.hub import PublishError, publish
 
 CARD_OPTIONS = ("method", "task", "dataset", "dataset_config", "eval_split", "base_model", "tokenizer",
@@ -29,7 +30,8 @@ CARD_OPTIONS = ("method", "task", "dataset", "dataset_config", "eval_split", "ba
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The same spelling rules as the other scripts (`--a_b` or `--a-b`, close matches for a typo)."""
+    parser = MimArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     hub = parser.add_argument_group("checkpoint and Hub")
     hub.add_argument("--model_dir", required=True, help="folder written by save_pretrained")
     hub.add_argument("--repo_id", "--hub_model_id", dest="repo_id", help="Hub repository, NAMESPACE/NAME")

@@ -246,13 +246,15 @@ def run_probe(model_args, data_args, probe_args) -> dict:
     return results
 
 
+def parse_probe_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, ProbeArguments]:
+    return MimArgumentParser((ModelArguments, DataArguments, ProbeArguments)).parse_args_into_dataclasses(args=argv)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = MimArgumentParser((ModelArguments, DataArguments, ProbeArguments))
-    model_args, data_args, probe_args = parser.parse_args_into_dataclasses(args=argv)
-    return run_probe(model_args, data_args, probe_args)
+    return run_probe(*parse_probe_args(argv))
 
 
 __all__ = [
     "POOLINGS", "ProbeArguments", "ProbeSettings", "evaluate_features", "extract_features", "knn_accuracy",
-    "linear_probe_accuracy", "main", "pool", "run_probe", "train_linear_probe",
+    "linear_probe_accuracy", "main", "parse_probe_args", "pool", "run_probe", "train_linear_probe",
 ]
