@@ -14,6 +14,7 @@ from hf_mim import (
     MaeForImageClassification, MaeForPreTraining, MimImageProcessor, VitMppBackbone, VitMppConfig,
     VitMppForPreTraining,
 )
+from model_testing import randomize
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -37,15 +38,6 @@ FAMILIES = {  # name: (pre-training model, backbone class, config, backbone opti
         BEiTBackbone, "beit", PER_BLOCK_TABLES),
     "vit_mpp": (lambda: VitMppForPreTraining(VitMppConfig(**TINY)), VitMppBackbone, "vit", {}),
 }
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values everywhere (tables, layer scales, q/v biases), so no comparison passes on an init constant."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -13,6 +13,7 @@ from transformers import AutoModel, AutoModelForImageClassification, AutoModelFo
 from hf_mim import BEiTConfig, BEiTForImageClassification, BEiTForMaskedImageModeling, BEiTModel
 from hf_mim.convert.__main__ import main as convert_main
 from hf_mim.models.relative_position import relative_position_index, resize_relative_position_bias_table
+from model_testing import randomize
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=32,
             patch_size=8, vocab_size=50, drop_path_rate=0.0)
@@ -21,16 +22,6 @@ GRID = 16  # 4x4 patches
 
 def tiny_config(**changes) -> BEiTConfig:
     return BEiTConfig(**{**TINY, **changes})
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values in every parameter (tables, tokens, layer scales, q/v biases included), so that
-    a comparison cannot pass on the zeros and constants of the init."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model.eval()
 
 
 def batch(seed: int = 0, size: int = 3, image: int = 32, ratio: float = 0.4):

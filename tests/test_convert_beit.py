@@ -10,17 +10,10 @@ import torch
 from hf_mim import BEiTConfig, BEiTForImageClassification, BEiTForMaskedImageModeling, BEiTModel
 from hf_mim.convert.__main__ import main as convert_main
 from hf_mim.models.relative_position import relative_position_index
+from model_testing import randomize
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=32,
             patch_size=8, vocab_size=50, drop_path_rate=0.1, layer_norm_eps=1e-6)
-
-
-def randomized(model: torch.nn.Module) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model.eval()
 
 
 def reference_state_dict(model: torch.nn.Module) -> dict:
@@ -52,7 +45,7 @@ def inputs():
 
 
 def test_reference_beit_v1_pretraining_round_trip(tmp_path):
-    original = randomized(BEiTForMaskedImageModeling(BEiTConfig(**TINY)))
+    original = randomize(BEiTForMaskedImageModeling(BEiTConfig(**TINY)))
     torch.save({"model": reference_state_dict(original)}, tmp_path / "beit.pth")
     assert convert_main(["beit", str(tmp_path / "beit.pth"), str(tmp_path / "out")]) == 0
     converted = BEiTForMaskedImageModeling.from_pretrained(tmp_path / "out").eval()
@@ -71,7 +64,7 @@ def test_reference_beit_v1_pretraining_round_trip(tmp_path):
 def test_reference_beit_v2_with_cls_head(tmp_path, shared_lm_head):
     config = BEiTConfig(**TINY, use_cls_pretext_head=True, cls_head_early_layer=2, cls_head_depth=2,
                         shared_lm_head=shared_lm_head)
-    original = randomized(BEiTForMaskedImageModeling(config))
+    original = randomize(BEiTForMaskedImageModeling(config))
     torch.save({"module": reference_state_dict(original)}, tmp_path / "beitv2.pth")
     # The plain BEiT converter points at the v2 one.
     with pytest.raises(ValueError, match="beitv2"):
@@ -98,7 +91,7 @@ def test_default_early_layer_is_depth_minus_three(tmp_path):
 
 def test_reference_fine_tuned_classifier_with_per_block_tables(tmp_path):
     config = BEiTConfig(**TINY, use_shared_relative_position_bias=False, use_relative_position_bias=True, num_labels=6)
-    original = randomized(BEiTForImageClassification(config))
+    original = randomize(BEiTForImageClassification(config))
     state = reference_state_dict(original)
     assert "blocks.1.attn.relative_position_bias_table" in state and "fc_norm.weight" in state
     torch.save({"model": state}, tmp_path / "ft.pth")
@@ -112,7 +105,7 @@ def test_reference_fine_tuned_classifier_with_per_block_tables(tmp_path):
 
 
 def test_encoder_only_file_becomes_beit_model(tmp_path):
-    original = randomized(BEiTModel(BEiTConfig(**TINY)))
+    original = randomize(BEiTModel(BEiTConfig(**TINY)))
     torch.save({"model": reference_state_dict(original)}, tmp_path / "enc.pth")
     assert convert_main(["beit", str(tmp_path / "enc.pth"), str(tmp_path / "out")]) == 0
     assert_same_weights(original, BEiTModel.from_pretrained(tmp_path / "out"))
@@ -154,7 +147,7 @@ def test_transformers_classifier_with_per_block_tables(tmp_path, mean_pooling):
         layer_norm_eps=1e-6, use_relative_position_bias=True, use_mean_pooling=mean_pooling, num_labels=4,
         drop_path_rate=0.0,
     )
-    reference = randomized(TransformersClassifier(config))
+    reference = randomize(TransformersClassifier(config))
     reference.save_pretrained(tmp_path / "transformers")
     assert convert_main(["beit", str(tmp_path / "transformers"), str(tmp_path / "out")]) == 0
     converted = BEiTForImageClassification.from_pretrained(tmp_path / "out").eval()

@@ -14,6 +14,7 @@ from hf_mim import (
     MaeForPreTraining, VitMppConfig, VitMppForImageClassification, VitMppForPreTraining,
 )
 from hf_mim.export.__main__ import main as export_main
+from model_testing import randomize
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -37,15 +38,6 @@ MODELS = {
     "vit_mpp-cls-classifier": lambda: VitMppForImageClassification(VitMppConfig(**TINY, num_labels=3,
                                                                                 use_mean_pooling=False)),
 }
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values everywhere, so that no weight can be dropped or misplaced unnoticed."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from hf_mim.models.masking import (
     corrupt_patch_embeddings, random_patch_selection,
 )
 from hf_mim.models.vit_core import resize_pos_embed
+from model_testing import randomize
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
             patch_size=8)
@@ -30,15 +31,6 @@ GRID = 16  # 4x4 patches
 
 def tiny_config(**changes) -> VitMppConfig:
     return VitMppConfig(**{**TINY, **changes})
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values in every parameter, so that no comparison passes on init zeros and ones."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model.eval()
 
 
 def batch(seed: int = 0, size: int = 3):
