@@ -129,6 +129,14 @@ def test_auto_backbone_builds_each_family_from_its_config():
         assert type(AutoBackbone.from_config(config)) is backbone_class
 
 
+def test_asking_for_attention_maps_is_an_error_not_a_silent_none():
+    backbone = MaeBackbone(MaeConfig(**TINY)).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    assert backbone(pixels, output_attentions=False).feature_maps  # what UperNet and DPT pass
+    with pytest.raises(ValueError, match="does not return attention maps.*output_hidden_states"):
+        backbone(pixels, output_attentions=True)
+
+
 def test_out_indices_beyond_the_depth_name_the_valid_range():
     with pytest.raises(ValueError, match=r"indices must be in \[0, 4\].*num_hidden_layers=4"):
         MaeConfig(**TINY, out_indices=[2, 5])

@@ -347,7 +347,7 @@ def fast_training_examples(args, method, processor, dataset, image_column: str,
                            device: torch.device) -> FastImageExamples | None:
     """The training examples of `--data_pipeline fast` (`auto`: off the CPU), or None (logged) for the
     reference path: when asked, when the method declares no FastViews, or for a streamed data set."""
-    pipeline = getattr(args, "data_pipeline", "reference")
+    pipeline = args.data_pipeline
     if pipeline == "reference" or (pipeline == "auto" and device.type == "cpu"):
         return None
     spec = method.fast_views(processor)
@@ -358,7 +358,7 @@ def fast_training_examples(args, method, processor, dataset, image_column: str,
         logger.warning("Streamed data sets take the reference data path (the fast path needs a map-style data set).")
         return None
     return FastImageExamples(dataset, image_column, spec, image_mode=method.image_mode,
-                             device_decoding=decode_jpegs_on_device(getattr(args, "jpeg_decoding", "auto"), device))
+                             device_decoding=decode_jpegs_on_device(args.jpeg_decoding, device))
 
 
 def decode_jpegs_on_device(choice: str, device: torch.device) -> bool:

@@ -107,6 +107,9 @@ class VitBackboneMixin(BackboneMixin):
         """feature_maps: one [B, D, H/p, W/p] map per chosen stage (through the neck with ``add_fpn``),
         or the stage's tokens [B, 1+N, D] with ``reshape_hidden_states=False``; hidden_states (when
         asked): the encoder's, [B, 1+N, D] each."""
+        if output_attentions:  # UperNet / DPT pass their config's False; True would silently give None
+            raise ValueError(f"{type(self).__name__} does not return attention maps (its attention runs in "
+                             "scaled_dot_product_attention, which does not form them); use output_hidden_states.")
         encoder = self.base_model
         grid = encoder.patch_embed.grid_size(pixel_values)
         if output_hidden_states is None:

@@ -24,8 +24,8 @@ from transformers import (
 from transformers.image_utils import PILImageResampling
 from transformers.trainer_utils import set_seed
 
-from ..cli import DATA_SOURCES, DataSourceArguments, MimArgumentParser, option
-from ..finetuning.arguments import add_aliases, default_num_workers, given, has_accelerator
+from ..cli import DATA_SOURCES, DataSourceArguments, MimArgumentParser, given, option
+from ..finetuning.arguments import add_aliases, default_num_workers, has_accelerator
 from ..finetuning.classifier import FINETUNING_CONFIG, change_image_size, check_image_size
 from ..finetuning.run import check_can_push, data_seed, resume_checkpoint, scratch_config, setup_logging
 from ..finetuning.transforms import default_mean_std
