@@ -15,7 +15,7 @@ from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 from hf_mim import MaeConfig
 from hf_mim.metrics import load_mean_iou
 from hf_mim.segmentation.data import (
-    DIGIT_SCENE_LABELS, SegmentationExamples, check_mask_values, class_pixel_counts, load_segmentation_data,
+    DIGIT_SCENE_LABELS, SegmentationExamples, check_mask_values, load_segmentation_data,
     make_digit_scenes,
 )
 from hf_mim.segmentation.loss import balanced_class_weights, weighted_cross_entropy
@@ -151,11 +151,11 @@ def test_balanced_weights_are_inverse_square_root_frequencies_with_mean_one():
     assert float((weights.numpy() * frequency).sum()) == pytest.approx(1.0)  # a pixel's mean weight
 
 
-def test_class_pixel_counts_leave_out_the_ignore_index():
+def test_the_mask_check_counts_each_class_leaving_out_the_ignore_index():
     masks = [np.array([[0, 1], [1, 255]], dtype=np.uint8), np.array([[2, 2], [0, 0]], dtype=np.uint8)]
     dataset = datasets.Dataset.from_dict({"mask": [Image.fromarray(m, mode="L") for m in masks]},
                                          features=datasets.Features({"mask": datasets.Image()}))
-    np.testing.assert_array_equal(class_pixel_counts(dataset, "mask", 3, 255), [3, 2, 2])
+    np.testing.assert_array_equal(check_mask_values(dataset, "mask", 3, 255, "train"), [3, 2, 2])
 
 
 def test_balanced_loss_with_equal_weights_is_upernets_own_loss(tiny_backbone_config, tmp_path):

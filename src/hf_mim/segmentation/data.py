@@ -177,14 +177,20 @@ def mask_array(value) -> np.ndarray:
 
 
 def check_mask_values(dataset: datasets.Dataset | None, mask_column: str, num_labels: int, ignore_index: int,
-                      split: str) -> None:
-    """Every mask value is a class id in [0, num_labels) or the ignore index; else a clear error."""
+                      split: str) -> np.ndarray | None:
+    """Every mask value is a class id in [0, num_labels) or the ignore index; else a clear error. Returns
+    the pixels of each class over every mask [num_labels] (the ignore index not counted), from the same
+    pass: the class frequencies that `segmentation/loss.py` balances (None without a data set)."""
     if dataset is None:
-        return
+        return None
     highest, bad_examples = 0, []
+    pixel_counts = np.zeros(num_labels, dtype=np.int64)
     for index, value in enumerate(dataset[mask_column]):
-        values = np.unique(mask_array(value))
-        outside = values[(values != ignore_index) & ((values < 0) | (values >= num_labels))]
+        values, counts = np.unique(mask_array(value), return_counts=True)
+        labelled = values != ignore_index
+        inside = labelled & (values >= 0) & (values < num_labels)
+        pixel_counts[values[inside]] += counts[inside]
+        outside = values[labelled & ~inside]
         if outside.size:
             bad_examples.append(index)
             highest = max(highest, int(outside.max()))
@@ -195,16 +201,7 @@ def check_mask_values(dataset: datasets.Dataset | None, mask_column: str, num_la
             f"or --ignore_index {highest} if that value marks unlabelled pixels (ADE20K's `reduce_labels` style data "
             "uses 255)."
         )
-
-
-def class_pixel_counts(dataset: datasets.Dataset, mask_column: str, num_labels: int, ignore_index: int) -> np.ndarray:
-    """[num_labels] pixels of each class over every mask (the ignore index not counted): the class
-    frequencies that `segmentation/loss.py` balances."""
-    counts = np.zeros(num_labels, dtype=np.int64)
-    for value in dataset[mask_column]:
-        classes = mask_array(value).ravel()
-        counts += np.bincount(classes[classes != ignore_index], minlength=num_labels)[:num_labels]
-    return counts
+    return pixel_counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,5 +251,5 @@ class SegmentationExamples(torch.utils.data.Dataset):
 
 __all__ = [
     "DIGIT_SCENES_DESCRIPTION", "DIGIT_SCENES_SOURCE", "DIGIT_SCENE_LABELS", "INK_SCENE_LABELS", "SegmentationData", "SegmentationExamples",
-    "check_mask_values", "class_pixel_counts", "load_segmentation_data", "make_digit_scenes",
+    "check_mask_values", "load_segmentation_data", "make_digit_scenes",
 ]

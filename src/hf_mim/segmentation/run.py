@@ -34,7 +34,7 @@ from ..models.configuration_vit import default_pyramid_stages
 from ..models.image_processing_mim import MimImageProcessor
 from .data import (
     DIGIT_SCENES_DESCRIPTION, DIGIT_SCENES_SOURCE, SegmentationData, SegmentationExamples, check_mask_values,
-    class_pixel_counts, load_segmentation_data,
+    load_segmentation_data,
 )
 from .loss import SegmentationTrainer, balanced_class_weights
 
@@ -252,8 +252,8 @@ def run_segmentation(args: SegmentationArguments, training_args: TrainingArgumen
             scene_labels=args.scene_labels,
         )
     id2label = class_names(args, data)
-    for split, dataset in (("train", data.train), ("validation", data.eval)):
-        check_mask_values(dataset, data.mask_column, len(id2label), args.ignore_index, split)
+    pixel_counts = {split: check_mask_values(dataset, data.mask_column, len(id2label), args.ignore_index, split)
+                    for split, dataset in (("train", data.train), ("validation", data.eval))}  # [K] per split
     model = build_segmenter(args, id2label, args.ignore_index)
     config = model.backbone.config
     mean, std = default_mean_std(config.num_channels)
@@ -264,8 +264,7 @@ def run_segmentation(args: SegmentationArguments, training_args: TrainingArgumen
                 for split, dataset in (("train", data.train), ("eval", data.eval)) if dataset is not None}
     class_weights = None
     if args.balance_classes and data.train is not None:
-        counts = class_pixel_counts(data.train, data.mask_column, len(id2label), args.ignore_index)
-        class_weights = balanced_class_weights(counts)
+        class_weights = balanced_class_weights(pixel_counts["train"])
         logger.info("Class weights (1/sqrt(pixel frequency)): %s.",
                     ", ".join(f"{id2label[i]} {w:.2f}" for i, w in enumerate(class_weights.tolist())))
     training_args.remove_unused_columns, training_args.label_names = False, ["labels"]
