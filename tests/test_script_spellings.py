@@ -46,6 +46,14 @@ def test_warmup_ratio_warns_and_lands_in_warmup_steps_in_every_script(script):
         assert SCRIPTS[script](["--warmup_ratio", "0.1"])[0] == 0.1
 
 
+@pytest.mark.parametrize("parse", [parse_pretraining_args, parse_tokenizer_args,
+                                   lambda argv: parse_finetuning_args(argv + ["--output_dir", "x"])[3]])
+def test_overwrite_output_dir_warns_and_means_start_afresh_in_every_script(parse):
+    with pytest.warns(FutureWarning, match="--overwrite_output_dir is deprecated"):
+        assert parse(["--overwrite_output_dir"]).resume_from_checkpoint == "none"
+    assert parse([]).resume_from_checkpoint != "none"
+
+
 @pytest.mark.parametrize("parse", [lambda argv: parse_pretraining_args(["--method", "beit"] + argv),
                                    lambda argv: parse_tokenizer_args(["--method", "vqkd"] + argv)])
 def test_min_crop_scale_is_the_old_spelling_of_crop_min_scale(parse):

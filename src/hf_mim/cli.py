@@ -138,6 +138,20 @@ class MimArgumentParser(HfArgumentParser):
         return super().format_help()
 
 
+def add_transformers4_names(parser: MimArgumentParser, warmup_type=float) -> None:
+    """Names removed in transformers 5 that their READMEs still show: they work, with a FutureWarning
+    (`warmup_type` parses the ratio as the script's --warmup_steps does)."""
+    for old, dest, kind, replacement in (
+        ("--warmup_ratio", "warmup_steps", warmup_type, "pass the ratio to --warmup_steps (a float in [0, 1))"),
+        ("--evaluation_strategy", "eval_strategy", str, "use --eval_strategy"),
+        ("--push_to_hub_model_id", "hub_model_id", str, "use --hub_model_id"),
+    ):
+        parser.add_deprecated_alias(old, dest, type=kind, replacement=replacement, default=argparse.SUPPRESS)
+    parser.add_deprecated_alias("--overwrite_output_dir", "resume_from_checkpoint", nargs=0, const="none",
+                                replacement="use --resume_from_checkpoint none to start afresh in an existing "
+                                            "--output_dir", default=argparse.SUPPRESS)
+
+
 def set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
     """Replace the --help text of `dest`'s option (not of its aliases)."""
     for action in parser._actions:
@@ -192,5 +206,5 @@ class DataSourceArguments:
 
 DATA_SOURCES = ("dataset_name", "train_dir", "validation_dir", "train_file", "validation_file")
 
-__all__ = ["DATA_SOURCES", "DataSourceArguments", "DeprecatedAlias", "MimArgumentParser", "append_help", "given",
+__all__ = ["DATA_SOURCES", "DataSourceArguments", "DeprecatedAlias", "MimArgumentParser", "add_transformers4_names", "append_help", "given",
            "option", "peek_method", "set_help", "spellings"]

@@ -14,7 +14,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
-from ..cli import DATA_SOURCES, DataSourceArguments, MimArgumentParser, given, option
+from ..cli import DATA_SOURCES, DataSourceArguments, MimArgumentParser, add_transformers4_names, given, option
 from ..pretraining import data_loading
 from .ema import DEFAULT_DECAY, check_decay
 
@@ -140,15 +140,7 @@ def add_aliases(parser: MimArgumentParser) -> None:
                         dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
                         help="save a checkpoint-<step> every N optimizer steps, at each epoch's end, or never "
                              "(= --save_strategy / --save_steps)")
-    for old, dest, kind, replacement in (
-        ("--warmup_ratio", "warmup_steps", float, "pass the ratio to --warmup_steps (a float in [0, 1))"),
-        ("--evaluation_strategy", "eval_strategy", str, "use --eval_strategy"),
-        ("--push_to_hub_model_id", "hub_model_id", str, "use --hub_model_id"),
-    ):
-        parser.add_deprecated_alias(old, dest, type=kind, replacement=replacement, default=argparse.SUPPRESS)
-    parser.add_deprecated_alias("--overwrite_output_dir", "resume_from_checkpoint", nargs=0, const="none",
-                                replacement="use --resume_from_checkpoint none to start afresh",
-                                default=argparse.SUPPRESS)
+    add_transformers4_names(parser)
 
 
 def check_model_ema(argv: list[str], finetuning_args: FinetuningArguments) -> None:

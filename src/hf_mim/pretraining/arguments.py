@@ -9,9 +9,9 @@ import dataclasses
 import os
 import sys
 
-from ..cli import MimArgumentParser, append_help, option, peek_method
+from ..cli import MimArgumentParser, add_transformers4_names, append_help, option, peek_method
 from .methods import METHODS, get_method
-from .options import LEADING_GROUPS, TRAINING_GROUPS, deprecated_aliases
+from .options import LEADING_GROUPS, TRAINING_GROUPS, warmup_type
 
 DESCRIPTION = """\
 Masked-image-modeling pre-training with Accelerate.
@@ -78,7 +78,7 @@ def script_parser(method_cls, method_arguments: type, methods, **kwargs) -> MimA
         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs,
     )
     parser._option_string_actions["--method"].choices = sorted(methods)
-    deprecated_aliases(parser)
+    add_transformers4_names(parser, warmup_type=warmup_type)
     if "crop_min_scale" in method_cls.options_class.__dataclass_fields__:
         parser.add_deprecated_alias("--min_crop_scale", "crop_min_scale", type=float,
                                     replacement="use --crop_min_scale", reason="renamed: one spelling in every script")

@@ -192,17 +192,6 @@ LEADING_GROUPS = (DataArguments, ModelArguments)
 TRAINING_GROUPS = (OptimizationArguments, SpeedArguments, CheckpointArguments, EvaluationArguments, HubArguments)
 
 
-def deprecated_aliases(parser) -> None:
-    """Names removed in transformers 5 that their READMEs still show: they work, with a FutureWarning."""
-    parser.add_deprecated_alias("--warmup_ratio", "warmup_steps", type=warmup_type,
-                                replacement="pass the ratio to --warmup_steps (a float in [0, 1))")
-    parser.add_deprecated_alias("--overwrite_output_dir", "overwrite_output_dir", nargs=0, default=False,
-                                replacement="use --resume_from_checkpoint none to start afresh in an existing "
-                                            "--output_dir")
-    parser.add_deprecated_alias("--evaluation_strategy", "eval_strategy", replacement="use --eval_strategy")
-    parser.add_deprecated_alias("--push_to_hub_model_id", "hub_model_id", replacement="use --hub_model_id")
-
-
 __all__ = ["CheckpointArguments", "DataArguments", "EvaluationArguments", "HubArguments", "LEADING_GROUPS",
            "ModelArguments", "OptimizationArguments", "SpeedArguments", "TRAINING_GROUPS", "checkpointing_type",
-           "deprecated_aliases", "json_dict", "warmup_type"]
+           "json_dict", "warmup_type"]

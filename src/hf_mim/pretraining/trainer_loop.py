@@ -224,7 +224,7 @@ def prepare(run: Run) -> None:
 def resume(run: Run) -> None:
     """Continue from --resume_from_checkpoint, or automatically from the newest checkpoint in output_dir."""
     args, accelerator = run.args, run.accelerator
-    fresh = args.overwrite_output_dir or (args.resume_from_checkpoint or "").lower() == "none"
+    fresh = (args.resume_from_checkpoint or "").lower() == "none"
     if accelerator.is_main_process:
         remove_incomplete_checkpoints(args.output_dir)
     accelerator.wait_for_everyone()
