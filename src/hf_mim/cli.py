@@ -2,7 +2,8 @@
 (`HfArgumentParser` with one set of spelling rules for every script), documented and deprecated aliases,
 and the data-source options of every script.
 
-Spelling rules, the same in `pretrain.py`, `train_tokenizer.py`, `finetune.py`, `segment.py` and `probe.py`:
+Spelling rules, the same in `pretrain.py`, `train_tokenizer.py`, `finetune.py`, `segment.py`, `probe.py` and
+`publish.py`:
 every option takes `--a_b` and `--a-b`; a flag whose default is not False also takes `--no_a_b`,
 `--no-a_b` and `--no-a-b`; an option users know under another name (`--max_train_steps`) is an alias
 listed in `--help`; an unknown or abbreviated option is an error that names the closest options.
