@@ -132,3 +132,20 @@ def test_gpu_check_smoke_mode_writes_json_and_markdown(tmp_path):
     assert report["data_pipeline"]["complete"] and report["data_pipeline"]["decode"]["decode_img_s"] > 0
     table = (out / "gpu_check.md").read_text()
     assert "| mae | eager |" in table and "e2e / model" in table
+
+
+def test_segmentation_transfer_compares_both_backbones_per_seed(tmp_path):
+    """Real pre-training and two real segmentation runs per seed, tiny: the JSON holds both sides."""
+    transfer = load_script("segmentation_transfer")
+    results = transfer.main(["--unlabelled_scenes", "16", "--pretrain_steps", "2", "--pretrain_batch_size", "8",
+                             "--num_scenes", "24", "--seg_epochs", "1", "--seeds", "0,1", "--decoder_channels", "8",
+                             "--output_dir", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json")])
+    assert [run["seed"] for run in results["runs"]] == [0, 1]
+    for run in results["runs"]:
+        assert set(run["pretrained"]) == set(run["random"]) >= {"mean_iou", "iou_background"}
+        assert run["difference"] == round(run["pretrained"]["mean_iou"] - run["random"]["mean_iou"], 4)
+    assert (tmp_path / "runs" / "mae" / "model.safetensors").exists()  # the encoder both pre-trained runs start from
+    readout = results["ink_readout_iou"]  # the patch embedding's and each of the 4 blocks' tokens
+    assert len(readout["pretrained"]) == len(readout["random"]) == 5
+    assert all(0 < iou <= 1 for side in readout.values() for iou in side)
+    assert json.loads((tmp_path / "r.json").read_text())["mean_difference"] == results["mean_difference"]
