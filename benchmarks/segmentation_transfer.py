@@ -35,6 +35,7 @@ import torch
 from hf_mim import MaeBackbone, MaeConfig
 from hf_mim.finetuning.transforms import default_mean_std
 from hf_mim.models.configuration_mae import PRESETS
+from hf_mim.models.vit_core import patchify
 from hf_mim.pretraining import main as pretrain
 from hf_mim.segmentation.data import SegmentationExamples, make_digit_scenes
 from hf_mim.segmentation.run import main as segment
@@ -108,9 +109,8 @@ def patch_ink(size: int, patch_size: int, fit: int = 300, held_out: int = 100):
     examples = SegmentationExamples(scenes, "image", "mask", size, mean, std, train=False)
     pixels = torch.stack([examples[i]["pixel_values"] for i in range(len(examples))])  # [N, 3, S, S]
     labels = torch.stack([examples[i]["labels"] for i in range(len(examples))])  # [N, S, S]
-    g, p = size // patch_size, patch_size
-    ink = labels.reshape(-1, g, p, g, p).permute(0, 1, 3, 2, 4).reshape(-1, p * p).float()  # [N * g * g, p * p]
-    return pixels, ink
+    ink = patchify(labels[:, None].float(), patch_size)  # [N, g * g, p * p]: the tokens' order
+    return pixels, ink.reshape(-1, patch_size**2)
 
 
 @torch.no_grad()
