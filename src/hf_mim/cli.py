@@ -207,5 +207,5 @@ class DataSourceArguments:
 
 DATA_SOURCES = ("dataset_name", "train_dir", "validation_dir", "train_file", "validation_file")
 
-__all__ = ["DATA_SOURCES", "DataSourceArguments", "DeprecatedAlias", "MimArgumentParser", "add_transformers4_names", "append_help", "given",
-           "option", "peek_method", "set_help", "spellings"]
+__all__ = ["DATA_SOURCES", "DataSourceArguments", "DeprecatedAlias", "MimArgumentParser", "add_transformers4_names",
+           "append_help", "given", "option", "peek_method", "set_help", "spellings"]

@@ -10,8 +10,9 @@ argmax stays background. Weighting each class by 1 / sqrt(its pixel frequency) (
 for imbalanced segmentation, softer than full inverse frequency) gives the rare classes a gradient
 of their own from the first step; on the same runs no digit pixel was left in that state.
 
-The weights come from the training masks (counted by `data.check_mask_values`, in the pass that checks them) and apply to the main
-and the auxiliary head, as UperNet's own loss does (auxiliary at `auxiliary_loss_weight`).
+The weights come from the training masks (counted by `data.check_mask_values`, in the pass that
+checks them) and apply to the main and the auxiliary head, as UperNet's own loss does (auxiliary at
+`auxiliary_loss_weight`).
 """
 
 from __future__ import annotations
