@@ -14,6 +14,7 @@ from hf_mim import (
     MaeForImageClassification, MaeForPreTraining, MimImageProcessor, VitMppBackbone, VitMppConfig,
     VitMppForPreTraining,
 )
+from hf_mim.registry import model_families
 from model_testing import randomize
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -38,6 +39,12 @@ FAMILIES = {  # name: (pre-training model, backbone class, config, backbone opti
         BEiTBackbone, "beit", PER_BLOCK_TABLES),
     "vit_mpp": (lambda: VitMppForPreTraining(VitMppConfig(**TINY)), VitMppBackbone, "vit", {}),
 }
+
+
+def test_every_registered_backbone_is_tested_here():
+    """FAMILIES holds per-family loading options; a backbone added to the registry without them fails here."""
+    registered = {heads["AutoBackbone"] for heads in model_families().values() if "AutoBackbone" in heads}
+    assert registered == {backbone for _, backbone, *_ in FAMILIES.values()}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
