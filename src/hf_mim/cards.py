@@ -343,7 +343,6 @@ def make_model_card(
         result_rows=[(metric, format_value(value)) for metric, value in results.items()],
         results_where=f"the `{eval_split}` split of `{dataset}`",
         auto_class=auto_class,
-        remote_code=task != "semantic-segmentation",  # hf_mim checkpoints ship their code; UperNet is transformers'
 
         # Features from a pre-training checkpoint; a fine-tuned encoder may lack parts AutoModel expects.
         encoder_class="AutoModel" if task == "pretraining" and "AutoModel" in (config.get("auto_map") or {}) else None,
