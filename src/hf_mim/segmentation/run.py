@@ -200,10 +200,10 @@ def recipe(args: SegmentationArguments, training_args, trainer, model) -> dict:
         training_args.gradient_accumulation_steps
     return {
         "learning_rate": training_args.learning_rate, "total_batch_size": total,
-        "epochs": training_args.num_train_epochs, "optimizer_steps": trainer.state.global_step,
-        "optimizer": str(training_args.optim), "layer_decay": args.layer_decay,
+        "epochs": round(trainer.state.epoch or 0.0, 2), "optimizer_steps": trainer.state.global_step,
+        "optimizer": training_args.optim, "layer_decay": args.layer_decay,
         "weight_decay": training_args.weight_decay, "warmup_steps": training_args.warmup_steps,
-        "lr_scheduler_type": str(training_args.lr_scheduler_type), "drop_path": args.drop_path,
+        "lr_scheduler_type": training_args.lr_scheduler_type, "drop_path": args.drop_path,
         "image_size": model.backbone.config.image_size, "out_indices": model.backbone.out_indices,
         "decoder_channels": args.decoder_channels, "auxiliary_loss_weight": args.auxiliary_loss_weight,
         "ignore_index": args.ignore_index, "balance_classes": args.balance_classes, "seed": training_args.seed,
