@@ -9,14 +9,15 @@ with its reason, in `transformers_common.DELIBERATE_DIFFERENCES`.
 
 from __future__ import annotations
 
+import re
 import unittest
 
 import pytest
 import torch
 
 from transformers_common import (
-    DELIBERATE_DIFFERENCES, HEADS, FamilyModelTester, common_test_modules, deterministic_config, encoder_families,
-    head_inputs,
+    DELIBERATE_DIFFERENCES, HEADS, FamilyModelTester, common_test_modules, deliberately_skipped, deterministic_config,
+    encoder_families, head_inputs,
 )
 
 try:
@@ -61,10 +62,19 @@ class HfMimBackboneTests(backbone_common.BackboneTesterMixin):
 
 
 def skip_deliberate_differences(cls: type) -> type:
-    for name, reason in DELIBERATE_DIFFERENCES.items():
-        if hasattr(cls, name):
+    for name in dir(cls):
+        reason = deliberately_skipped(name) if name.startswith("test_") else None
+        if reason:
             setattr(cls, name, unittest.skip(f"deliberate difference: {reason}")(getattr(cls, name)))
     return cls
+
+
+def test_every_listed_difference_names_a_common_test():
+    """No stale entry: each names (or matches) a test of transformers' mixins."""
+    names = [name for mixin in (modeling_common.ModelTesterMixin, backbone_common.BackboneTesterMixin)
+             for name in dir(mixin) if name.startswith("test_")]
+    for pattern in DELIBERATE_DIFFERENCES:
+        assert any(re.fullmatch(pattern, name) for name in names), pattern
 
 
 def make_test_cases() -> dict[str, type]:
