@@ -45,7 +45,6 @@ def test_auto_classes_come_from_the_models_hub_auto_map():
     model_files = {info.name for info in pkgutil.iter_modules(models.__path__) if info.name.startswith("modeling_")}
     declaring_files = {cls.__module__.rsplit(".", 1)[-1] for heads in families.values() for cls in heads.values()}
     assert declaring_files == model_files
-    assert all(config.model_type.startswith("hf_mim_") for config in families)
     for config, heads in families.items():
         assert type(AutoConfig.for_model(config.model_type)) is config
         for auto_name, model_class in heads.items():  # what `import hf_mim` registered

@@ -20,6 +20,8 @@ from transformers_common import (
     encoder_families, head_inputs,
 )
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 try:
     modeling_common, backbone_common = common_test_modules()
 except Exception as error:  # no registry: say so, do not pretend to have run them
