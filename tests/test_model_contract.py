@@ -108,6 +108,18 @@ def test_base_models_refuse_unknown_keywords_and_classifiers_take_the_trainers()
         classifier(inputs["pixel_values"], lables=inputs["labels"])
 
 
+def test_the_shared_encoder_refuses_a_masking_input_it_would_ignore_and_unknown_choices():
+    mae, inputs, _ = tiny_head(models.MaeConfig, models.MaeModel)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    with pytest.raises(ValueError, match="drops the masked patches: pass `ids_keep`"):
+        mae.encode(inputs["pixel_values"], mask=mask)
+    beit, _, _ = tiny_head(models.BEiTConfig, models.BEiTModel)
+    with pytest.raises(ValueError, match="masks by 'replace', not by dropping patches"):
+        beit.encode(inputs["pixel_values"], ids_keep=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"Unknown position scheme 'rope'; choose one of \['sincos', 'learned'"):
+        beit.build_embeddings(beit.config, position_scheme="rope", masking_mode="replace")
+
+
 # ---------------------------------------------------------------------------------------------
 # A throwaway method in a temporary package: SimMIM-like (learned positions, mask-token replacement,
 # a linear pixel head with an L1 loss on the masked patches) with its own mask generator.

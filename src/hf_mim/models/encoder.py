@@ -127,19 +127,27 @@ class VitEncoderMixin:
         positions = self.position_table(grid, x)  # [1, 1+N, D] or None
         return self.pos_drop(x if positions is None else x + positions), branch
 
+    def check_masking_inputs(self, mask: torch.Tensor | None, ids_keep: torch.Tensor | None) -> None:
+        """The masking input of this encoder's mode, never one it would ignore."""
+        name = type(self).__name__
+        if (mask is not None or ids_keep is not None) and self.masking_mode is None:
+            raise ValueError(f"{name} does not mask patches; do not pass bool_masked_pos.")
+        if ids_keep is not None and self.masking_mode != "drop":
+            raise ValueError(f"{name} masks by {self.masking_mode!r}, not by dropping patches: pass `mask`.")
+        if mask is not None and self.masking_mode == "drop":
+            raise ValueError(f"{name} drops the masked patches: pass `ids_keep` (the kept patches, in order; "
+                             "masking.masking_from_mask builds them from a mask), not `mask`.")
+
     def encode(self, pixel_values: torch.Tensor, *, mask: torch.Tensor | None = None,
                ids_keep: torch.Tensor | None = None, generator: torch.Generator | None = None, block_args: tuple = (),
                output_hidden_states: bool | None = None, output_attentions: bool | None = None) -> EncodedTokens:
         """The whole encoder. `mask` [B, N] bool (checked; True = masked) for "replace" / "corrupt";
         `ids_keep` [B, K] the patches to keep, in order, for "drop". `block_args` go to every block."""
-        if (mask is not None or ids_keep is not None) and self.masking_mode is None:
-            raise ValueError(f"{type(self).__name__} does not mask patches; do not pass bool_masked_pos.")
-        if ids_keep is not None and self.masking_mode != "drop":
-            raise ValueError(f"{type(self).__name__} masks by {self.masking_mode!r}, not by dropping patches.")
+        self.check_masking_inputs(mask, ids_keep)
         config = self.config
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        x, branch = self.embed(pixel_values, None if self.masking_mode == "drop" else mask, generator)
+        x, branch = self.embed(pixel_values, mask, generator)
         if ids_keep is not None:
             x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], ids_keep)], dim=1)  # [B, 1+K, D]
         trunk: BlockOutputs = run_blocks(
