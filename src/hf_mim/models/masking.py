@@ -380,12 +380,12 @@ def check_corruption_probs(replace_prob: float, random_prob: float) -> None:
 def corrupt_patch_embeddings(
     tokens: torch.Tensor,
     mask_token: torch.Tensor,
-    corrupt_mask: torch.Tensor,
+    bool_masked_pos: torch.Tensor,
     generator: torch.Generator | None = None,
     replace_prob: float = 0.8,
     random_prob: float = 0.1,
 ) -> PatchCorruption:
-    """ViT's masked patch prediction corruption of the patches selected by `corrupt_mask` [B, N]:
+    """ViT's masked patch prediction corruption of the patches selected by `bool_masked_pos` [B, N]:
     each one independently is replaced by `mask_token` [D] (probability `replace_prob`), by a random
     OTHER patch embedding (`random_prob`), or kept unchanged (the rest).
 
@@ -402,10 +402,10 @@ def corrupt_patch_embeddings(
     """
     batch, length, dim = tokens.shape
     check_corruption_probs(replace_prob, random_prob)
-    if tuple(corrupt_mask.shape) != (batch, length) or corrupt_mask.dtype != torch.bool:
+    if tuple(bool_masked_pos.shape) != (batch, length) or bool_masked_pos.dtype != torch.bool:
         raise ValueError(
-            f"corrupt_mask must be a bool tensor [{batch}, {length}] (True = corrupt), got "
-            f"{corrupt_mask.dtype} {list(corrupt_mask.shape)}."
+            f"bool_masked_pos must be a bool tensor [{batch}, {length}] (True = corrupt), got "
+            f"{bool_masked_pos.dtype} {list(bool_masked_pos.shape)}."
         )
     if mask_token.numel() != dim:
         raise ValueError(f"mask_token has {mask_token.numel()} values, expected the embedding width {dim}.")
@@ -419,7 +419,7 @@ def corrupt_patch_embeddings(
     branch = torch.full((batch, length), KEPT_UNCHANGED, dtype=torch.long, device=tokens.device)  # [B, N]
     branch[uniform < replace_prob + random_prob] = REPLACED_BY_OTHER_PATCH
     branch[uniform < replace_prob] = REPLACED_BY_MASK
-    branch[~corrupt_mask.to(tokens.device)] = NOT_CORRUPTED
+    branch[~bool_masked_pos.to(tokens.device)] = NOT_CORRUPTED
     if length < 2 and bool((branch == REPLACED_BY_OTHER_PATCH).any()):
         raise ValueError("A random other patch needs at least 2 patches per image; use random_prob=0 for 1 patch.")
 
