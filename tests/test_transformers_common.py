@@ -10,6 +10,7 @@ with its reason, in `transformers_common.DELIBERATE_DIFFERENCES`.
 from __future__ import annotations
 
 import re
+import subprocess
 import unittest
 
 import pytest
@@ -17,16 +18,17 @@ import torch
 
 from transformers_common import (
     DELIBERATE_DIFFERENCES, HEADS, FamilyModelTester, common_test_modules, deliberately_skipped, deterministic_config,
-    encoder_families, head_inputs,
+    encoder_families, fetch_common_tests, head_inputs,
 )
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 try:
-    modeling_common, backbone_common = common_test_modules()
-except Exception as error:  # no registry: say so, do not pretend to have run them
+    fetch_common_tests()
+except (subprocess.SubprocessError, OSError) as error:  # no registry: say so, do not pretend to have run them
     pytest.skip(f"transformers' common tests could not be fetched from the package registry: {error}",
                 allow_module_level=True)
+modeling_common, backbone_common = common_test_modules()  # anything else wrong here is an error, not a skip
 
 
 class HfMimModelTests(modeling_common.ModelTesterMixin):

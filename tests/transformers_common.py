@@ -51,7 +51,7 @@ def fetch_common_tests(version: str = transformers.__version__) -> Path:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
              f"transformers=={version}", "-d", download],
-            check=True,
+            check=True, timeout=900,
         )
         archive = next(Path(download).glob("transformers-*.tar.gz"))
         with tarfile.open(archive) as sdist:
