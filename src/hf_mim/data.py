@@ -472,9 +472,10 @@ class FixedSampler(torch.utils.data.Sampler):
 
 
 class StreamingImageExamples(torch.utils.data.IterableDataset):
-    """Examples from a streamed data set: shuffled with a buffer (seed + epoch) when `shuffle`, split
-    between data-loader workers by position; an unreadable image is skipped and counted in the next
-    example. Without `shuffle` (evaluation) the order and seeds are the same on every pass."""
+    """Examples from a streamed data set, for evaluation (training streams: `hf_mim.streaming`, which
+    splits the shards between processes and resumes exactly): shuffled with a buffer (seed + epoch) when
+    `shuffle`, split between data-loader workers by position; an unreadable image is skipped and counted
+    in the next example. Without `shuffle` the order and seeds are the same on every pass."""
 
     def __init__(self, dataset: datasets.IterableDataset, image_column: str, transform: ExampleTransform,
                  seed: int, shuffle: bool = True, image_mode: str = "RGB", label_column: str | None = None,
