@@ -378,6 +378,9 @@ def fast_training_examples(args, method, processor, dataset, image_column: str,
         logger.info("--method %s declares no fast views: training examples take the reference data path.", method.name)
         return None
     if isinstance(dataset, datasets.IterableDataset):  # hf_mim.streaming batches these examples
+        if args.jpeg_decoding == "device":
+            logger.warning("--jpeg_decoding device: a streamed data set's JPEGs are decoded in the data-loader "
+                           "workers (replacing an image the device finds unreadable needs a map-style data set).")
         return FastRows(spec, image_column, image_mode=method.image_mode)
     return FastImageExamples(dataset, image_column, spec, image_mode=method.image_mode,
                              device_decoding=decode_jpegs_on_device(args.jpeg_decoding, device))

@@ -278,9 +278,13 @@ class StreamLoader:
     def __init__(self, examples: StreamedTrainingExamples, workers: int, device: torch.device,
                  pin_memory: bool = False):
         self.examples, self.workers, self.device, self.pin_memory = examples, workers, device, pin_memory
+        self.fitted: tuple[int, int] | None = None  # (lanes, workers): warned about once
 
     def fitted_workers(self) -> int:
-        return fit_workers(self.workers, self.examples.lanes)
+        """The workers, fitted to the lanes (which a resume may have restored)."""
+        if self.fitted is None or self.fitted[0] != self.examples.lanes:
+            self.fitted = self.examples.lanes, fit_workers(self.workers, self.examples.lanes)
+        return self.fitted[1]
 
     def __iter__(self) -> Iterator[dict]:
         from accelerate.utils import send_to_device
