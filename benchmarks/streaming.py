@@ -115,7 +115,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         pattern = write_shards(Path(folder), images, shards)
         rows = [measure(split, pattern, processes, images) for processes in (1, 2) for split in ("replaced", "lanes")]
-    report = {"benchmark": "streaming", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+    now = datetime.datetime.now(datetime.timezone.utc)
+    report = {"benchmark": "streaming", "date": now.isoformat(timespec="minutes"),
               "machine": f"{platform.processor() or platform.machine()}, {multiprocessing.cpu_count()} CPU(s)",
               "images": images, "shards": shards, "batch": BATCH, "rows": rows}
     for row in rows:

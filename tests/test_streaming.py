@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from hf_mim.data import decode_image, load_image_datasets
 from hf_mim.pretraining import main
-from hf_mim.streaming import POSITION_KEY, StreamCheckpoint, StreamedTrainingExamples, StreamLoader, fit_workers
+from hf_mim.streaming import ReferenceRows, StreamCheckpoint, StreamedTrainingExamples, StreamLoader, fit_workers
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -154,6 +154,17 @@ def test_fewer_shards_than_parts_says_so_and_still_decodes_each_image_once(tmp_p
     assert "3 lane(s) per process instead of 4" in caplog.text
 
 
+def test_an_unreadable_image_is_skipped_and_counted_in_the_next_example(tmp_path):
+    features = datasets.Features({"image": datasets.Image()})
+    images = [{"bytes": png(0), "path": None}, {"bytes": b"not an image", "path": None},
+              {"bytes": png(2), "path": None}, {"bytes": png(3), "path": None}]
+    datasets.Dataset.from_dict({"image": images}, features=features).to_parquet(tmp_path / "train.parquet")
+    rows = ReferenceRows(lambda image, generator: {"id": torch.tensor(image_id(image))}, "image")
+    share = StreamedTrainingExamples(stream(str(tmp_path / "*.parquet")), rows, 3, seed=0, shuffle=False)
+    batch = next(iter(StreamLoader(share, 0, torch.device("cpu"))))
+    assert batch["id"].tolist() == [0, 2, 3] and batch["num_skipped"].tolist() == [0, 1, 0]
+
+
 # ---------------------------------------------------------------------------------------------
 # WebDataset tar shards
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +232,8 @@ def launch(pattern: str, output_dir: Path, decode_log: Path, *extra: str) -> sub
            "PYTHONPATH": str(ROOT / "src"), "STREAM_DECODE_LOG": str(decode_log)}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "examples" / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port",
-               str(free_port()), str(ROOT / "tests" / "streaming_ddp_worker.py"), *run_args(pattern, output_dir, *extra)]
+               str(free_port()), str(ROOT / "tests" / "streaming_ddp_worker.py"),
+               *run_args(pattern, output_dir, *extra)]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
     return finished

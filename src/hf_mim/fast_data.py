@@ -475,7 +475,7 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 __all__ = [
-    "DATA_PIPELINES", "DeviceViews", "FastImageExamples", "FastRows", "FastViews", "HostSampler", "PixelView", "UnreadableImage",
-    "collate",
+    "DATA_PIPELINES", "DeviceViews", "FastImageExamples", "FastRows", "FastViews", "HostSampler", "PixelView",
+    "UnreadableImage", "collate",
     "decode_reduced", "fast_training_examples", "open_image",
 ]

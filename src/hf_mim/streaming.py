@@ -138,7 +138,8 @@ class StreamedTrainingExamples(torch.utils.data.IterableDataset):
                  batch_size: int, seed: int, rank: int = 0, num_processes: int = 1, lanes: int = 1,
                  block_size: int = 1000, shuffle: bool = True):
         if block_size < 1:
-            raise ValueError(f"--shuffle_buffer_size must be at least 1 (the rows permuted together), got {block_size}.")
+            raise ValueError(f"--shuffle_buffer_size must be at least 1 (the rows permuted together), got "
+                             f"{block_size}.")
         self.dataset, self.make_example, self.batch_size, self.seed = dataset, make_example, batch_size, seed
         self.rank, self.num_processes, self.block_size, self.shuffle = rank, num_processes, block_size, shuffle
         self.lanes = fit_lanes(dataset.num_shards, num_processes, lanes)
