@@ -1,6 +1,7 @@
 """Streamed training data (`hf_mim.streaming`): split into processes x lanes so that each image is decoded once
 per epoch across all processes, batches in an order that does not depend on the data-loader workers, an exact
-resume from the stream's own state that decodes nothing twice, the fast path, and WebDataset tar shards.
+resume from the stream's own state that decodes nothing twice, the fast path, WebDataset tar shards and a Hub
+data set streamed from the local Hub.
 
 Each test image is a flat colour that encodes its id (red + 256 x green), so a decoded image says which it is."""
 
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 from hf_mim.data import decode_image, load_image_datasets
 from hf_mim.pretraining import main
 from hf_mim.streaming import ReferenceRows, StreamCheckpoint, StreamedTrainingExamples, StreamLoader, fit_workers
+from test_finetune import hub_datasets  # noqa: F401 (a fixture: the local Hub, for datasets too)
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -194,6 +196,24 @@ def test_webdataset_tar_shards_stream_and_split(tmp_path):
     ids = []
     for rank in (0, 1):
         share = StreamedTrainingExamples(data.train, PngIds(), 3, seed=0, rank=rank, num_processes=2, lanes=2)
+        ids += [i for batch in take_ids(StreamLoader(share, 0, torch.device("cpu")), 4) for i in batch]
+    assert sorted(ids) == list(range(24))
+
+
+def test_a_hub_data_set_streams_and_splits_by_file(hub_datasets, tmp_path):
+    """A Hub data set (on the local Hub) of 4 parquet files, streamed over HTTP: 2 processes x 2 lanes."""
+    from huggingface_hub import HfApi
+
+    repo_id, api = f"{hub_datasets.user}/stream-shards", HfApi()
+    api.create_repo(repo_id, repo_type="dataset")
+    api.upload_folder(folder_path=Path(write_parquet_shards(tmp_path / "data", shards=4, per_shard=6)).parent,
+                      path_in_repo="data", repo_id=repo_id, repo_type="dataset")
+    train = load_image_datasets(dataset_name=repo_id, streaming=True, train_val_split=None,
+                                cache_dir=str(tmp_path / "cache")).train
+    assert train.num_shards == 4
+    ids = []
+    for rank in (0, 1):
+        share = StreamedTrainingExamples(train, IdExamples(), 3, seed=0, rank=rank, num_processes=2, lanes=2)
         ids += [i for batch in take_ids(StreamLoader(share, 0, torch.device("cpu")), 4) for i in batch]
     assert sorted(ids) == list(range(24))
 
