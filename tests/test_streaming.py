@@ -134,6 +134,13 @@ def test_resume_continues_with_the_same_batches_and_decodes_only_the_rest(shards
     assert take_ids(StreamLoader(again, 2, torch.device("cpu")), 14 - stop_after) == expected[stop_after:]
 
 
+def test_bad_lanes_and_block_sizes_are_refused(shards):
+    with pytest.raises(ValueError, match="--stream_lanes must be at least 1, got 0"):
+        StreamedTrainingExamples(stream(shards), IdExamples(), 4, seed=0, lanes=0)
+    with pytest.raises(ValueError, match="--shuffle_buffer_size must be at least 1"):
+        StreamedTrainingExamples(stream(shards), IdExamples(), 4, seed=0, block_size=0)
+
+
 def test_a_resume_on_another_process_count_is_refused(shards):
     saved = StreamCheckpoint(examples(shards)).state_dict()  # one process
     with pytest.raises(ValueError, match=r"split into 1 processes .* cannot resume on 2\. Resume with 1 processes"):

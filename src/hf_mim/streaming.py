@@ -137,6 +137,8 @@ class StreamedTrainingExamples(torch.utils.data.IterableDataset):
     def __init__(self, dataset: datasets.IterableDataset, make_example: Callable[[dict, int, str], dict | None],
                  batch_size: int, seed: int, rank: int = 0, num_processes: int = 1, lanes: int = 1,
                  block_size: int = 1000, shuffle: bool = True):
+        if lanes < 1:
+            raise ValueError(f"--stream_lanes must be at least 1, got {lanes}.")
         if block_size < 1:
             raise ValueError(f"--shuffle_buffer_size must be at least 1 (the rows permuted together), got "
                              f"{block_size}.")

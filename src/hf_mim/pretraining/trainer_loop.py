@@ -162,10 +162,10 @@ def streamed_training_examples(run: Run, dataset, fast) -> StreamedTrainingExamp
     args, accelerator = run.args, run.accelerator
     rows = fast or ReferenceRows(run.method.train_transform(run.processor), run.data.image_column,
                                  image_mode=run.method.image_mode)
+    lanes = args.stream_lanes if args.stream_lanes is not None else max(1, args.dataloader_num_workers)
     examples = StreamedTrainingExamples(
         dataset, rows, args.per_device_train_batch_size, seed=args.data_seed, rank=accelerator.process_index,
-        num_processes=accelerator.num_processes, lanes=args.stream_lanes or max(1, args.dataloader_num_workers),
-        block_size=args.shuffle_buffer_size)
+        num_processes=accelerator.num_processes, lanes=lanes, block_size=args.shuffle_buffer_size)
     run.checkpoint_extras["stream"] = StreamCheckpoint(examples)
     return examples
 
