@@ -5,10 +5,10 @@ stream's own state.
 A stream (a Hub data set, parquet shards or WebDataset tar shards loaded with `streaming=True`) is
 split into `processes x lanes` parts with `datasets.distributed.split_dataset_by_node`: whole shards
 (files) per part when there are at least as many shards as parts, else every part reads the whole
-stream and keeps every n-th row (it still decodes only its own; a warning says so). A lane is one
-part of this process: it reads its rows in blocks of `block_size`, permutes each block (seeded by
-seed, process, lane, lane epoch and block), decodes and transforms them, and yields whole batches.
-At the end of its rows a lane starts its next epoch (datasets reshuffles the shard order), so the
+stream and keeps every n-th row (it still decodes only its own; a warning says so). The shard order is
+shuffled per epoch (seeded). A lane is one part of this process: it reads its rows in blocks of
+`block_size`, permutes each block (seeded by seed, process, lane, lane epoch and block), decodes and
+transforms them, and yields whole batches. At the end of its rows a lane starts its next epoch, so the
 stream never runs dry and every process makes the same number of steps.
 
 The process's batches come from its lanes in turn: lane 0, 1, ..., lanes-1, 0, ... A data-loader
@@ -155,7 +155,9 @@ class StreamedTrainingExamples(torch.utils.data.IterableDataset):
         strategy = "shards" if self.dataset.num_shards >= parts else "examples"
         part = datasets.distributed.split_dataset_by_node(self.dataset, rank=self.rank * self.lanes + lane,
                                                            world_size=parts, strategy=strategy)
-        part.set_epoch(epoch)  # datasets shuffles the shard order per epoch (from epoch 1)
+        # datasets shuffles the shard order with its epoch (before splitting: the parts stay a partition); an
+        # epoch drawn from (seed, epoch) shuffles it from the first epoch on (datasets' epoch 0 keeps the files' order)
+        part.set_epoch(1 + derive_seed(self.seed, epoch) % 2**31)
         return part
 
     def lane_rows(self, lane: int, position: LanePosition) -> Iterator[tuple[LanePosition, dict]]:
