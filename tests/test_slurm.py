@@ -34,12 +34,15 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory) -> dict[str, str]:
-    """The environment that talks to the running one-node cluster (started here if it is not)."""
+def slurm() -> dict[str, str]:
+    """The environment that talks to the one-node cluster: a running one, or one started (and stopped) here."""
+    was_running = subprocess.run(["bash", str(START_CLUSTER), "status"]).returncode == 0
     result = subprocess.run(["bash", str(START_CLUSTER)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     conf = result.stdout.strip().removeprefix("export SLURM_CONF=")
-    return {**os.environ, "SLURM_CONF": conf}
+    yield {**os.environ, "SLURM_CONF": conf}
+    if not was_running:
+        subprocess.run(["bash", str(START_CLUSTER), "stop"], timeout=60)
 
 
 def submit(slurm: dict, output_dir: Path, log: Path) -> str:

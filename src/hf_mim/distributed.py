@@ -31,10 +31,10 @@ def requested_engines() -> list[DistributedType]:
 
 def why_dropped(accelerator) -> str:
     if accelerator.device.type == "cpu":
-        return ("this run is on the CPU, where accelerate never shards: it turns the plugin into DDP over gloo "
-                "(every process keeps the whole model, checkpoints in DDP layout). Sharding needs GPUs (or "
-                "another accelerator); for several CPU processes use examples/accelerate_configs/cpu_2proc.yaml "
-                "(plain DDP, said as such)")
+        return ("this run is on the CPU, where accelerate never shards: it drops the plugin (several processes "
+                "then train plain DDP over gloo, each keeping the whole model, checkpoints in DDP layout). Sharding "
+                "needs GPUs (or another accelerator); for several CPU processes use "
+                "examples/accelerate_configs/cpu_2proc.yaml (plain DDP, said as such)")
     if accelerator.num_processes == 1 and accelerator.distributed_type == DistributedType.NO:
         return ("the script was started without a process group (plain `python`?): start it with "
                 "`accelerate launch --config_file <the config> ...`")

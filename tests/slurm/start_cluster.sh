@@ -3,7 +3,7 @@
 #
 #   apt-get install -y slurm-wlm munge        # Debian 12: Slurm 22.05; needs root
 #   source <(bash tests/slurm/start_cluster.sh)   # prints `export SLURM_CONF=...`; sbatch, squeue ... then use it
-#   bash tests/slurm/start_cluster.sh stop
+#   bash tests/slurm/start_cluster.sh stop     # or `status`: exit 0 when all three daemons run
 #
 # Everything lives under $HF_MIM_SLURM_ROOT (default /tmp/hf_mim_slurm): config, state, logs, pid files.
 # No cgroups (proctrack/linuxproc, task/none): it runs in a container. cred_expire=10: a requeued job
@@ -15,13 +15,20 @@ ROOT=${HF_MIM_SLURM_ROOT:-/tmp/hf_mim_slurm}
 CONF=$ROOT/slurm.conf
 
 stop_daemon() {  # by the pid file the daemon wrote
-    local pidfile=$ROOT/run/$1.pid
-    if [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-        kill "$(cat "$pidfile")"
+    if running "$1"; then
+        kill "$(cat "$ROOT/run/$1.pid")"
     fi
-    rm -f "$pidfile"
+    rm -f "$ROOT/run/$1.pid"
 }
 
+running() {  # the daemon's pid file names a live process
+    [[ -f $ROOT/run/$1.pid ]] && kill -0 "$(cat "$ROOT/run/$1.pid")" 2>/dev/null
+}
+
+if [[ ${1:-start} == status ]]; then  # exit 0 when the whole cluster is up
+    running munged && running slurmctld && running slurmd
+    exit
+fi
 if [[ ${1:-start} == stop ]]; then
     stop_daemon slurmd
     stop_daemon slurmctld
@@ -72,17 +79,17 @@ CONFIG
 }
 
 start_munge() {
-    [[ -f $ROOT/run/munged.pid ]] && kill -0 "$(cat "$ROOT/run/munged.pid")" 2>/dev/null && return
+    running munged && return
     munged --force --socket="$ROOT/munge/munge.socket" --pid-file="$ROOT/run/munged.pid" \
         --log-file="$ROOT/log/munged.log" --seed-file="$ROOT/munge/munged.seed" --key-file=/etc/munge/munge.key
 }
 
 start_slurm() {
     export SLURM_CONF=$CONF
-    if ! { [[ -f $ROOT/run/slurmctld.pid ]] && kill -0 "$(cat "$ROOT/run/slurmctld.pid")" 2>/dev/null; }; then
+    if ! running slurmctld; then
         slurmctld -c -f "$CONF"  # -c: a clean start, no jobs from an earlier run
     fi
-    if ! { [[ -f $ROOT/run/slurmd.pid ]] && kill -0 "$(cat "$ROOT/run/slurmd.pid")" 2>/dev/null; }; then
+    if ! running slurmd; then
         slurmd -f "$CONF"
     fi
     for _ in $(seq 60); do  # the node registers within a few seconds
