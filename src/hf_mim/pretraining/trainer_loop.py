@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..data import (
     EpochSampler, FixedSampler, ImageDatasets, ImageExamples, StreamingImageExamples, derive_seed, load_image_datasets,
 )
+from ..distributed import check_sharding_engaged
 from ..launch import check_one_run_per_launch, cpu_process_group_needed
 from ..preemption import Preempted, PreemptionGuard, resume_hint
 from .arguments import resolve_mixed_precision
@@ -106,6 +107,7 @@ def build_accelerator(args) -> Accelerator:
         dynamo_plugin=dynamo,
     )
     check_one_run_per_launch(accelerator.num_processes)
+    check_sharding_engaged(accelerator)  # an FSDP / DeepSpeed config that accelerate would drop: refuse
     return accelerator
 
 
