@@ -19,13 +19,16 @@ import transformers
 from transformers import AutoConfig, AutoImageProcessor
 from transformers.trainer_utils import IntervalStrategy, set_seed
 
+from ..checksums import write_model_manifest
 from ..data import DIGITS_SOURCE, ImageDatasets, ImageExamples, load_image_datasets
+from ..data_fingerprint import data_fingerprint
 from ..files import apply_umask
 from ..launch import check_one_run_per_launch
 from ..metrics import load_top_k_accuracy
 from ..preemption import Preempted, PreemptionGuard, resume_hint
 from ..pretraining.checkpoints import latest_checkpoint, resolve_resume_path
 from ..pretraining.data_loading import cores_per_process
+from ..run_lock import OutputDirLock
 from ..models.presets import from_preset, preset_names
 from ..registry import FAMILIES
 from .arguments import DataArguments, FinetuningArguments, ModelArguments, parse_finetuning_args
@@ -254,6 +257,13 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, finetun
                    training_args) -> dict:
     """Fine-tune, evaluate and save; returns the final metrics (train_* and eval_*)."""
     setup_logging(training_args)
+    # One run per output folder (main process; --do_eval alone writes results there too).
+    with OutputDirLock(training_args.output_dir, enabled=training_args.process_index == 0):
+        return finetune_locked(model_args, data_args, finetuning_args, training_args)
+
+
+def finetune_locked(model_args: ModelArguments, data_args: DataArguments, finetuning_args: FinetuningArguments,
+                    training_args) -> dict:
     limit_cpu_threads(training_args)
     check_one_run_per_launch(training_args.world_size)  # --use_cpu (the default without a GPU) joins a gloo group
     set_seed(training_args.seed)
@@ -278,6 +288,7 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, finetun
         processing_class=processor, data_collator=ClassificationCollator(model.config.num_labels),
         compute_metrics=metrics_function(model.config.num_labels) if eval_examples is not None else None,
         layer_decay=finetuning_args.layer_decay, soft_targets=soft_targets, callbacks=callbacks,
+        data_fingerprint=data_fingerprint(data, data_args.train_dir, data_args.train_file),
     )
     metrics = {}
     if training_args.do_train:
@@ -287,6 +298,7 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, finetun
         trainer.save_model()  # model (with its remote code) and the image processor
         if trainer.is_world_process_zero():
             apply_umask(training_args.output_dir)  # the weights' temporary file was 0600
+            write_model_manifest(training_args.output_dir)  # checksums, see hf_mim.verify
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
