@@ -333,8 +333,9 @@ def to_8_bit(image: Image.Image) -> Image.Image:
     if image.mode not in WIDE_GREY_MODES:
         return image
     pixels = np.asarray(image, dtype=np.float64)  # [H, W]
-    if image.mode == "F":
-        full_scale = 1.0 if pixels.max(initial=0.0) <= 1.0 else 65535.0  # float images: 0-1, or 16-bit values
+    if image.mode == "F":  # float images hold 0-1, 0-255 (a float TIFF of 8-bit data) or 16-bit values
+        peak = pixels.max(initial=0.0)
+        full_scale = next((scale for scale in (1.0, 255.0) if peak <= scale), 65535.0)
     else:
         full_scale = 65535.0 if pixels.max(initial=0) <= 65535 else 2.0**32 - 1
     scaled = np.clip(np.rint(pixels * (255.0 / full_scale)), 0, 255).astype(np.uint8)
