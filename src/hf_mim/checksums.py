@@ -90,9 +90,10 @@ def manifest_problems(folder: str | os.PathLike) -> list[str] | None:
         if not path.is_file():
             problems.append(f"{name}: missing (listed in {MANIFEST_FILE})")
         elif path.stat().st_size != expected["size"]:
-            problems.append(f"{name}: {path.stat().st_size} bytes, {MANIFEST_FILE} says {expected['size']}")
+            problems.append(f"{name}: changed since it was written ({path.stat().st_size} bytes, {MANIFEST_FILE} "
+                            f"says {expected['size']})")
         elif sha256_of(path) != expected["sha256"]:
-            problems.append(f"{name}: its SHA-256 differs from {MANIFEST_FILE} (changed since it was written)")
+            problems.append(f"{name}: changed since it was written (its SHA-256 differs from {MANIFEST_FILE})")
     return problems
 
 

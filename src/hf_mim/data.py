@@ -17,6 +17,7 @@ workers, on persistent workers, or on where a run was resumed.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import logging
@@ -121,9 +122,10 @@ def load_raw_datasets(
     """All splits of the chosen source, and a short description of it."""
     check_one_source(dataset_name, train_dir, validation_dir, train_file, validation_file)
     if dataset_name:
-        raw = datasets.load_dataset(
-            dataset_name, dataset_config_name, cache_dir=cache_dir, token=token, streaming=streaming
-        )
+        with hub_errors_in_one_line(dataset_name):
+            raw = datasets.load_dataset(
+                dataset_name, dataset_config_name, cache_dir=cache_dir, token=token, streaming=streaming
+            )
         return raw, dataset_name
     if train_dir or validation_dir:
         data_files = {}
@@ -146,6 +148,29 @@ def load_raw_datasets(
     digits = load_digits_dataset()
     raw = datasets.DatasetDict({"train": digits})
     return (raw.to_iterable_dataset() if streaming else raw), DIGITS_SOURCE
+
+
+class DataSourceUnreachableError(ConnectionError):
+    """--dataset_name could not be fetched from the Hub, nor found in the local cache."""
+
+
+@contextlib.contextmanager
+def hub_errors_in_one_line(dataset_name: str):
+    """huggingface_hub logs each of its retries as a warning, and datasets then raises from deep inside: an
+    unreachable Hub reads as pages of noise. Here the retries are quiet and the failure is one sentence."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    except ConnectionError as error:
+        raise DataSourceUnreachableError(
+            f"--dataset_name {dataset_name}: the Hub could not be reached and the data set is not in the local cache "
+            f"({error}). Check the network (HF_ENDPOINT, a proxy), or run once online to fill the cache, or pass "
+            "local data with --train_dir / --train_file."
+        ) from None
+    finally:
+        hub_logger.setLevel(level)
 
 
 def load_files(builder: str, data_files: dict, source: str, **kwargs):

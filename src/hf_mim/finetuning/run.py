@@ -51,6 +51,8 @@ DIGITS_DESCRIPTION = "scikit-learn handwritten digits (embedded demo data, 8x8 u
 def setup_logging(training_args) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)], force=True)
+    for name in ("datasets", "huggingface_hub"):  # their own handler besides the root's printed each warning twice
+        logging.getLogger(name).handlers.clear()
     logging.getLogger("hf_mim").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     level = training_args.get_process_log_level()  # --log_level (default: transformers' own, warnings)
     datasets.utils.logging.set_verbosity(level)

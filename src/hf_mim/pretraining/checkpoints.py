@@ -348,21 +348,41 @@ def load_checkpoint(accelerator, path: str | os.PathLike, extras: dict[str, obje
     warn_about_refused_random_states(Path(path), accelerator.process_index)
     try:
         accelerator.load_state(str(path))
+        load_extra_state(Path(path), extras or {})
     except pickle.UnpicklingError as error:  # torch's message advises weights_only=False: the unsafe way out
         raise refused_pickle(Path(path), error) from None
-    load_extra_state(Path(path), extras or {})
     return TrainerState.from_file(Path(path) / STATE_FILE)
 
 
 def refused_pickle(folder: Path, error: pickle.UnpicklingError) -> ValueError:
     """A clear error for a state file holding pickled objects that a safe load (weights_only=True) refuses."""
-    detail = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
+    name, detail = refused_file(folder) or ("a state file", unsupported_global(error))
     return ValueError(
-        f"Refused to load {folder}: one of its state files (optimizer.bin, scheduler.bin, ...) holds pickled objects "
-        f"that a safe load does not allow{f' ({detail})' if detail else ''}. Loading it would run code from the "
-        "folder: nothing of it ran. This library never writes such files (an altered or foreign checkpoint). "
-        "Resume from another checkpoint, or pass --resume_from_checkpoint none to start afresh elsewhere."
+        f"Refused to load {folder / name if name != 'a state file' else folder}: it holds pickled objects that a "
+        f"safe load does not allow{f' ({detail})' if detail else ''}; loading them would run code from the folder. "
+        "Nothing of it ran. This library never writes such files (an altered or foreign checkpoint): resume from "
+        "another checkpoint, or start afresh in another --output_dir."
     )
+
+
+def unsupported_global(error: Exception) -> str:
+    """"GLOBAL io.open" out of torch's message (whose advice, allowlisting it or weights_only=False, is unsafe)."""
+    found = re.search(r"Unsupported global: (GLOBAL \S+)", str(error))
+    return f"it names {found.group(1)}" if found else ""
+
+
+def refused_file(folder: Path) -> tuple[str, str] | None:
+    """(name, what was refused) of the first torch.save file of `folder` that a safe load refuses (the error
+    path only: each file is read again)."""
+    from accelerate.utils import load
+
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".bin", ".pt", ".pth", ".pkl") and not path.name.startswith("random_states"):
+            try:
+                load(path, map_location="cpu")
+            except pickle.UnpicklingError as error:
+                return path.name, unsupported_global(error)
+    return None
 
 
 def warn_about_refused_random_states(folder: Path, process_index: int) -> None:
@@ -376,7 +396,7 @@ def warn_about_refused_random_states(folder: Path, process_index: int) -> None:
     try:
         load(path)
     except pickle.UnpicklingError as error:
-        detail = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
+        detail = unsupported_global(error)
         logger.warning("Refused %s: it holds pickled objects that a safe load does not allow (%s), which this "
                        "library never writes (an altered file). Nothing of it ran; the run continues without it "
                        "(every micro-batch is reseeded from its position, so the result is the same).", path,

@@ -111,6 +111,8 @@ def build_accelerator(args) -> Accelerator:
 def setup_logging(accelerator: Accelerator) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING, force=True)
+    for name in ("datasets", "huggingface_hub"):  # their own handler besides the root's printed each warning twice
+        logging.getLogger(name).handlers.clear()
     if not accelerator.is_main_process:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
