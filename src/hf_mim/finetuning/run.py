@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
+from pathlib import Path
 
 import datasets
 import torch
@@ -26,7 +28,7 @@ from ..files import apply_umask
 from ..launch import check_one_run_per_launch
 from ..metrics import load_top_k_accuracy
 from ..preemption import Preempted, PreemptionGuard, resume_hint
-from ..pretraining.checkpoints import latest_checkpoint, resolve_resume_path
+from ..pretraining.checkpoints import latest_checkpoint, refused_pickle_error, resolve_resume_path
 from ..pretraining.data_loading import cores_per_process
 from ..run_lock import OutputDirLock
 from ..models.presets import from_preset, preset_names
@@ -295,7 +297,12 @@ def finetune_locked(model_args: ModelArguments, data_args: DataArguments, finetu
     metrics = {}
     if training_args.do_train:
         with preemption:
-            result = trainer.train(resume_from_checkpoint=checkpoint)
+            try:
+                result = trainer.train(resume_from_checkpoint=checkpoint)
+            except pickle.UnpicklingError as error:  # torch's message advises weights_only=False: the unsafe way out
+                if checkpoint is None:
+                    raise
+                raise refused_pickle_error(Path(checkpoint), error) from None
         stop_if_preempted(trainer, preemption)
         trainer.save_model()  # model (with its remote code) and the image processor
         if trainer.is_world_process_zero():

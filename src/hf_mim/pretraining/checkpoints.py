@@ -350,11 +350,11 @@ def load_checkpoint(accelerator, path: str | os.PathLike, extras: dict[str, obje
         accelerator.load_state(str(path))
         load_extra_state(Path(path), extras or {})
     except pickle.UnpicklingError as error:  # torch's message advises weights_only=False: the unsafe way out
-        raise refused_pickle(Path(path), error) from None
+        raise refused_pickle_error(Path(path), error) from None
     return TrainerState.from_file(Path(path) / STATE_FILE)
 
 
-def refused_pickle(folder: Path, error: pickle.UnpicklingError) -> ValueError:
+def refused_pickle_error(folder: Path, error: pickle.UnpicklingError) -> ValueError:
     """A clear error for a state file holding pickled objects that a safe load (weights_only=True) refuses."""
     name, detail = refused_file(folder) or ("a state file", unsupported_global(error))
     return ValueError(
@@ -377,7 +377,9 @@ def refused_file(folder: Path) -> tuple[str, str] | None:
     from accelerate.utils import load
 
     for path in sorted(folder.iterdir()):
-        if path.suffix in (".bin", ".pt", ".pth", ".pkl") and not path.name.startswith("random_states"):
+        # Not judged: RNG files (skipped with a warning), and the Trainer's training_args.bin (never loaded).
+        if path.suffix in (".bin", ".pt", ".pth", ".pkl") and not path.name.startswith("random_states") \
+                and path.name != "training_args.bin":
             try:
                 load(path, map_location="cpu")
             except pickle.UnpicklingError as error:
@@ -407,6 +409,6 @@ def warn_about_refused_random_states(folder: Path, process_index: int) -> None:
 
 
 __all__ = [
-    "STATE_FILE", "TrainerState", "UntrustedCheckpointError", "find_damage", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "prune_checkpoints",
+    "STATE_FILE", "TrainerState", "UntrustedCheckpointError", "find_damage", "refused_pickle_error", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "prune_checkpoints",
     "remove_incomplete_checkpoints", "resolve_resume_path", "save_checkpoint",
 ]
