@@ -322,6 +322,10 @@ def test_peco_discriminator_is_saved_as_safetensors_and_resumes_exactly(tmp_path
     folder = tmp_path / "whole" / "checkpoint-2"
     assert {"extra-discriminator.safetensors", "extra-discriminator_optimizer.pt"} <= {p.name for p in folder.iterdir()}
     assert not list(folder.glob("custom_checkpoint_*"))
+    from transformers import AutoModel  # the checkpoint is a model too
+
+    tokenizer, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()) and tokenizer.config.model_type == "hf_mim_peco", (type(tokenizer), info)
     shutil.copytree(folder, tmp_path / "resumed" / "checkpoint-2")
     tokenizer_main(["--output_dir", str(tmp_path / "resumed"), *args])
     expected = read_log(str(tmp_path / "whole" / LOG_FILE), "discriminator_loss")
