@@ -132,3 +132,24 @@ def test_an_unreachable_dataset_name_is_one_sentence(tmp_path):
     assert output.rstrip().splitlines()[-1].startswith(
         "hf_mim.data.DataSourceUnreachableError: --dataset_name someone/cats: the Hub could not be reached and the "
         "data set is not in the local cache")
+
+
+def test_the_fault_matrix_turns_a_timeout_into_a_row_and_ends_the_child(monkeypatch, capsys):
+    """benchmarks/fault_matrix.py on a loaded machine: a run past --timeout is a TIMEOUT row, its process group
+    is ended, the matrix goes on and the totals count it (it died on its own TimeoutExpired before)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fault_matrix", ROOT / "benchmarks" / "fault_matrix.py")
+    fault_matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fault_matrix)
+    monkeypatch.setattr(fault_matrix, "TIMEOUT", 1.0)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], stdout=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    fault_matrix.CHILDREN.append(child)
+    tally = fault_matrix.Tally()
+    fault_matrix.row(tally, "a run that hangs", lambda tally: fault_matrix.communicate(child))
+    fault_matrix.row(tally, "the next case", lambda tally: tally.case("the next case", True))
+    assert child.poll() == -signal.SIGKILL  # ended, not left running
+    assert "TIMEOUT a run that hangs: no exit after 1 s" in capsys.readouterr().out
+    assert tally.totals() == ("kills survived: 0 / 0; bad inputs tried: 0; runs with lost or wrong data: 1 "
+                              "(of them timeouts: 1)")
