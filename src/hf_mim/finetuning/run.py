@@ -195,6 +195,8 @@ def resume_checkpoint(training_args) -> str | None:
     """--resume_from_checkpoint PATH | latest | none; not given: the newest checkpoint in --output_dir."""
     value = training_args.resume_from_checkpoint
     output_dir = training_args.output_dir
+    if value is not None and value.lower() in ("none", "no", "false"):
+        return None
     # The newest complete (trainer_state.json written last) and intact one: a save cut off by a kill is skipped.
     last = latest_checkpoint(output_dir)
     last = None if last is None else str(last)
@@ -202,8 +204,6 @@ def resume_checkpoint(training_args) -> str | None:
         if last:
             logger.info("Resuming from %s (pass --resume_from_checkpoint none to start afresh).", last)
         return last
-    if value.lower() in ("none", "no", "false"):
-        return None
     if value.lower() in ("latest", "last", "true"):
         if last is None:
             raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-<step> folder in {output_dir}.")
