@@ -197,20 +197,20 @@ def resume_checkpoint(training_args) -> str | None:
     output_dir = training_args.output_dir
     if value is not None and value.lower() in ("none", "no", "false"):
         return None
-    # The newest complete (trainer_state.json written last) and intact one: a save cut off by a kill is skipped.
+    if value is not None and value.lower() not in ("latest", "last", "true"):  # a path
+        if not os.path.isdir(value):
+            raise FileNotFoundError(f"--resume_from_checkpoint {value} is not a checkpoint folder.")
+        return str(resolve_resume_path(value, output_dir, auto_resume=False))  # complete and intact, or an error
+    # The newest complete (trainer_state.json written last) and intact one: a save cut off by a kill is skipped;
+    # when every checkpoint is damaged, an error (never a fresh start over them).
     last = latest_checkpoint(output_dir)
-    last = None if last is None else str(last)
     if value is None:
         if last:
             logger.info("Resuming from %s (pass --resume_from_checkpoint none to start afresh).", last)
-        return last
-    if value.lower() in ("latest", "last", "true"):
-        if last is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-<step> folder in {output_dir}.")
-        return last
-    if not os.path.isdir(value):
-        raise FileNotFoundError(f"--resume_from_checkpoint {value} is not a checkpoint folder.")
-    return str(resolve_resume_path(value, output_dir, auto_resume=False))  # complete and intact, or an error
+        return None if last is None else str(last)
+    if last is None:
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-<step> folder in {output_dir}.")
+    return str(last)
 
 
 def recipe(model, training_args, finetuning_args: FinetuningArguments, trainer) -> dict:
