@@ -383,26 +383,27 @@ def references_for(work: Path) -> dict[str, Path]:
 
 
 def run_matrix(tally: Tally, work: Path, kills: int, rng: random.Random) -> None:
+    """The cases, the newest kinds of evidence first (a run cut short by the caller still holds them)."""
     image_cases(tally)
     converter_cases(tally, work)
     references = references_for(work)
+    for script in ("train_tokenizer.py", "finetune.py"):
+        row(tally, f"SIGKILL {script} during a save", kill_case, work, references, script, 0, None)
+    row(tally, "SIGKILL train_tokenizer.py at a random step", kill_case, work, references, "train_tokenizer.py", 1,
+        rng.randint(1, MAX_STEPS - 1))
+    for index in range(kills):
+        step = None if index % 2 else rng.randint(1, MAX_STEPS - 1)
+        row(tally, f"SIGKILL pretrain.py #{index}", kill_case, work, references, "pretrain.py", index, step)
+    row(tally, "a second run on the same --output_dir", second_run_case, work, references)
+    for how in ("truncated", "bit-flipped"):
+        row(tally, f"{how} newest checkpoint", damaged_newest_case, work, references, how)
     for script, names in PLANTED.items():
         for name in names:
             for with_checksums in (True, False):
                 row(tally, f"{script}: pickle planted in {name}", planted_case, work, references, script, name,
                     with_checksums)
-    for how in ("truncated", "bit-flipped"):
-        row(tally, f"{how} newest checkpoint", damaged_newest_case, work, references, how)
-    row(tally, "a second run on the same --output_dir", second_run_case, work, references)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         row(tally, f"{signum.name} pretrain", signal_case, work, references, signum)
-    for index in range(kills):
-        step = None if index % 2 else rng.randint(1, MAX_STEPS - 1)
-        row(tally, f"SIGKILL pretrain.py #{index}", kill_case, work, references, "pretrain.py", index, step)
-    for script in ("train_tokenizer.py", "finetune.py"):
-        row(tally, f"SIGKILL {script} during a save", kill_case, work, references, script, 0, None)
-    row(tally, "SIGKILL train_tokenizer.py at a random step", kill_case, work, references, "train_tokenizer.py", 1,
-        rng.randint(1, MAX_STEPS - 1))
 
 
 def main() -> None:
