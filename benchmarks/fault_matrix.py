@@ -406,6 +406,10 @@ def run_matrix(tally: Tally, work: Path, kills: int, rng: random.Random) -> None
         row(tally, f"{signum.name} pretrain", signal_case, work, references, signum)
 
 
+def stop_on_signal(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
 def main() -> None:
     global TIMEOUT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -415,6 +419,8 @@ def main() -> None:
     args = parser.parse_args()
     TIMEOUT = args.timeout
     tally, rng, started = Tally(), random.Random(args.seed), time.monotonic()
+    signal.signal(signal.SIGTERM, stop_on_signal)  # stopped by a scheduler (or by hand): the totals so far
+    signal.signal(signal.SIGINT, stop_on_signal)  # (a background job of a shell starts with SIGINT ignored)
     try:
         with tempfile.TemporaryDirectory(prefix="hf_mim-faults-") as folder:
             run_matrix(tally, Path(folder), args.kills, rng)
