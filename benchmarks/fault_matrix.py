@@ -237,19 +237,24 @@ def signal_case(tally: Tally, work: Path, references: dict[str, Path], signum: s
 
 
 def second_run_case(tally: Tally, work: Path, references: dict[str, Path]) -> None:
-    """A second run on the same folder while the first lives: refused; the first ends as if alone."""
+    """A second run on the same folder while the first lives (it would run for hours): refused, and the first
+    never logs a step twice; then the first is stopped with SIGTERM."""
     output_dir = work / "two-runs"
-    first = start("pretrain.py", output_dir, PRETRAIN)
+    endless = [*PRETRAIN, "--max_steps", "100000"]  # the last --max_steps wins
+    first = start("pretrain.py", output_dir, endless)
     wait_for(first, lambda: max(losses(output_dir), default=0) >= 1)
-    code, output = finish("pretrain.py", output_dir, PRETRAIN)
+    code, output = finish("pretrain.py", output_dir, endless)
+    alive = first.poll() is None
     refused = code != 0 and "Another run is using" in output
-    first_output = communicate(first)
-    ok, detail = same_run(output_dir, references["pretrain.py"]) if first.returncode == 0 else (False, first_output[-500:])
+    first.send_signal(signal.SIGTERM)
+    communicate(first)
     logged = [json.loads(line).get("step") for line in (output_dir / "log.jsonl").read_text().splitlines()
               if '"loss"' in line]
+    ok = alive and refused and first.returncode == 128 + signal.SIGTERM and len(logged) == len(set(logged))
     tally.bad_inputs += 1
-    tally.case("a second run on the same --output_dir is refused", ok and refused and len(logged) == len(set(logged)),
-               detail if refused else f"not refused: {output[-300:]}")
+    tally.case("a second run on the same --output_dir while the first lives is refused", ok,
+               f"first alive: {alive}, refused: {refused}, first's exit {first.returncode}, {len(logged)} steps logged "
+               f"once each" if ok else f"first alive: {alive}; second: exit {code}, {output.strip()[-300:]}")
 
 
 # ---------------------------------------------------------------------------------------------
