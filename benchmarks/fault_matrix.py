@@ -279,6 +279,7 @@ def planted_case(tally: Tally, work: Path, references: dict[str, Path], script: 
     output_dir, marker = work / f"planted-{script}-{name}-{with_checksums}", work / f"code-ran-{script}-{name}"
     checkpoint = output_dir / f"checkpoint-{step}"
     shutil.copytree(references[script] / f"checkpoint-{step}", checkpoint)
+    listed = name in json.loads((checkpoint / "checksums.json").read_text())["files"]  # a file this run writes
     if not with_checksums:
         (checkpoint / "checksums.json").unlink()
     torch.save(Marker(str(marker)), checkpoint / name)
@@ -286,7 +287,7 @@ def planted_case(tally: Tally, work: Path, references: dict[str, Path], script: 
     tally.bad_inputs += 1
     code, output = finish(script, output_dir, SCRIPTS[script])
     unsafe_advice = "weights_only=False" in output or "add_safe_globals" in output
-    if with_checksums and name != "custom_checkpoint_0.pkl":  # (not a file this library writes: not listed)
+    if with_checksums and listed:  # (custom_checkpoint_0.pkl, or sampler.bin with this sampler: never written)
         kept = {path.name: path.read_bytes() for path in checkpoint.iterdir()} == before
         ok = code != 0 and kept and "can be trusted" in output and f"({name}: " in output
         detail = "stopped, named the file, kept the checkpoint" if ok else output[-400:]
