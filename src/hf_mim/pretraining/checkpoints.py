@@ -409,6 +409,7 @@ def warn_about_refused_random_states(folder: Path, process_index: int) -> None:
 
 
 __all__ = [
-    "STATE_FILE", "TrainerState", "UntrustedCheckpointError", "find_damage", "refused_pickle_error", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "prune_checkpoints",
-    "remove_incomplete_checkpoints", "resolve_resume_path", "save_checkpoint",
+    "STATE_FILE", "TrainerState", "UntrustedCheckpointError", "find_damage", "latest_checkpoint", "list_checkpoints",
+    "load_checkpoint", "prune_checkpoints", "refused_pickle_error", "remove_incomplete_checkpoints",
+    "resolve_resume_path", "save_checkpoint",
 ]
