@@ -18,6 +18,7 @@ workers, on persistent workers, or on where a run was resumed.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import logging
@@ -134,9 +135,10 @@ def load_raw_datasets(
     """All splits of the chosen source, and a short description of it."""
     check_one_source(dataset_name, train_dir, validation_dir, train_file, validation_file)
     if dataset_name:
-        raw = datasets.load_dataset(
-            dataset_name, dataset_config_name, cache_dir=cache_dir, token=token, streaming=streaming
-        )
+        with hub_errors_in_one_line(dataset_name):
+            raw = datasets.load_dataset(
+                dataset_name, dataset_config_name, cache_dir=cache_dir, token=token, streaming=streaming
+            )
         return raw, dataset_name
     if train_dir or validation_dir:
         data_files = {}
@@ -160,6 +162,29 @@ def load_raw_datasets(
     digits = load_digits_dataset()
     raw = datasets.DatasetDict({"train": digits})
     return (raw.to_iterable_dataset() if streaming else raw), DIGITS_SOURCE
+
+
+class DataSourceUnreachableError(ConnectionError):
+    """--dataset_name could not be fetched from the Hub, nor found in the local cache."""
+
+
+@contextlib.contextmanager
+def hub_errors_in_one_line(dataset_name: str):
+    """huggingface_hub logs each of its retries as a warning, and datasets then raises from deep inside: an
+    unreachable Hub reads as pages of noise. Here the retries are quiet and the failure is one sentence."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    except ConnectionError as error:
+        raise DataSourceUnreachableError(
+            f"--dataset_name {dataset_name}: the Hub could not be reached and the data set is not in the local cache "
+            f"({error}). Check the network (HF_ENDPOINT, a proxy), or run once online to fill the cache, or pass "
+            "local data with --train_dir / --train_file."
+        ) from None
+    finally:
+        hub_logger.setLevel(level)
 
 
 def load_files(builder: str, data_files: dict, source: str, **kwargs):
@@ -347,8 +372,9 @@ def to_8_bit(image: Image.Image) -> Image.Image:
     if image.mode not in WIDE_GREY_MODES:
         return image
     pixels = np.asarray(image, dtype=np.float64)  # [H, W]
-    if image.mode == "F":
-        full_scale = 1.0 if pixels.max(initial=0.0) <= 1.0 else 65535.0  # float images: 0-1, or 16-bit values
+    if image.mode == "F":  # float images hold 0-1, 0-255 (a float TIFF of 8-bit data) or 16-bit values
+        peak = pixels.max(initial=0.0)
+        full_scale = next((scale for scale in (1.0, 255.0) if peak <= scale), 65535.0)
     else:
         full_scale = 65535.0 if pixels.max(initial=0) <= 65535 else 2.0**32 - 1
     scaled = np.clip(np.rint(pixels * (255.0 / full_scale)), 0, 255).astype(np.uint8)

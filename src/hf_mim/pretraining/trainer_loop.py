@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 from ..data import (
     EpochSampler, FixedSampler, ImageDatasets, ImageExamples, StreamingImageExamples, derive_seed, load_image_datasets,
 )
+from ..data_fingerprint import data_fingerprint, warn_if_data_changed
 from ..distributed import check_sharding_engaged
 from ..launch import check_one_run_per_launch, cpu_process_group_needed
 from ..preemption import Preempted, PreemptionGuard, resume_hint
+from ..run_lock import OutputDirLock
 from .arguments import resolve_mixed_precision
 from ..fast_data import fast_training_examples
 from ..streaming import ReferenceRows, StreamCheckpoint, StreamedTrainingExamples, StreamLoader
@@ -114,6 +116,8 @@ def build_accelerator(args) -> Accelerator:
 def setup_logging(accelerator: Accelerator) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING, force=True)
+    for name in ("datasets", "huggingface_hub"):  # their own handler besides the root's printed each warning twice
+        logging.getLogger(name).handlers.clear()
     if not accelerator.is_main_process:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
@@ -259,15 +263,19 @@ def resume(run: Run) -> None:
     path = None if fresh else resolve_resume_path(args.resume_from_checkpoint, args.output_dir, auto_resume=True)
     run.state = TrainerState(num_processes=accelerator.num_processes,
                              per_device_train_batch_size=args.per_device_train_batch_size,
-                             gradient_accumulation_steps=args.gradient_accumulation_steps)
+                             gradient_accumulation_steps=args.gradient_accumulation_steps,
+                             data_fingerprint=data_fingerprint(run.data, args.train_dir, args.train_file))
     if path is None:
         return
     logger.info("Resuming from %s", path)
     saved = load_checkpoint(accelerator, path, run.checkpoint_extras)
     check_resume_compatible(saved, run.state)
+    if accelerator.is_main_process:
+        warn_if_data_changed(saved.data_fingerprint, run.state.data_fingerprint, path)
     run.state = TrainerState(**{**vars(saved), "num_processes": run.state.num_processes,
                                 "per_device_train_batch_size": run.state.per_device_train_batch_size,
-                                "gradient_accumulation_steps": run.state.gradient_accumulation_steps})
+                                "gradient_accumulation_steps": run.state.gradient_accumulation_steps,
+                                "data_fingerprint": run.state.data_fingerprint})
     run.state.batch_in_epoch = saved.batch_in_epoch * saved.num_processes * saved.per_device_train_batch_size // (
         run.state.num_processes * run.state.per_device_train_batch_size)
     run.last_checkpoint_step = saved.global_step
@@ -415,11 +423,19 @@ def checkpoint(run: Run) -> None:
     run.state.train_loss_sum, run.state.train_loss_batches = run.meter.total_loss, run.meter.total_batches
     if "stream" in run.checkpoint_extras:
         run.checkpoint_extras["stream"].collect(accelerator)  # every process's position, for the main one to save
-    path = save_checkpoint(accelerator, args.output_dir, run.state, run.checkpoint_extras)
+    path = save_checkpoint(accelerator, args.output_dir, run.state, run.checkpoint_extras,
+                           save_model_files=lambda folder: save_model_files(run, folder))
     run.last_checkpoint_step = run.state.global_step
     if accelerator.is_main_process:
         prune_checkpoints(args.output_dir, args.save_total_limit)
         logger.info("Saved %s", path)
+
+
+def save_model_files(run: Run, folder) -> None:
+    """What makes a checkpoint folder a model for from_pretrained, finetune.py and probe.py: accelerate wrote
+    model.safetensors, this adds config.json and preprocessor_config.json."""
+    run.accelerator.unwrap_model(run.model, keep_torch_compile=False).config.save_pretrained(folder)
+    run.processor.save_pretrained(folder)
 
 
 def after_step(run: Run, learning_rate: float, grad_norm: float | None, epoch_ended: bool, progress) -> None:
@@ -567,6 +583,11 @@ def run_pretraining(args, method_class: type[PretrainingMethod] | None = None) -
     `method_class`: a method from another registry (the tokenizers'); default: `get_method(args.method)`."""
     accelerator = build_accelerator(args)
     setup_logging(accelerator)
+    with OutputDirLock(args.output_dir, enabled=accelerator.is_main_process):  # one run per output folder
+        return pretrain_locked(args, accelerator, method_class)
+
+
+def pretrain_locked(args, accelerator: Accelerator, method_class) -> dict:
     workers = configure_backends(args, accelerator)  # their number, said in the start-of-run line
     set_seed(args.seed)  # the model's initial weights
     method = (method_class or get_method(args.method))(args)
