@@ -70,3 +70,80 @@ def test_reference_fine_tuning_transform_survives_a_batch_of_seeds():
         torch.manual_seed(seed)
         pixels = transform(image)
         assert pixels.shape == (3, 16, 16) and torch.isfinite(pixels).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The soak's CI slice
+# ---------------------------------------------------------------------------------------------
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+SLICE = 2000  # images per recipe (the full soak: 20,000)
+
+
+def load_soak():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe_soak.py"
+    spec = importlib.util.spec_from_file_location("hf_mim_benchmark_recipe_soak", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def soak_module():
+    return load_soak()
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """One encoded corpus for every test here (written on first use)."""
+    return tmp_path_factory.mktemp("recipe_soak_corpus")
+
+
+def test_corpus_is_varied_and_deterministic(soak_module, corpus_dir):
+    corpus = soak_module.build_corpus(corpus_dir, SLICE, seed=0)
+    assert {spec.kind for spec in corpus.specs} == set(soak_module.KINDS)
+    orientations = {spec.orientation for spec in corpus.specs if spec.kind == "jpeg_exif"}
+    assert orientations == set(range(1, 9))
+    sides = [side for spec in corpus.specs for side in (spec.width, spec.height)]
+    assert min(sides) == 1 and max(sides) == 4000
+    assert max(max(s.width, s.height) / min(s.width, s.height) for s in corpus.specs) >= 3000
+    assert corpus.specs == [soak_module.image_spec(0, index) for index in range(SLICE)]
+    for path, spec in zip(corpus.image_paths()[:40], corpus.specs):  # the files are what the specs say
+        with Image.open(path) as image:
+            assert image.size == (spec.width, spec.height) and image.mode == soak_module.KINDS[spec.kind][2]
+
+
+def test_every_recipe_survives_the_slice(soak_module, corpus_dir, tmp_path):
+    report = soak_module.main(["--images", str(SLICE), "--cache_dir", str(corpus_dir), "--json",
+                               str(tmp_path / "soak.json")])
+    names = [row["recipe"] for row in report["rows"]]
+    expected = [f"pretrain-{method}-{path}" for method in soak_module.METHODS for path in ("reference", "fast")]
+    assert names[:len(expected)] == expected and names[-1] == "segment"
+    assert any(name.startswith("finetune-rand-m9-mstd0.5-inc1") for name in names)
+    failures = [failure for row in report["rows"] for failure in row["failures"]]
+    assert report["passed"] and not failures, failures[:10]
+    assert all(row["images"] == SLICE for row in report["rows"])
+
+
+def test_the_soak_counts_the_zero_bit_posterize_crash(soak_module, corpus_dir, monkeypatch):
+    """With timm's raw posterize (the code before issue 16), Pillow 13's ValueError shows up as errors."""
+    pytest.importorskip("timm")
+    from timm.data import auto_augment
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+        pytest.skip("this Pillow still accepts 0 bits")
+    except ValueError:
+        pass
+    monkeypatch.setattr("hf_mim.finetuning.transforms.posterize_any_bits", auto_augment.posterize)
+    report = soak_module.main(["--images", str(SLICE), "--cache_dir", str(corpus_dir),
+                               "--recipes", "finetune-rand-m9-mstd0.5-inc1-timm"])
+    (row,) = report["rows"]
+    assert not report["passed"] and row["errors"] > 0
+    assert "bits must be between" in row["failures"][0]
