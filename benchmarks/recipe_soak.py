@@ -64,6 +64,7 @@ EXIF_ORIENTATION = 0x0112
 METHODS = ("mae", "beit", "beitv2", "peco", "vit_mpp")
 NUM_CLASSES = 10  # fine-tuning labels: index % 10
 SEGMENT_CLASSES = 4
+PROGRESS_EVERY = 2000  # images between progress lines of a recipe
 # The fast path pads a batch's pixels into one canvas of the largest height x the largest width; BEiT-style
 # methods ship each whole image (the colour jitter needs its mean grey), so a 2 x 4000 and a 4000 x 2 image
 # in one batch make a [B, 4000, 4000, 3] canvas: minutes and ~9 GB on a CPU for a batch of 8. Batches of 1
@@ -435,6 +436,9 @@ def soak(recipe: Recipe, specs: list[ImageSpec], seed: int, batch_size: int) -> 
     for first in range(0, len(specs), batch_size):
         chunk = specs[first:first + batch_size]
         run_chunk(recipe, row, chunk, [derive_seed(seed, spec.index) for spec in chunk])
+        if (first // batch_size + 1) % max(1, PROGRESS_EVERY // batch_size) == 0:
+            print(f"  {recipe.name}: {first + len(chunk)} images, {row.errors} errors, {row.non_finite} non-finite, "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
     row.seconds = time.perf_counter() - start
     return row
 

@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 REFERENCE_AA = "rand-m9-mstd0.5-inc1"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -75,8 +77,6 @@ def test_reference_fine_tuning_transform_survives_a_batch_of_seeds():
 # ---------------------------------------------------------------------------------------------
 # 2. The soak's CI slice
 # ---------------------------------------------------------------------------------------------
-
-pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 SLICE = 2000  # images per recipe (the full soak: 20,000)
 
