@@ -4,7 +4,8 @@ transform (which IS the saved image processor, so inference matches evaluation) 
 Training (timm's `create_transform` as used by BEiT / MAE fine-tuning): RandomResizedCrop (bicubic,
 scale `crop_min_scale`-1, ratio 3/4-4/3), horizontal flip, optional RandAugment, normalise,
 optional random erasing with per-pixel random values (timm's `mode="pixel"`). RandAugment is timm's
-own when timm is installed (the reference's ``rand-m9-mstd0.5-inc1`` exactly), else torchvision's.
+own when timm is installed (the reference's ``rand-m9-mstd0.5-inc1`` exactly), else torchvision's;
+timm's posterize keeps the meaning 0 bits had when the papers ran it (`keep_zero_bit_posterize`).
 
 Evaluation: resize the shorter side to ``image_size / crop_pct`` (bicubic) and centre-crop
 ``image_size`` (timm's `crop_pct`, 0.875 = 224/256).
@@ -55,10 +56,34 @@ def rand_augment(spec: str | None, mean, image_size=224):
                "img_mean": tuple(min(255, round(255 * value)) for value in mean),
                "interpolation": Image.BICUBIC}
     try:
-        return rand_augment_transform(spec, hparams)
+        augment = rand_augment_transform(spec, hparams)
     except (AssertionError, ValueError, KeyError) as error:  # timm asserts on sections it does not know
         raise ValueError(f"--aa {spec!r} is not a RandAugment string timm accepts ({error!r}); the reference "
                          "recipes use 'rand-m9-mstd0.5-inc1'.") from error
+    return keep_zero_bit_posterize(augment)
+
+
+def keep_zero_bit_posterize(augment):
+    """timm's RandAugment with its posterize ops (Posterize, PosterizeIncreasing, PosterizeOriginal share
+    one function) calling `posterize_any_bits`: "inc1" at magnitude 10 (m9 + mstd noise reaches it) and
+    "Posterize" at low magnitudes ask for 0 bits, which Pillow 13 refuses with a ValueError."""
+    from timm.data import auto_augment
+
+    for op in augment.ops:
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = posterize_any_bits
+    return augment
+
+
+def posterize_any_bits(image, bits_to_keep: int, **kwargs):
+    """timm's posterize, with 0 (or fewer) bits meaning what it meant when BEiT / MAE ran the recipe:
+    Pillow <= 12's ImageOps.posterize masked each value with ~(2 ** (8 - bits) - 1), which keeps no
+    bit at all for bits <= 0: a black image. Pillow 13 raises "bits must be between or equal to 1 and 8"."""
+    from timm.data import auto_augment
+
+    if bits_to_keep >= 1 or image.mode not in ("L", "RGB"):  # other modes: Pillow's own answer, as before
+        return auto_augment.posterize(image, bits_to_keep, **kwargs)
+    return image.point([0] * 256 * len(image.getbands()))  # Pillow <= 12's lookup table for 0 bits: all zeros
 
 
 def torchvision_rand_augment(spec: str, mean) -> v2.RandAugment:
@@ -156,6 +181,7 @@ class ClassificationCollator:
 
 
 __all__ = [
-    "ClassificationCollator", "evaluation_example_transform", "evaluation_processor", "rand_augment",
+    "ClassificationCollator", "evaluation_example_transform", "evaluation_processor", "posterize_any_bits",
+    "rand_augment",
     "train_transform", "training_example_transform",
 ]
