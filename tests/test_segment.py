@@ -71,6 +71,14 @@ def test_mean_iou_matches_scikit_learns_jaccard():
     assert result["overall_accuracy"] == pytest.approx((truth == predicted).mean())
 
 
+def test_a_16_bit_grey_image_keeps_its_grey_levels():
+    """PIL's convert("RGB") clips 16-bit grey to white; the examples scale it from its bit depth."""
+    grey16 = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))  # mode I;16, half the range
+    dataset = datasets.Dataset.from_dict({"image": [grey16], "mask": [Image.fromarray(np.zeros((8, 8), np.uint8))]})
+    example = SegmentationExamples(dataset, "image", "mask", 8, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], train=False)[0]
+    torch.testing.assert_close(example["pixel_values"], torch.full((3, 8, 8), 128 / 255), atol=1e-6, rtol=0)
+
+
 def test_mask_values_beyond_the_classes_name_the_ignore_index():
     dataset = datasets.Dataset.from_dict(
         {"mask": [Image.fromarray(np.array([[0, 1], [7, 255]], dtype=np.uint8), mode="L")]},

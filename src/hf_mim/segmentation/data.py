@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data import limit, load_raw_datasets, split_train_validation
+from ..data import convert_mode, limit, load_raw_datasets, split_train_validation, to_8_bit
 
 DIGIT_SCENES_SOURCE = "hf_mim-digit-scenes"
 DIGIT_SCENES_DESCRIPTION = ("digit scenes: scikit-learn handwritten digits pasted on random backgrounds, with their "
@@ -241,7 +241,9 @@ class SegmentationExamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.dataset[int(index)]
-        image = row[self.image_column].convert("RGB")
+        # 16-bit and float grey scaled to 8 bits, not clipped to white (PIL's convert); no EXIF turn here,
+        # since the mask was drawn on the stored pixels
+        image = convert_mode(to_8_bit(row[self.image_column]), "RGB")
         mask = Image.fromarray(mask_array(row[self.mask_column]).astype(np.int32), mode="I")
         if self.train:
             image, mask = self.augment(image, mask, np.random.default_rng(int(torch.randint(2**62, ()))))
