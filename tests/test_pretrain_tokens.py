@@ -433,13 +433,33 @@ def test_a_collapsed_tokenizer_is_refused(tmp_path, tokenizers):
                       "--checkpointing_steps", "no"))
 
 
+def test_below_health_targets_warn_with_usage_and_perplexity():
+    """Like the issue's dVAE (7 of 64 codes, perplexity 2.7) but with no code on half the patches: no
+    refusal, no skew warning, yet the below-health warning, with the numbers; a healthy spread is silent."""
+    counts = torch.tensor([480, 250, 150, 80, 40, 15, 9])  # 1,024 tokens on 7 codes, the largest share 47%
+    targets = torch.repeat_interleave(torch.arange(7), counts).reshape(2, 8, 64)
+    health = TargetHealth(vocab_size=64, source="tok", batches=2)
+    health.add(targets[0])
+    with pytest.warns(RuntimeWarning, match=r"below-health targets: its 1024 tokens .* used 7 of its 64 codes "
+                                            r"\(fewer than 50% of the 64 they could use; perplexity 4\.1\)") as caught:
+        health.add(targets[1])
+    assert not any("skewed" in str(warning.message) for warning in caught)
+    assert health.report["target_codes_used"] == 7 and health.report["target_perplexity"] == pytest.approx(4.1, abs=0.05)
+    healthy = TargetHealth(vocab_size=64, source="tok", batches=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        healthy.add(torch.arange(64).repeat(4, 1)[:, torch.randperm(64)])  # every code: silent
+        TargetHealth(vocab_size=64, source="tok", batches=1).add(torch.arange(20).reshape(1, 20))  # 20 of 20 possible
+
+
 def test_degenerate_targets_can_be_allowed_with_a_warning():
     health = TargetHealth(vocab_size=4, source="tok", batches=2, allow_degenerate=True)
     health.add(torch.zeros(2, 8, dtype=torch.long))
     assert health.report is None  # measured on the first 2 batches, not on one
     with pytest.warns(RuntimeWarning, match=r"skewed targets: .* used 2 of its 4 codes.* 94% of the patches"):
         health.add(torch.tensor([[0] * 7 + [3]] * 2))
-    assert health.report == {"target_codes_used": 2, "target_majority_share": 30 / 32}
+    assert {key: health.report[key] for key in ("target_codes_used", "target_majority_share")} == {
+        "target_codes_used": 2, "target_majority_share": 30 / 32}
     health.add(torch.zeros(2, 8, dtype=torch.long))  # checked once
     healthy = TargetHealth(vocab_size=4, source="tok", batches=1)
     with warnings.catch_warnings():

@@ -3,7 +3,8 @@ its codes carry information.
 
 A tokenizer that gives (nearly) every patch the same code makes masked-token prediction trivial: the
 model reports ~100% accuracy and learns nothing. :class:`TargetHealth` measures the code usage of the
-first training batches and refuses such targets (or warns, with `--allow_degenerate_targets`).
+first training batches and refuses such targets (or warns, with `--allow_degenerate_targets`); it warns
+too when the targets use fewer codes than a healthy tokenizer would (train_tokenizer.py's rule).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import AutoConfig, AutoModel
 
 from ...cards import hub_id
 from ...models import DvaeConfig, VqkdConfig
+from ...models.quantizer import usage_and_perplexity
 from ...models.vit_core import to_2tuple
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,11 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_CHECK_BATCHES = 2
 DEGENERATE_MAJORITY_SHARE = 0.9
 SUSPICIOUS_MAJORITY_SHARE = 0.5
+# Below health: fewer codes used than this share of the codes the measured tokens could use
+# (min(codes, tokens)): the rule train_tokenizer.py warns at while training a tokenizer (the dVAE's
+# DVAE_USAGE_WARNING, the EMA quantizer's usage_warning_threshold), so a tokenizer it warned about is
+# flagged again when BEiT pre-training uses it.
+HEALTHY_USAGE_SHARE = 0.5
 
 
 class FrozenTokenizer:
@@ -234,7 +241,7 @@ class TwoViewCrop:
 class TargetHealth:
     """Code usage of the targets of the first `batches` training micro-batches (summed over processes):
     refuses degenerate targets (one code for >= 90% of the patches) unless `allow_degenerate`, warns when
-    one code covers half of them."""
+    one code covers half of them, and when fewer than half the codes the tokens could use are used."""
 
     def __init__(self, vocab_size: int, source: str, batches: int = TARGET_CHECK_BATCHES,
                  allow_degenerate: bool = False):
@@ -257,9 +264,10 @@ class TargetHealth:
         """counts [V]: how often each code is a target."""
         tokens = float(counts.sum())
         used, majority = int((counts > 0).sum()), float(counts.max()) / max(tokens, 1.0)
-        self.report = {"target_codes_used": used, "target_majority_share": majority}
-        logger.info("Targets of the first %d batches: %d of %d codes used, the most frequent on %.1f%% of the "
-                    "patches.", self.seen, used, self.vocab_size, 100 * majority)
+        perplexity = float(usage_and_perplexity(counts)[1])
+        self.report = {"target_codes_used": used, "target_majority_share": majority, "target_perplexity": perplexity}
+        logger.info("Targets of the first %d batches: %d of %d codes used (perplexity %.1f), the most frequent on "
+                    "%.1f%% of the patches.", self.seen, used, self.vocab_size, perplexity, 100 * majority)
         usage = (f"on the first {self.seen} training batches it used {used} of its {self.vocab_size} codes, and one "
                  f"code is the target of {majority:.0%} of the patches, so predicting it alone scores that accuracy")
         if majority >= DEGENERATE_MAJORITY_SHARE and not self.allow_degenerate:
@@ -272,7 +280,21 @@ class TargetHealth:
         if majority >= SUSPICIOUS_MAJORITY_SHARE:
             warnings.warn(f"The tokenizer {self.source} gives skewed targets: {usage}; read masked_accuracy against "
                           "that baseline.", RuntimeWarning, stacklevel=2)
+        self.warn_below_health(used, int(tokens), perplexity)
         return self.report
+
+    def warn_below_health(self, used: int, tokens: int, perplexity: float) -> None:
+        """A tokenizer that spreads its tokens over too few codes (e.g. a dVAE using 7 of 64, perplexity 2.7)
+        gives targets that carry little information, even when no single code dominates."""
+        possible = min(self.vocab_size, tokens)
+        if used >= HEALTHY_USAGE_SHARE * possible:
+            return
+        warnings.warn(
+            f"The tokenizer {self.source} gives below-health targets: its {tokens} tokens on the first {self.seen} "
+            f"training batches used {used} of its {self.vocab_size} codes (fewer than {HEALTHY_USAGE_SHARE:.0%} of "
+            f"the {possible} they could use; perplexity {perplexity:.1f}), so the model learns to tell few kinds of "
+            "patches apart. Retrain the tokenizer (train_tokenizer.py warns about the same collapse and logs "
+            "codebook_usage and perplexity) or use a healthier one; pre-training goes on.", RuntimeWarning, stacklevel=3)
 
 
 __all__ = ["FrozenTokenizer", "TargetHealth", "TwoViewCrop", "fp32_convolutions", "load_frozen_tokenizer",
