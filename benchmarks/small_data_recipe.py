@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
                 result = run(recipe, seed, args, Path(folder) / f"{seed}-{len(recipe)}")
                 rows.append({"seed": seed, "recipe": name, **result})
                 print(f"seed {seed} {name}: top-1 {result['top1']:.4f} ({result['seconds']:.0f} s)", flush=True)
-    by_recipe = {name: [r["top1"] for r in rows if r["recipe"] == name] for name in dict.fromkeys(r["recipe"] for r in rows)}
-    means = {name: statistics.mean(values) for name, values in by_recipe.items()}
+    means = {name: statistics.mean(r["top1"] for r in rows if r["recipe"] == name)
+             for name in dict.fromkeys(r["recipe"] for r in rows)}
     print("mean top-1: " + ", ".join(f"{name} {value:.4f}" for name, value in means.items()))
     report = {"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "mean_top1": means}
     if args.json:

@@ -89,6 +89,7 @@ def test_finetune_from_scratch_on_small_data_gets_a_recipe_that_learns():
     (["--train_dir", "data"], 6e-3, "data-size rule: 10,000 training images"),
     (["--train_dir", "data", "--blr", "1e-4"], 1e-4, "user: base_learning_rate=0.0001"),
     (["--train_dir", "data", "--model_name_or_path", "ckpt"], 1.5e-4, "paper: "),  # continued: not from scratch
+    (["--train_dir", "data", "--learning_rate", "1e-3"], 6e-3, "user: learning_rate=0.001"),  # lr wins over blr
 ])
 def test_pretrain_blr_follows_the_data_size_unless_given(argv, blr, origin):
     from hf_mim.pretraining.arguments import apply_data_size_rule, parse_args
@@ -97,6 +98,7 @@ def test_pretrain_blr_follows_the_data_size_unless_given(argv, blr, origin):
     assert args.base_learning_rate == (1e-4 if "--blr" in argv else 1.5e-4)  # before the data is known
     line = apply_data_size_rule(args, 10_000)
     assert args.base_learning_rate == blr and origin in line
+    assert ("base_learning_rate" in line) != ("--learning_rate" in argv)
     assert "num_train_epochs=3" in line and "warmup_steps=0.05" in line and "adam_beta2=0.95" in line
     assert apply_data_size_rule(args, None) and args.base_learning_rate == (1e-4 if "--blr" in argv else 1.5e-4)
 

@@ -32,7 +32,8 @@ class Setting:
     origin: str
 
 
-def resolve_recipe(layers: Sequence[tuple[str, Mapping[str, object]]], user: Mapping[str, object]) -> dict[str, Setting]:
+def resolve_recipe(layers: Sequence[tuple[str, Mapping[str, object]]], user: Mapping[str, object]
+                   ) -> dict[str, Setting]:
     """{name: Setting}: each layer (origin, values), in order, overrides the ones before it; the user's
     explicit values override every layer."""
     resolved: dict[str, Setting] = {}

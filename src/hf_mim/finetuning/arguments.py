@@ -17,7 +17,9 @@ from transformers.trainer_utils import SaveStrategy
 
 from ..cli import DATA_SOURCES, DataSourceArguments, MimArgumentParser, add_transformers4_names, given, option
 from ..pretraining import data_loading
-from ..recipe import DEMO, PAPER, data_size_layer, explicit_options, recipe_line, resolve_recipe
+from ..recipe import (
+    DEMO, PAPER, SMALL_DATA_MAX_IMAGES, data_size_layer, explicit_options, recipe_line, resolve_recipe,
+)
 from .ema import DEFAULT_DECAY, check_decay
 
 
@@ -96,8 +98,8 @@ DEFAULT_BASE_LEARNING_RATE = 1e-3  # MAE's main_finetune.py default (BEiT: 4e-3 
 # The recipe settings (FinetuningArguments' and TrainingArguments' fields) resolved by `resolve_finetuning_recipe`
 # and printed at the start of a run.
 RECIPE_NAMES = ("base_learning_rate", "learning_rate", "per_device_train_batch_size", "num_train_epochs",
-                "warmup_steps", "lr_scheduler_type", "weight_decay", "layer_decay", "drop_path", "smoothing", "aa", "mixup", "cutmix", "reprob",
-                "crop_min_scale", "hflip", "crop_pct")
+                "warmup_steps", "lr_scheduler_type", "weight_decay", "layer_decay", "drop_path", "smoothing", "aa",
+                "mixup", "cutmix", "reprob", "crop_min_scale", "hflip", "crop_pct")
 TRAINING_DEFAULTS = {
     "output_dir": "outputs/finetune", "per_device_train_batch_size": 64, "per_device_eval_batch_size": 64,
     "num_train_epochs": 50.0, "weight_decay": 0.05, "lr_scheduler_type": "cosine", "warmup_steps": 0.1,
@@ -165,7 +167,8 @@ def note_demo_defaults(parser: argparse.ArgumentParser) -> None:
     """--help shows the defaults of a run on your data; the digits demo's own go into the help text."""
     for action in parser._actions:
         notes = [f"{where}: {values[action.dest]}" for where, values in (
-            ("digits demo", DEMO_DATA_DEFAULTS), ("from scratch on the digits", FROM_SCRATCH_DEFAULTS))
+            ("digits demo", DEMO_DATA_DEFAULTS), ("from scratch on the digits", FROM_SCRATCH_DEFAULTS),
+            (f"from scratch on < {SMALL_DATA_MAX_IMAGES:,} images", SMALL_DATA_DEFAULTS))
             if action.dest in values]
         if notes and action.help is not argparse.SUPPRESS:
             action.help = f"{action.help or ''} ({'; '.join(notes)})".strip()
@@ -190,7 +193,8 @@ def parse_finetuning_args(argv: list[str] | None = None):
     add_aliases(parser)
     if any(arg in ("-h", "--help") for arg in argv):  # the defaults of a run on your data, and the demo's beside them
         note_demo_defaults(parser)
-    parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not has_accelerator(), dataloader_num_workers=default_num_workers())
+    parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not has_accelerator(),
+                        dataloader_num_workers=default_num_workers())
     model_args, data_args, finetuning_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     explicit = explicit_options(parser, argv, RECIPE_NAMES)
     if {"learning_rate", "base_learning_rate"} <= explicit:

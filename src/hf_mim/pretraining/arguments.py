@@ -10,7 +10,9 @@ import os
 import sys
 
 from ..cli import MimArgumentParser, add_transformers4_names, append_help, option, peek_method
-from ..recipe import DEMO, PAPER, SMALL_DATA_MAX_IMAGES, data_size_layer, recipe_line, resolve_recipe
+from ..recipe import (
+    DEMO, PAPER, SMALL_DATA_MAX_IMAGES, USER, Setting, data_size_layer, recipe_line, resolve_recipe,
+)
 from .methods import METHODS, get_method
 from .options import LEADING_GROUPS, TRAINING_GROUPS, warmup_type
 
@@ -149,9 +151,12 @@ def small_data_values(method_cls) -> dict:
 
 
 def set_recipe(args: argparse.Namespace, recipe: dict) -> None:
-    args.recipe = recipe
     for name, setting in recipe.items():
         setattr(args, name, setting.value)
+    if args.learning_rate is not None:  # an absolute learning rate wins over every base learning rate
+        recipe = {name: setting for name, setting in recipe.items() if name != "base_learning_rate"}
+        recipe["learning_rate"] = Setting(args.learning_rate, USER)
+    args.recipe = recipe
 
 
 def apply_data_size_rule(args: argparse.Namespace, train_images: int | None) -> str:
@@ -208,5 +213,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-__all__ = ["DEMO_DEFAULTS", "MethodArguments", "apply_data_size_rule", "build_parser", "is_demo", "parse_args", "parse_into_namespace",
-           "resolve_mixed_precision", "script_parser"]
+__all__ = ["DEMO_DEFAULTS", "MethodArguments", "apply_data_size_rule", "build_parser", "is_demo", "parse_args",
+           "parse_into_namespace", "resolve_mixed_precision", "script_parser"]

@@ -294,7 +294,8 @@ class TargetHealth:
             f"training batches used {used} of its {self.vocab_size} codes (fewer than {HEALTHY_USAGE_SHARE:.0%} of "
             f"the {possible} they could use; perplexity {perplexity:.1f}), so the model learns to tell few kinds of "
             "patches apart. Retrain the tokenizer (train_tokenizer.py warns about the same collapse and logs "
-            "codebook_usage and perplexity) or use a healthier one; pre-training goes on.", RuntimeWarning, stacklevel=3)
+            "codebook_usage and perplexity) or use a healthier one; pre-training goes on.",
+            RuntimeWarning, stacklevel=3)
 
 
 __all__ = ["FrozenTokenizer", "TargetHealth", "TwoViewCrop", "fp32_convolutions", "load_frozen_tokenizer",
