@@ -69,10 +69,12 @@ def test_finetune_from_scratch_on_small_data_gets_a_recipe_that_learns():
     line = resolve_finetuning_recipe(finetuning, training, 1_000)
     assert (finetuning.layer_decay, finetuning.drop_path, finetuning.base_learning_rate) == (1.0, 0.0, 4e-3)
     assert ("data-size rule: 1,000 training images < 50,000, from scratch: base_learning_rate=0.004, layer_decay=1, "
-            "drop_path=0") in line
-    assert "paper: " in line and "aa=rand-m9-mstd0.5-inc1" in line and "reprob=0.25" in line
+            "drop_path=0, aa=none, reprob=0") in line
+    assert "paper: " in line and "smoothing=0.1" in line and "num_train_epochs=50" in line
+    assert (finetuning.aa, finetuning.reprob) == ("none", 0.0)
     resolve_finetuning_recipe(finetuning, training, 1_000_000)  # large data: the paper's
     assert (finetuning.layer_decay, finetuning.drop_path, finetuning.base_learning_rate) == (0.75, 0.1, 1e-3)
+    assert (finetuning.aa, finetuning.reprob) == ("rand-m9-mstd0.5-inc1", 0.25)
 
     _, _, finetuning, training = parse_finetuning_args(scratch + ["--layer-decay", "0.75", "--learning_rate", "1e-4"])
     line = resolve_finetuning_recipe(finetuning, training, 1_000)
