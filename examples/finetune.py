@@ -14,7 +14,11 @@
 The code lives in `hf_mim.finetuning` (run.py) and `hf_mim.data`.
 """
 
+from hf_mim.data import DataSourceUnreachableError
 from hf_mim.finetuning.run import main
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataSourceUnreachableError as error:  # one sentence: the traceback adds nothing to it
+        raise SystemExit(f"error: {error}") from None

@@ -7,7 +7,11 @@
 The loop, the methods and the data pipeline live in `hf_mim.pretraining` and `hf_mim.data`.
 """
 
+from hf_mim.data import DataSourceUnreachableError
 from hf_mim.pretraining import main
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataSourceUnreachableError as error:  # one sentence: the traceback adds nothing to it
+        raise SystemExit(f"error: {error}") from None

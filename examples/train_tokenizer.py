@@ -7,7 +7,11 @@
 The methods live in `hf_mim.tokenizer_training`; the loop is the pre-training one (`hf_mim.pretraining`).
 """
 
+from hf_mim.data import DataSourceUnreachableError
 from hf_mim.tokenizer_training import main
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataSourceUnreachableError as error:  # one sentence: the traceback adds nothing to it
+        raise SystemExit(f"error: {error}") from None

@@ -14,6 +14,7 @@ from hf_mim import (
     MaeForImageClassification, MaeForPreTraining, MimImageProcessor, VitMppBackbone, VitMppConfig,
     VitMppForPreTraining,
 )
+from hf_mim.registry import model_families
 from model_testing import randomize
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -38,6 +39,12 @@ FAMILIES = {  # name: (pre-training model, backbone class, config, backbone opti
         BEiTBackbone, "beit", PER_BLOCK_TABLES),
     "vit_mpp": (lambda: VitMppForPreTraining(VitMppConfig(**TINY)), VitMppBackbone, "vit", {}),
 }
+
+
+def test_every_registered_backbone_is_tested_here():
+    """FAMILIES holds per-family loading options; a backbone added to the registry without them fails here."""
+    registered = {heads["AutoBackbone"] for heads in model_families().values() if "AutoBackbone" in heads}
+    assert registered == {backbone for _, backbone, *_ in FAMILIES.values()}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -129,12 +136,19 @@ def test_auto_backbone_builds_each_family_from_its_config():
         assert type(AutoBackbone.from_config(config)) is backbone_class
 
 
-def test_asking_for_attention_maps_is_an_error_not_a_silent_none():
+def test_backbones_return_attention_maps_and_tuples_on_request():
     backbone = MaeBackbone(MaeConfig(**TINY)).eval()
     pixels = torch.randn(1, 3, 32, 32)
-    assert backbone(pixels, output_attentions=False).feature_maps  # what UperNet and DPT pass
-    with pytest.raises(ValueError, match="does not return attention maps.*output_hidden_states"):
-        backbone(pixels, output_attentions=True)
+    plain = backbone(pixels, output_attentions=False)  # what UperNet and DPT pass
+    assert plain.feature_maps and plain.attentions is None
+    with torch.no_grad():
+        maps = backbone(pixels, output_attentions=True)
+        as_tuple = backbone(pixels, return_dict=False)
+    assert len(maps.attentions) == TINY["num_hidden_layers"]
+    assert maps.attentions[0].shape == (1, TINY["num_attention_heads"], 65, 65)
+    torch.testing.assert_close(maps.attentions[0].sum(-1), torch.ones(1, TINY["num_attention_heads"], 65))
+    assert type(as_tuple) is tuple  # the maps run the eager kernel, the tuple call sdpa: equal to rounding
+    torch.testing.assert_close(as_tuple[0][0], maps.feature_maps[0], rtol=1e-5, atol=1e-5)
 
 
 def test_out_indices_beyond_the_depth_name_the_valid_range():

@@ -61,6 +61,14 @@ def test_parity_with_transformers_masked_image_modeling(tmp_path):
     assert ours.logits.shape == (int(mask.sum()), 50)
     assert torch.allclose(ours.logits, expected.logits[mask], atol=1e-4)
     assert torch.allclose(ours.loss, expected.loss, atol=1e-4)
+    # The attention maps (with the relative position bias in them), block by block.
+    reference.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected_maps = reference(pixels, bool_masked_pos=mask, output_attentions=True).attentions
+        maps = model(pixels, mask, output_attentions=True).attentions
+    assert len(maps) == len(expected_maps) == 3 and maps[0].shape == (3, 4, 17, 17)
+    for ours_map, theirs in zip(maps, expected_maps):
+        torch.testing.assert_close(ours_map, theirs, atol=1e-5, rtol=0)
     # The comparison is not blind to the position bias: without it the logits move.
     with torch.no_grad():
         model.beit.rel_pos_bias.relative_position_bias_table.zero_()

@@ -129,6 +129,13 @@ def test_transformers_encoder_dir_parity(tmp_path):
     with torch.no_grad():
         expected = reference(pixel_values=pixels, noise=noise).last_hidden_state
         torch.testing.assert_close(model(pixels, noise=noise).last_hidden_state, expected, atol=1e-4, rtol=0)
+        # The attention maps MAE users draw: transformers' own, block by block (its eager kernel forms them).
+        reference.set_attn_implementation("eager")
+        expected_maps = reference(pixel_values=pixels, noise=noise, output_attentions=True).attentions
+        maps = model(pixels, noise=noise, output_attentions=True).attentions
+    assert len(maps) == len(expected_maps) == 2 and maps[0].shape == (2, 4, 5, 5)  # CLS + 4 kept of 16
+    for ours, theirs in zip(maps, expected_maps):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
 def test_untrained_transformers_tables_warn(tmp_path):

@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from hf_mim.finetuning import run
-from hf_mim.finetuning.trainer import RUN_LOSS_FILE
+from hf_mim.finetuning.trainer import DATA_FINGERPRINT_FILE, RUN_LOSS_FILE
+from hf_mim.pretraining.checkpoints import UntrustedCheckpointError
+from hf_mim.verify import main as verify
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--max_steps", "8", "--save_steps", "4", "--logging_steps", "1", "--max_train_samples", "64",
@@ -52,6 +54,33 @@ def test_save_steps_alone_saves_every_n_steps(uninterrupted):
     assert json.loads((uninterrupted / "checkpoint-4" / RUN_LOSS_FILE).read_text())["steps"] == 4
 
 
+def test_checkpoints_carry_checksums_and_the_data_fingerprint(uninterrupted):
+    folder = uninterrupted / "checkpoint-4"
+    assert verify([str(uninterrupted)]) == 0
+    listed = json.loads((folder / "checksums.json").read_text())["files"]
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.json", RUN_LOSS_FILE} <= set(listed)
+    assert json.loads((folder / DATA_FINGERPRINT_FILE).read_text()) == {"source": "sklearn-digits", "rows": 64}
+
+
+def test_a_sigkilled_finetune_resumes_to_identical_weights(uninterrupted, tmp_path):
+    """SIGKILL (no handler runs) right after the first checkpoint, then the same command: the weights and the
+    whole run's train_loss equal those of the uninterrupted run."""
+    output_dir = tmp_path / "run"
+    process = start_finetune(output_dir, ARGS)
+    deadline = time.monotonic() + 180
+    while not (output_dir / "checkpoint-4" / "checksums.json").exists():  # complete and checksummed
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.01)
+    process.kill()
+    process.communicate(timeout=60)
+    assert not (output_dir / "all_results.json").exists()  # killed mid-run, not after it
+    run.main(["--output_dir", str(output_dir), *ARGS])  # the same command again
+    assert train_loss(output_dir) == pytest.approx(train_loss(uninterrupted), rel=1e-5)
+    ours, theirs = load_file(output_dir / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_resume_skips_a_cut_off_save_runs_no_planted_code_and_reports_the_whole_run(uninterrupted, tmp_path):
     """A SIGKILL while the Trainer wrote checkpoint-6 left a folder without trainer_state.json (written last);
     a hostile pickle sits in checkpoint-4. The run resumes from checkpoint-4, runs no code from it, and ends
@@ -75,8 +104,14 @@ def test_a_hostile_trainer_state_file_is_refused_without_running(uninterrupted, 
     resumed, marker = tmp_path / "run", tmp_path / "code-ran"
     shutil.copytree(uninterrupted / "checkpoint-4", resumed / "checkpoint-4")
     torch.save(MaliciousPickle(marker), resumed / "checkpoint-4" / "rng_state.pth")
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(UntrustedCheckpointError, match=r"checkpoint-4 \(rng_state.pth: changed since it was written"):
+        run.main(["--output_dir", str(resumed), *ARGS])  # checksums.json tells; the only checkpoint is kept
+    (resumed / "checkpoint-4" / "checksums.json").unlink()  # as a checkpoint of an older version
+    with pytest.raises(ValueError) as refused:
         run.main(["--output_dir", str(resumed), *ARGS])
+    message = str(refused.value)
+    assert f"Refused to load {resumed / 'checkpoint-4' / 'rng_state.pth'}" in message and "GLOBAL io.open" in message
+    assert "weights_only=False" not in message and refused.value.__cause__ is None
     assert not marker.exists()
 
 
@@ -91,13 +126,17 @@ def test_a_truncated_newest_checkpoint_falls_back(uninterrupted, tmp_path, capsy
     assert train_loss(resumed) == pytest.approx(train_loss(uninterrupted), rel=1e-5)
 
 
+def start_finetune(output_dir: Path, args: list[str]) -> subprocess.Popen:
+    # The environment of this process (thread count included), so that the float sums match `run.main` here.
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "examples" / "finetune.py"), "--output_dir", str(output_dir),
+                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path):
     output_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
     args = [arg if arg != "8" else "100000" for arg in ARGS]  # never ends by itself
-    process = subprocess.Popen([sys.executable, str(ROOT / "examples" / "finetune.py"), "--output_dir",
-                                str(output_dir), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    process = start_finetune(output_dir, args)
     deadline = time.monotonic() + 180
     while not list(output_dir.glob("checkpoint-*/trainer_state.json")):  # running, past its first save
         assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]

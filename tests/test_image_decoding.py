@@ -72,9 +72,18 @@ def grey_alpha_png() -> tuple[bytes, np.ndarray]:
     return encode(Image.fromarray(pixels, mode="LA"), "PNG"), np.full((8, 8, 3), 100, np.uint8)
 
 
+def float_tiff_0_255() -> tuple[bytes, np.ndarray]:
+    """A 32-bit float TIFF holding 8-bit values (0-255), as scientific and medical tools write them: the same
+    values in 8 bits (scaled as 16-bit data they came out near black, 255 -> 1)."""
+    pixels = np.linspace(0.0, 255.0, 64, dtype=np.float32).reshape(8, 8)
+    meant = np.repeat(np.rint(pixels).astype(np.uint8)[..., None], 3, axis=2)
+    return encode(Image.fromarray(pixels, mode="F"), "TIFF"), meant
+
+
 CASES = {"exif_orientation": (exif_rotated_jpeg, "jpg", 6), "grey_16_bit": (grey_16_bit_png, "png", 0),
          "palette_transparency": (palette_png, "png", 0), "cmyk": (cmyk_jpeg, "jpg", 6),
-         "grey_alpha": (grey_alpha_png, "png", 0)}  # name: (make, file suffix, JPEG tolerance)
+         "grey_alpha": (grey_alpha_png, "png", 0),
+         "float_tiff_0_255": (float_tiff_0_255, "tif", 0)}  # name: (make, file suffix, JPEG tolerance)
 
 
 def images_from(source: str, tmp_path, data: bytes, suffix: str) -> list[Image.Image]:

@@ -217,7 +217,8 @@ def test_non_square_images():
     with torch.no_grad():
         out = model(pixels, noise=noise)
         tall = model(torch.randn(1, 3, 48, 32), noise=torch.rand(1, 24))  # another grid: fresh tables
-        tokens, _ = model.encoder.embed_patches(torch.zeros(1, 3, 48, 32))
+        embedded, _ = model.encoder.embed(torch.zeros(1, 3, 48, 32))  # [1, 1+L, D], CLS first
+    tokens = embedded[:, 1:]
     assert out.logits.shape == (2, 24, 192) and out.mask.sum() == 2 * 18
     assert tall.logits.shape == (1, 24, 192) and torch.isfinite(tall.loss)
     patch_bias_only = model.encoder.patch_embed.proj.bias

@@ -21,8 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 from hf_mim.pretraining import main
-from hf_mim.pretraining.checkpoints import STATE_FILE, TrainerState, find_damage, latest_checkpoint
+from hf_mim.pretraining.checkpoints import (
+    STATE_FILE, TrainerState, UntrustedCheckpointError, find_damage, latest_checkpoint,
+)
 from hf_mim.pretraining.tracking import LOG_FILE, read_log
+from hf_mim.verify import main as verify
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 12
@@ -87,15 +90,20 @@ def test_checkpoints_hold_no_pickled_objects(uninterrupted):
     assert state["last_epoch"] == 5
 
 
-def test_planted_pickles_never_run_on_resume(uninterrupted, tmp_path):
+def test_planted_pickles_never_run_on_resume(uninterrupted, tmp_path, capsys):
     """A hostile `custom_checkpoint_<i>.pkl` (accelerate unpickles these with weights_only=False for objects
-    registered with register_for_checkpointing) and hostile RNG / scheduler files: none runs."""
+    registered with register_for_checkpointing) and hostile RNG / scheduler files: none runs. Without
+    checksums.json (a checkpoint of an older version) the refusals are said plainly."""
     resumed, marker = tmp_path / "run", tmp_path / "code-ran"
     shutil.copytree(uninterrupted / "checkpoint-5", resumed / "checkpoint-5")
+    (resumed / "checkpoint-5" / "checksums.json").unlink()
     plant(resumed / "checkpoint-5" / "random_states_0.pkl", marker)
     main(["--output_dir", str(resumed), *ARGS])
     assert not marker.exists()
     assert_same_run(resumed, uninterrupted, first_step=6)  # the per-micro-batch reseeding makes RNG files moot
+    refused = [line for line in capsys.readouterr().err.splitlines() if "Refused" in line]  # the log's lines
+    assert len(refused) == 1 and f"WARNING hf_mim.pretraining.checkpoints: Refused {resumed / 'checkpoint-5'}" \
+        "/random_states_0.pkl" in refused[0] and "GLOBAL io.open" in refused[0]
 
     for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"):
         plant(resumed / "checkpoint-5" / name, marker)
@@ -106,11 +114,31 @@ def test_planted_pickles_never_run_on_resume(uninterrupted, tmp_path):
     (resumed / "checkpoint-5" / "custom_checkpoint_0.pkl").unlink()
     (resumed / "checkpoint-5" / "custom_checkpoint_1.pkl").unlink()
 
-    plant(resumed / "checkpoint-5" / "extra-scheduler.pt", marker)
-    with pytest.raises(Exception, match="Weights only load failed"):
-        main(["--output_dir", str(tmp_path / "other"), *ARGS, "--resume_from_checkpoint",
-              str(resumed / "checkpoint-5")])
-    assert not marker.exists()
+    for name in ("extra-scheduler.pt", "optimizer.bin"):
+        shutil.copy(uninterrupted / "checkpoint-5" / "extra-scheduler.pt", resumed / "checkpoint-5")
+        shutil.copy(uninterrupted / "checkpoint-5" / "optimizer.bin", resumed / "checkpoint-5")
+        plant(resumed / "checkpoint-5" / name, marker)
+        with pytest.raises(ValueError) as refused:
+            main(["--output_dir", str(tmp_path / "other"), *ARGS, "--resume_from_checkpoint",
+                  str(resumed / "checkpoint-5")])
+        message = str(refused.value)
+        assert f"Refused to load {resumed / 'checkpoint-5' / name}" in message and "GLOBAL io.open" in message
+        assert "weights_only=False" not in message and "add_safe_globals" not in message and refused.value.__cause__ is None  # not torch's unsafe advice
+        assert not marker.exists()
+
+
+def test_a_planted_pickle_in_the_only_checkpoint_stops_the_run_and_keeps_it(uninterrupted, tmp_path):
+    """checksums.json tells the altered file; with no older checkpoint the run stops instead of starting at
+    step 1 and overwriting checkpoint-5 (the work of five steps)."""
+    resumed, marker = tmp_path / "run", tmp_path / "code-ran"
+    shutil.copytree(uninterrupted / "checkpoint-5", resumed / "checkpoint-5")
+    plant(resumed / "checkpoint-5" / "optimizer.bin", marker)
+    before = {path.name: path.read_bytes() for path in (resumed / "checkpoint-5").iterdir()}
+    with pytest.raises(UntrustedCheckpointError, match=r"No checkpoint in .* can be trusted: checkpoint-5 "
+                                                       r"\(optimizer.bin: changed since it was written .*mv "):
+        main(["--output_dir", str(resumed), *ARGS])
+    assert not marker.exists() and losses(resumed) == {}  # not one step trained
+    assert {path.name: path.read_bytes() for path in (resumed / "checkpoint-5").iterdir()} == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,20 +209,70 @@ def test_a_second_signal_stops_at_once():
 # ---------------------------------------------------------------------------------------------
 
 
+def flip_bit(path: Path, offset: int = -100) -> None:
+    """One flipped bit near the end of the file (a weight, not the header): safetensors has no checksum."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(uninterrupted, tmp_path, capsys):
     resumed = tmp_path / "run"
     for step in (5, 10):
         shutil.copytree(uninterrupted / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
     weights = resumed / "checkpoint-10" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-1000])  # a copy that stopped, a disk that filled up
-    assert "truncated" in find_damage(resumed / "checkpoint-10")
+    flip_bit(weights)  # still a well-formed file: only checksums.json tells
+    assert find_damage(resumed / "checkpoint-10") == \
+        "model.safetensors: changed since it was written (its SHA-256 differs from checksums.json)"
+    assert verify(([str(resumed)])) == 1
+    report = capsys.readouterr().out
+    assert f"DAMAGED    {resumed / 'checkpoint-10'}: model.safetensors: changed" in report
+    assert f"ok         {resumed / 'checkpoint-5'}: 10 files match checksums.json" in report
     main(["--output_dir", str(resumed), *ARGS])
-    assert f"Skipping the damaged checkpoint {resumed / 'checkpoint-10'}" in capsys.readouterr().err
+    assert f"Skipping the damaged checkpoint {resumed / 'checkpoint-10'} (model.safetensors: changed since it was " \
+           "written (its SHA-256 differs from checksums.json)); falling back to the older checkpoint-5" \
+           in capsys.readouterr().err
     assert_same_run(resumed, uninterrupted, first_step=6)
     with pytest.raises(ValueError, match=r"is damaged \(extra-scheduler.pt: truncated"):
         scheduler = resumed / "checkpoint-10" / "extra-scheduler.pt"
         scheduler.write_bytes(scheduler.read_bytes()[:100])
         main(["--output_dir", str(resumed), *ARGS, "--resume_from_checkpoint", str(resumed / "checkpoint-10")])
+
+
+def test_a_saved_model_carries_checksums_that_verify_checks(uninterrupted, tmp_path, capsys):
+    assert verify([str(uninterrupted)]) == 0
+    assert f"ok         {uninterrupted}: " in capsys.readouterr().out
+    model = tmp_path / "model"
+    shutil.copytree(uninterrupted, model, ignore=shutil.ignore_patterns("checkpoint-*"))
+    flip_bit(model / "model.safetensors")
+    assert verify([str(model)]) == 1
+    assert f"DAMAGED    {model}: model.safetensors: changed since it was written" in capsys.readouterr().out
+    (model / "checksums.json").unlink()
+    assert verify([str(model)]) == 0 and "unverified" in capsys.readouterr().out
+
+
+def test_every_checkpoint_is_a_model_for_the_auto_classes_finetune_and_probe(uninterrupted, tmp_path):
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForPreTraining
+
+    from hf_mim.finetuning import probe, run as finetune
+
+    folder = uninterrupted / "checkpoint-5"
+    model, info = AutoModelForPreTraining.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info
+    saved = load_file(folder / "model.safetensors")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=name)  # the step-5 weights
+    assert AutoModel.from_pretrained(folder).config.model_type == model.config.model_type
+    assert AutoImageProcessor.from_pretrained(folder) is not None
+    tuned = finetune.main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "tuned"),
+                           "--max_steps", "2", "--max_train_samples", "32", "--max_eval_samples", "16",
+                           "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0",
+                           "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no"])
+    assert tuned["train_loss"] > 0 and "eval_top1" in tuned
+    probed = probe.main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "probe"),
+                         "--max_train_samples", "40", "--max_eval_samples", "20", "--probe_epochs", "2",
+                         "--dataloader_num_workers", "0"])
+    assert probed["num_train"] == 40 and 0 <= probed["linear_top1"] <= 1
 
 
 def can_mount_tmpfs() -> bool:
@@ -244,6 +322,10 @@ def test_peco_discriminator_is_saved_as_safetensors_and_resumes_exactly(tmp_path
     folder = tmp_path / "whole" / "checkpoint-2"
     assert {"extra-discriminator.safetensors", "extra-discriminator_optimizer.pt"} <= {p.name for p in folder.iterdir()}
     assert not list(folder.glob("custom_checkpoint_*"))
+    from transformers import AutoModel  # the checkpoint is a model too
+
+    tokenizer, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()) and tokenizer.config.model_type == "hf_mim_peco", (type(tokenizer), info)
     shutil.copytree(folder, tmp_path / "resumed" / "checkpoint-2")
     tokenizer_main(["--output_dir", str(tmp_path / "resumed"), *args])
     expected = read_log(str(tmp_path / "whole" / LOG_FILE), "discriminator_loss")

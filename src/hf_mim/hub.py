@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 # Training state that may sit beside a checkpoint but does not belong in a published model.
 DEFAULT_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/*", "optimizer.pt", "scheduler.pt", "rng_state*.pth",
-                           "training_args.bin"]  # the last: a pickle of local paths and the host name
+                           "training_args.bin",  # a pickle of local paths and the host name
+                           ".hf_mim.lock"]  # the running run's lock (hf_mim.run_lock)
 CONFIG_FILES = ("config.json", "preprocessor_config.json")
 RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
 TOKEN_HELP = "set HF_TOKEN, run `hf auth login`, or pass --hub_token (token=... in Python)"

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
+from pathlib import Path
 
 import datasets
 import torch
@@ -19,14 +21,17 @@ import transformers
 from transformers import AutoConfig, AutoImageProcessor
 from transformers.trainer_utils import IntervalStrategy, set_seed
 
+from ..checksums import write_model_manifest
 from ..data import DIGITS_SOURCE, ImageDatasets, ImageExamples, load_image_datasets
+from ..data_fingerprint import data_fingerprint
 from ..files import apply_umask
 from ..launch import check_one_run_per_launch
 from ..metrics import load_top_k_accuracy
 from ..preemption import Preempted, PreemptionGuard, resume_hint
-from ..pretraining.checkpoints import latest_checkpoint, resolve_resume_path
+from ..pretraining.checkpoints import latest_checkpoint, refused_pickle_error, resolve_resume_path
 from ..pretraining.data_loading import cores_per_process
 from ..pretraining.model_choice import train_image_count
+from ..run_lock import OutputDirLock
 from ..models.presets import from_preset, preset_names
 from ..registry import FAMILIES
 from .arguments import (
@@ -51,6 +56,8 @@ DIGITS_DESCRIPTION = "scikit-learn handwritten digits (embedded demo data, 8x8 u
 def setup_logging(training_args) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)], force=True)
+    for name in ("datasets", "huggingface_hub"):  # their own handler besides the root's printed each warning twice
+        logging.getLogger(name).handlers.clear()
     logging.getLogger("hf_mim").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     level = training_args.get_process_log_level()  # --log_level (default: transformers' own, warnings)
     datasets.utils.logging.set_verbosity(level)
@@ -191,22 +198,22 @@ def resume_checkpoint(training_args) -> str | None:
     """--resume_from_checkpoint PATH | latest | none; not given: the newest checkpoint in --output_dir."""
     value = training_args.resume_from_checkpoint
     output_dir = training_args.output_dir
-    # The newest complete (trainer_state.json written last) and intact one: a save cut off by a kill is skipped.
+    if value is not None and value.lower() in ("none", "no", "false"):
+        return None
+    if value is not None and value.lower() not in ("latest", "last", "true"):  # a path
+        if not os.path.isdir(value):
+            raise FileNotFoundError(f"--resume_from_checkpoint {value} is not a checkpoint folder.")
+        return str(resolve_resume_path(value, output_dir, auto_resume=False))  # complete and intact, or an error
+    # The newest complete (trainer_state.json written last) and intact one: a save cut off by a kill is skipped;
+    # when every checkpoint is damaged, an error (never a fresh start over them).
     last = latest_checkpoint(output_dir)
-    last = None if last is None else str(last)
     if value is None:
         if last:
             logger.info("Resuming from %s (pass --resume_from_checkpoint none to start afresh).", last)
-        return last
-    if value.lower() in ("none", "no", "false"):
-        return None
-    if value.lower() in ("latest", "last", "true"):
-        if last is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-<step> folder in {output_dir}.")
-        return last
-    if not os.path.isdir(value):
-        raise FileNotFoundError(f"--resume_from_checkpoint {value} is not a checkpoint folder.")
-    return str(resolve_resume_path(value, output_dir, auto_resume=False))  # complete and intact, or an error
+        return None if last is None else str(last)
+    if last is None:
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-<step> folder in {output_dir}.")
+    return str(last)
 
 
 def recipe(model, training_args, finetuning_args: FinetuningArguments, trainer) -> dict:
@@ -215,10 +222,10 @@ def recipe(model, training_args, finetuning_args: FinetuningArguments, trainer) 
         training_args.gradient_accumulation_steps
     values = {
         "learning_rate": training_args.learning_rate, "base_learning_rate": finetuning_args.base_learning_rate,
-        "total_batch_size": total, "epochs": training_args.num_train_epochs,
-        "optimizer_steps": trainer.state.global_step, "optimizer": str(training_args.optim),
+        "total_batch_size": total, "epochs": round(trainer.state.epoch or 0.0, 2),
+        "optimizer_steps": trainer.state.global_step, "optimizer": training_args.optim,
         "layer_decay": finetuning_args.layer_decay, "weight_decay": training_args.weight_decay,
-        "warmup_steps": training_args.warmup_steps, "lr_scheduler_type": str(training_args.lr_scheduler_type),
+        "warmup_steps": training_args.warmup_steps, "lr_scheduler_type": training_args.lr_scheduler_type,
         "drop_path": model.config.drop_path_rate, "smoothing": finetuning_args.smoothing,
         "mixup": finetuning_args.mixup, "cutmix": finetuning_args.cutmix,
         "mixup_prob": finetuning_args.mixup_prob if mixing else None,
@@ -257,6 +264,13 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, finetun
                    training_args) -> dict:
     """Fine-tune, evaluate and save; returns the final metrics (train_* and eval_*)."""
     setup_logging(training_args)
+    # One run per output folder (main process; --do_eval alone writes results there too).
+    with OutputDirLock(training_args.output_dir, enabled=training_args.process_index == 0):
+        return finetune_locked(model_args, data_args, finetuning_args, training_args)
+
+
+def finetune_locked(model_args: ModelArguments, data_args: DataArguments, finetuning_args: FinetuningArguments,
+                    training_args) -> dict:
     limit_cpu_threads(training_args)
     check_one_run_per_launch(training_args.world_size)  # --use_cpu (the default without a GPU) joins a gloo group
     set_seed(training_args.seed)
@@ -282,15 +296,22 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, finetun
         processing_class=processor, data_collator=ClassificationCollator(model.config.num_labels),
         compute_metrics=metrics_function(model.config.num_labels) if eval_examples is not None else None,
         layer_decay=finetuning_args.layer_decay, soft_targets=soft_targets, callbacks=callbacks,
+        data_fingerprint=data_fingerprint(data, data_args.train_dir, data_args.train_file),
     )
     metrics = {}
     if training_args.do_train:
         with preemption:
-            result = trainer.train(resume_from_checkpoint=checkpoint)
+            try:
+                result = trainer.train(resume_from_checkpoint=checkpoint)
+            except pickle.UnpicklingError as error:  # torch's message advises weights_only=False: the unsafe way out
+                if checkpoint is None:
+                    raise
+                raise refused_pickle_error(Path(checkpoint), error) from None
         stop_if_preempted(trainer, preemption)
         trainer.save_model()  # model (with its remote code) and the image processor
         if trainer.is_world_process_zero():
             apply_umask(training_args.output_dir)  # the weights' temporary file was 0600
+            write_model_manifest(training_args.output_dir)  # checksums, see hf_mim.verify
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()

@@ -9,7 +9,9 @@ Three changes to the stock Trainer:
 - the training sampler is `hf_mim.data.EpochSampler`: order and augmentation are a pure function of
   (data seed, epoch, position), so they change every epoch and survive resuming;
 - `train_loss` covers the whole run across resumes: every checkpoint carries the loss summed over
-  all the steps before it (`run_loss.json`), which the stock Trainer forgets when it resumes.
+  all the steps before it (`run_loss.json`), which the stock Trainer forgets when it resumes;
+- every checkpoint carries the fingerprint of the training data (`data_fingerprint.json`, named changes
+  on resume) and the SHA-256 of its files (`checksums.json`, checked before it is resumed from).
 """
 
 from __future__ import annotations
@@ -23,18 +25,23 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.trainer_optimizer import is_optimizer_factory
 
+from ..checksums import write_manifest
 from ..data import EpochSampler, ImageExamples
+from ..data_fingerprint import warn_if_data_changed
 from .layer_decay import layer_decay_parameter_groups
 from .mixup import SoftTargets
 
 RUN_LOSS_FILE = "run_loss.json"
+DATA_FINGERPRINT_FILE = "data_fingerprint.json"
 
 
 class FinetuningTrainer(Trainer):
-    def __init__(self, *args, layer_decay: float = 1.0, soft_targets: SoftTargets | None = None, **kwargs):
+    def __init__(self, *args, layer_decay: float = 1.0, soft_targets: SoftTargets | None = None,
+                 data_fingerprint: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.layer_decay = layer_decay
         self.soft_targets = soft_targets
+        self.data_fingerprint = data_fingerprint or {}
         # hf_mim models return a batch-mean loss and ignore `num_items_in_batch`; their forward's
         # **kwargs would make the Trainer assume otherwise and skip the gradient-accumulation scaling.
         self.model_accepts_loss_kwargs = False
@@ -71,6 +78,9 @@ class FinetuningTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         self.loss_before = read_run_loss(resume_from_checkpoint) if isinstance(resume_from_checkpoint, str) else None
+        if isinstance(resume_from_checkpoint, str) and self.is_world_process_zero():
+            warn_if_data_changed(read_json(resume_from_checkpoint, DATA_FINGERPRINT_FILE) or {}, self.data_fingerprint,
+                                 resume_from_checkpoint)
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self.loss_before is not None:
             steps_here = output.global_step - self.loss_before["steps"]
@@ -92,7 +102,12 @@ class FinetuningTrainer(Trainer):
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, RUN_LOSS_FILE), "w") as handle:
                 json.dump({"loss_sum": loss_sum, "steps": self.state.global_step}, handle)
+            with open(os.path.join(folder, DATA_FINGERPRINT_FILE), "w") as handle:
+                json.dump(self.data_fingerprint, handle)
         super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every process's RNG file is written
+        if self.args.should_save and os.path.isdir(folder):
+            write_manifest(folder)  # last: a kill before it leaves a complete checkpoint that is only unverified
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -104,11 +119,15 @@ class FinetuningTrainer(Trainer):
 
 def read_run_loss(checkpoint: str) -> dict | None:
     """The loss summed over the steps before `checkpoint` (None for checkpoints of other versions)."""
-    path = os.path.join(checkpoint, RUN_LOSS_FILE)
+    return read_json(checkpoint, RUN_LOSS_FILE)
+
+
+def read_json(checkpoint: str, name: str) -> dict | None:
+    path = os.path.join(checkpoint, name)
     if not os.path.isfile(path):
         return None
     with open(path) as handle:
         return json.load(handle)
 
 
-__all__ = ["FinetuningTrainer", "RUN_LOSS_FILE"]
+__all__ = ["DATA_FINGERPRINT_FILE", "FinetuningTrainer", "RUN_LOSS_FILE"]

@@ -29,6 +29,17 @@ def pool_tokens(hidden_states: torch.Tensor, use_mean_pooling: bool) -> torch.Te
     return hidden_states[:, 1:].mean(dim=1) if use_mean_pooling else hidden_states[:, 0]
 
 
+# What transformers' Trainer may pass to a model whose forward takes **kwargs; anything else is a typo.
+TRAINER_LOSS_KWARGS = frozenset({"num_items_in_batch"})
+
+
+def check_loss_kwargs(model_name: str, kwargs: dict) -> None:
+    unknown = sorted(set(kwargs) - TRAINER_LOSS_KWARGS)
+    if unknown:
+        raise TypeError(f"{model_name}.forward() got unexpected keyword arguments {unknown}; it takes pixel_values, "
+                        "labels, output_hidden_states, output_attentions and return_dict.")
+
+
 class ImageClassificationMixin:
     """For ``*ForImageClassification`` models: with ``config.use_mean_pooling`` the patch tokens are
     averaged and normalised by ``fc_norm`` (the encoder is then built without its final norm, whose
@@ -62,13 +73,19 @@ class ImageClassificationMixin:
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
-    ) -> ImageClassifierOutput:
-        """`labels`: class ids [B], or soft targets [B, num_labels] (mixup / cutmix)."""
-        encoded = self.base_model(pixel_values, output_hidden_states=output_hidden_states)
+    ) -> ImageClassifierOutput | tuple:
+        """`labels`: class ids [B], or soft targets [B, num_labels] (mixup / cutmix). Other keywords are
+        the Trainer's loss keywords (`num_items_in_batch`), which a batch-mean loss does not need."""
+        check_loss_kwargs(type(self).__name__, kwargs)
+        encoded = self.base_model(pixel_values, output_hidden_states=output_hidden_states,
+                                  output_attentions=output_attentions, return_dict=True)
         logits = self.head(self.pool(encoded.last_hidden_state))  # [B, num_labels]
         loss = None if labels is None else classification_loss(logits, labels)
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states,
+                                       attentions=encoded.attentions)
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 __all__ = ["HEAD_INIT_STD", "ImageClassificationMixin", "classification_loss", "pool_tokens"]

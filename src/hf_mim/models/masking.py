@@ -5,8 +5,10 @@ This file ships with every checkpoint (``trust_remote_code``): torch, numpy and 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
+import pkgutil
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -69,6 +71,25 @@ def _grid_pair(grid_size: int | Sequence[int]) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+# name -> mask generator class. Open: a method's own masks register from its model file with
+# @register_mask_generator("name"); `mask_generator_class` imports the model files before calling a name unknown.
+MASK_GENERATORS: dict[str, type] = {}
+
+
+def register_mask_generator(name: str):
+    """Class decorator: `build_mask_generator(name, grid_size, **kwargs)` and the image processor's
+    `mask_generator=name` build this class (called as `cls(grid_size, **kwargs)`, then `generator()` -> [rows, cols])."""
+    def register(cls: type) -> type:
+        known = MASK_GENERATORS.get(name)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"Mask generator {name!r} is already registered by {known.__module__}.{known.__qualname__}; "
+                             "choose another name.")
+        MASK_GENERATORS[name] = cls
+        return cls
+    return register
+
+
+@register_mask_generator("random")
 class RandomMaskGenerator:
     """MAE's masking as a generator: each call hides `num_mask_patches = L - int(L * (1 - mask_ratio))`
     patches chosen uniformly at random, the count `random_masking` removes for the same ratio."""
@@ -106,6 +127,7 @@ class _Uniforms:
         return [self.values.pop() for _ in range(count)]
 
 
+@register_mask_generator("blockwise")
 class BlockwiseMaskGenerator:
     """BEiT's blockwise masking (Bao et al., 2022) on any rows x cols grid.
 
@@ -250,6 +272,7 @@ class BlockwiseMaskGenerator:
         )
 
 
+@register_mask_generator("blockwise_exact")
 class ExactBlockwiseMaskGenerator(BlockwiseMaskGenerator):
     """BEiT v2's masking (beit2's ``masking_generator.py``): BEiT's blockwise masking, then the count is
     made exactly `num_mask_patches` by masking uniformly chosen unmasked patches (or, should the
@@ -270,14 +293,20 @@ class ExactBlockwiseMaskGenerator(BlockwiseMaskGenerator):
         return "Exact" + super().__repr__()
 
 
-MASK_GENERATORS = {
-    "random": RandomMaskGenerator, "blockwise": BlockwiseMaskGenerator, "blockwise_exact": ExactBlockwiseMaskGenerator,
-}
+def import_model_files() -> None:
+    """Imports every `modeling_*` module beside this file, so that the masks they register are known."""
+    package = importlib.import_module(__package__)
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("modeling_"):
+            importlib.import_module(f"{__package__}.{info.name}")
 
 
 def mask_generator_class(name: str) -> type:
     if name not in MASK_GENERATORS:
-        raise ValueError(f"Unknown mask generator {name!r}; choose one of {sorted(MASK_GENERATORS)}.")
+        import_model_files()
+    if name not in MASK_GENERATORS:
+        raise ValueError(f"Unknown mask generator {name!r}; choose one of {sorted(MASK_GENERATORS)} (a method "
+                         "registers its own with masking.register_mask_generator in its model file).")
     return MASK_GENERATORS[name]
 
 
@@ -351,12 +380,12 @@ def check_corruption_probs(replace_prob: float, random_prob: float) -> None:
 def corrupt_patch_embeddings(
     tokens: torch.Tensor,
     mask_token: torch.Tensor,
-    corrupt_mask: torch.Tensor,
+    bool_masked_pos: torch.Tensor,
     generator: torch.Generator | None = None,
     replace_prob: float = 0.8,
     random_prob: float = 0.1,
 ) -> PatchCorruption:
-    """ViT's masked patch prediction corruption of the patches selected by `corrupt_mask` [B, N]:
+    """ViT's masked patch prediction corruption of the patches selected by `bool_masked_pos` [B, N]:
     each one independently is replaced by `mask_token` [D] (probability `replace_prob`), by a random
     OTHER patch embedding (`random_prob`), or kept unchanged (the rest).
 
@@ -373,10 +402,10 @@ def corrupt_patch_embeddings(
     """
     batch, length, dim = tokens.shape
     check_corruption_probs(replace_prob, random_prob)
-    if tuple(corrupt_mask.shape) != (batch, length) or corrupt_mask.dtype != torch.bool:
+    if tuple(bool_masked_pos.shape) != (batch, length) or bool_masked_pos.dtype != torch.bool:
         raise ValueError(
-            f"corrupt_mask must be a bool tensor [{batch}, {length}] (True = corrupt), got "
-            f"{corrupt_mask.dtype} {list(corrupt_mask.shape)}."
+            f"bool_masked_pos must be a bool tensor [{batch}, {length}] (True = corrupt), got "
+            f"{bool_masked_pos.dtype} {list(bool_masked_pos.shape)}."
         )
     if mask_token.numel() != dim:
         raise ValueError(f"mask_token has {mask_token.numel()} values, expected the embedding width {dim}.")
@@ -390,7 +419,7 @@ def corrupt_patch_embeddings(
     branch = torch.full((batch, length), KEPT_UNCHANGED, dtype=torch.long, device=tokens.device)  # [B, N]
     branch[uniform < replace_prob + random_prob] = REPLACED_BY_OTHER_PATCH
     branch[uniform < replace_prob] = REPLACED_BY_MASK
-    branch[~corrupt_mask.to(tokens.device)] = NOT_CORRUPTED
+    branch[~bool_masked_pos.to(tokens.device)] = NOT_CORRUPTED
     if length < 2 and bool((branch == REPLACED_BY_OTHER_PATCH).any()):
         raise ValueError("A random other patch needs at least 2 patches per image; use random_prob=0 for 1 patch.")
 

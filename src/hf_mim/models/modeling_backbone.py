@@ -76,7 +76,7 @@ class VitBackboneMixin(BackboneMixin):
     (under the family's ``base_model_prefix``, without mask token or final norm) and calls
     :meth:`build_backbone`."""
 
-    has_attentions = False  # sdpa returns no attention maps; UperNet then does not ask for them
+    has_attentions = True  # attention maps on request (output_attentions runs the eager kernel)
     _keys_to_ignore_on_load_unexpected = UNUSED_BY_BACKBONES
 
     def build_backbone(self, config) -> None:
@@ -102,27 +102,24 @@ class VitBackboneMixin(BackboneMixin):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
-    ) -> BackboneOutput:
+    ) -> BackboneOutput | tuple:
         """feature_maps: one [B, D, H/p, W/p] map per chosen stage (through the neck with ``add_fpn``),
         or the stage's tokens [B, 1+N, D] with ``reshape_hidden_states=False``; hidden_states (when
-        asked): the encoder's, [B, 1+N, D] each."""
-        if output_attentions:  # UperNet / DPT pass their config's False; True would silently give None
-            raise ValueError(f"{type(self).__name__} does not return attention maps (its attention runs in "
-                             "scaled_dot_product_attention, which does not form them); use output_hidden_states.")
+        asked): the encoder's, [B, 1+N, D] each; attentions (when asked): each block's [B, H, 1+N, 1+N]."""
         encoder = self.base_model
         grid = encoder.patch_embed.grid_size(pixel_values)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        encoded = encoder(pixel_values, output_hidden_states=True)
+        encoded = encoder(pixel_values, output_hidden_states=True, output_attentions=output_attentions,
+                          return_dict=True)
         feature_maps = tuple(encoded.hidden_states[index] for index in self.out_indices)  # [B, 1+N, D] each
         if self.config.reshape_hidden_states:  # else tokens, CLS first (DPT's reassemble stage reads them)
             feature_maps = tuple(tokens_to_map(stage, grid) for stage in feature_maps)  # [B, D, rows, cols]
             if self.neck is not None:
                 feature_maps = self.neck(feature_maps)
-        return BackboneOutput(
-            feature_maps=feature_maps, hidden_states=encoded.hidden_states if output_hidden_states else None
-        )
+        output = BackboneOutput(feature_maps=feature_maps, attentions=encoded.attentions,
+                                hidden_states=encoded.hidden_states if output_hidden_states else None)
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 class MaeBackbone(VitBackboneMixin, MaePreTrainedModel):

@@ -28,7 +28,8 @@ from .inputs import check_bool_masked_pos, check_patch_labels
 from .losses import masked_token_losses
 from .relative_position import RelativePositionBias, relative_position_index
 from .remote_code import HubCodeMixin
-from .vit_core import Attention, Block, PatchEmbed, drop_path_rates, grid_size_for, resize_pos_embed, run_blocks
+from .encoder import VitEncoderMixin
+from .vit_core import Attention, Block, drop_path_rates
 
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 
@@ -40,7 +41,8 @@ class BEiTModelOutput(ModelOutput):
 
     last_hidden_state: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    pooler_output: torch.FloatTensor | None = None  # [B, D]: classification.pool_tokens (last: tuple indices kept)
+    pooler_output: torch.FloatTensor | None = None  # [B, D]: classification.pool_tokens
+    attentions: tuple[torch.FloatTensor, ...] | None = None  # per block [B, H, 1+N, 1+N] (last: tuple indices kept)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class BEiTForMaskedImageModelingOutput(ModelOutput):
     per_sample_accuracy: torch.FloatTensor | None = None
     cls_head_per_sample_loss: torch.FloatTensor | None = None
     cls_head_per_sample_accuracy: torch.FloatTensor | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None  # the encoder's, per block [B, H, 1+N, 1+N]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,11 +114,12 @@ class BEiTBlock(Block):
         for linear in (self.attn.proj, self.mlp.fc2):
             linear.residual_layer_id = layer_id
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, grid_size=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, grid_size=None,
+                output_attentions: bool = False):
         if self.rel_pos_bias is not None:
             own = self.rel_pos_bias(grid_size).unsqueeze(0)  # [1, H, 1+N, 1+N]
             attn_bias = own if attn_bias is None else attn_bias + own
-        return super().forward(x, attn_bias)
+        return super().forward(x, attn_bias, output_attentions=output_attentions)
 
 
 def build_blocks(config: BEiTConfig, grid_size: tuple[int, int], depths: range) -> nn.ModuleList:
@@ -258,49 +262,28 @@ class BEiTPreTrainedModel(HubCodeMixin, PreTrainedModel):
         return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
 
 
-class BEiTModel(BEiTPreTrainedModel):
-    """The BEiT encoder: patch embedding, mask token (before positions), CLS, optional learned
-    absolute positions, relative position bias, blocks, final norm."""
+class BEiTModel(VitEncoderMixin, BEiTPreTrainedModel):
+    """The BEiT encoder: the shared ViT encoder replacing masked patches by the mask token (before the
+    positions), with optional learned absolute positions and BEiT's relative position bias (one table
+    shared by all blocks, or one per block)."""
 
     _keys_to_ignore_on_load_unexpected = [r"relative_position_index", r"^lm_head\.", r"^cls_pt_(layers|norm|lm_head)\."]
 
     def __init__(self, config: BEiTConfig, use_mask_token: bool = True, use_final_norm: bool = True):
         super().__init__(config)
-        width = config.hidden_size
-        self.grid_size = grid_size_for(config.image_size, config.patch_size)
-        num_patches = self.grid_size[0] * self.grid_size[1]
-        self.patch_embed = PatchEmbed(config.patch_size, config.num_channels, width)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width)) if use_mask_token else None
-        use_abs = config.use_absolute_position_embeddings
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, width)) if use_abs else None
-        self.pos_drop = nn.Dropout(config.hidden_dropout_prob)
+        self.build_embeddings(
+            config, position_scheme="learned" if config.use_absolute_position_embeddings else "relative",
+            masking_mode="replace", use_mask_token=use_mask_token, embedding_dropout=config.hidden_dropout_prob,
+        )
         use_shared = config.use_shared_relative_position_bias
         self.rel_pos_bias = RelativePositionBias(self.grid_size, config.num_attention_heads) if use_shared else None
-        self.blocks = build_blocks(config, self.grid_size, range(config.num_hidden_layers))
-        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if use_final_norm else None
+        self.build_trunk(build_blocks(config, self.grid_size, range(config.num_hidden_layers)),
+                         nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_final_norm else None)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.patch_embed
 
     def shared_attention_bias(self, grid_size: tuple[int, int]) -> torch.Tensor | None:
         """[1, H, 1+N, 1+N] the shared relative position bias, or None without one."""
         return None if self.rel_pos_bias is None else self.rel_pos_bias(grid_size).unsqueeze(0)
-
-    def embed(self, pixel_values: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
-        """[B, 1+N, D]: patch tokens (masked ones replaced by mask_token), CLS prepended, then positions."""
-        tokens = self.patch_embed(pixel_values)  # [B, N, D]
-        if mask is not None:
-            if self.mask_token is None:
-                raise ValueError(
-                    "This model was built without a mask token (classification); do not pass bool_masked_pos."
-                )
-            tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)  # [B, N, D]
-        x = torch.cat([self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1), tokens], dim=1)  # [B, 1+N, D]
-        if self.pos_embed is not None:
-            x = x + resize_pos_embed(self.pos_embed, self.grid_size, grid).to(x.dtype)  # [1, 1+N, D]
-        return self.pos_drop(x)
 
     def forward(
         self,
@@ -308,23 +291,22 @@ class BEiTModel(BEiTPreTrainedModel):
         bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
-    ) -> BEiTModelOutput:
+        output_attentions: bool | None = None,
+    ) -> BEiTModelOutput | tuple:
         """``bool_masked_pos`` [B, N] (True = masked) replaces those patches by the mask token."""
         grid = self.patch_embed.grid_size(pixel_values)
         mask = None
         if bool_masked_pos is not None:
             mask = check_bool_masked_pos(bool_masked_pos, pixel_values.shape[0], grid)  # [B, N]
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        x = self.embed(pixel_values, mask, grid)  # [B, 1+N, D]
-        shared_bias = self.shared_attention_bias(grid)  # [1, H, 1+N, 1+N] or None
-        x, hidden_states = run_blocks(  # [B, 1+N, D]
-            self.blocks, x, self.norm, output_hidden_states, shared_bias, grid
+        encoded = self.encode(  # [B, 1+N, D]
+            pixel_values, mask=mask, block_args=(self.shared_attention_bias(grid), grid),
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
-        return BEiTModelOutput(
-            last_hidden_state=x, hidden_states=hidden_states, pooler_output=pool_tokens(x, self.config.use_mean_pooling)
-        )
+        x = encoded.last_hidden_state
+        output = BEiTModelOutput(last_hidden_state=x, hidden_states=encoded.hidden_states,
+                                 pooler_output=pool_tokens(x, self.config.use_mean_pooling),
+                                 attentions=encoded.attentions)
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 class BEiTForMaskedImageModeling(BEiTPreTrainedModel):
@@ -375,6 +357,7 @@ class BEiTForMaskedImageModeling(BEiTPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> BEiTForMaskedImageModelingOutput | tuple:
         grid = self.beit.patch_embed.grid_size(pixel_values)
         mask = required_mask(bool_masked_pos, pixel_values.shape[0], grid)  # [B, N]
@@ -382,7 +365,8 @@ class BEiTForMaskedImageModeling(BEiTPreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         need_states = output_hidden_states or self.cls_pt_layers is not None
-        encoded = self.beit(pixel_values, bool_masked_pos=mask, output_hidden_states=need_states)
+        encoded = self.beit(pixel_values, bool_masked_pos=mask, output_hidden_states=need_states,
+                            output_attentions=output_attentions, return_dict=True)
         # The masked count M varies per batch (BEiT's blockwise masks), so it is read once, here, after the
         # encoder: the one data-dependent shape of the step (one graph break under torch.compile).
         masked = mask.nonzero(as_tuple=True)  # (sample, patch) indices [M] each, row-major
@@ -396,7 +380,8 @@ class BEiTForMaskedImageModeling(BEiTPreTrainedModel):
         losses = {} if targets is None else self.head_losses(logits, cls_logits, targets, masked[0], mask.shape[0])
         output = BEiTForMaskedImageModelingOutput(  # built at once: the fields keep their order in tuples
             logits=logits, cls_head_logits=cls_logits,
-            hidden_states=encoded.hidden_states if output_hidden_states else None, **losses,
+            hidden_states=encoded.hidden_states if output_hidden_states else None, attentions=encoded.attentions,
+            **losses,
         )
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 

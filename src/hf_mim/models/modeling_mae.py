@@ -23,11 +23,9 @@ from .configuration_mae import MaeConfig
 from .inputs import check_bool_masked_pos, equal_mask_counts
 from .losses import masked_mse_losses, normalize_patches
 from .masking import gather_tokens, masking_from_mask, random_masking
+from .encoder import VitEncoderMixin
 from .remote_code import HubCodeMixin
-from .vit_core import (
-    Block, PatchEmbed, drop_path_rates, grid_size_for, patchify, resize_pos_embed, run_blocks, sincos_2d_table,
-    to_2tuple, unpatchify,
-)
+from .vit_core import Block, drop_path_rates, patchify, sincos_2d_table, to_2tuple, unpatchify
 
 
 @dataclass
@@ -39,7 +37,8 @@ class MaeModelOutput(ModelOutput):
     mask: torch.Tensor | None = None
     ids_restore: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    pooler_output: torch.FloatTensor | None = None  # [B, D]: classification.pool_tokens (last: tuple indices kept)
+    pooler_output: torch.FloatTensor | None = None  # [B, D]: classification.pool_tokens
+    attentions: tuple[torch.FloatTensor, ...] | None = None  # per block [B, H, 1+K, 1+K] (last: tuple indices kept)
 
 
 @dataclass
@@ -54,6 +53,7 @@ class MaeForPreTrainingOutput(ModelOutput):
     ids_restore: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     per_sample_loss: torch.FloatTensor | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None  # the encoder's, per block [B, H, 1+K, 1+K]
 
 
 def build_blocks(config: MaeConfig, width: int, depth: int, heads: int, mlp_dim: int, drop_path: float):
@@ -112,46 +112,41 @@ class MaePreTrainedModel(HubCodeMixin, PreTrainedModel):
             init.copy_(module.pos_embed, sincos_2d_table(module.grid_size, self.config.decoder_hidden_size))
 
 
-class MaeModel(MaePreTrainedModel):
-    """The MAE encoder. Without `noise`/`mask_ratio` it is a plain feature extractor: every
-    patch token, in the original order, after CLS."""
+class MaeModel(VitEncoderMixin, MaePreTrainedModel):
+    """The MAE encoder: the shared ViT encoder with sin-cos positions that drops the masked patches.
+    Without `noise`/`mask_ratio`/`bool_masked_pos` it is a plain feature extractor: every patch token,
+    in the original order, after CLS."""
 
     _keys_to_ignore_on_load_unexpected = [r"^decoder\."]  # loading the encoder of a pre-training checkpoint
 
     def __init__(self, config: MaeConfig, use_final_norm: bool = True):
         super().__init__(config)
-        self.grid_size = grid_size_for(config.image_size, config.patch_size)
-        self.patch_embed = PatchEmbed(config.patch_size, config.num_channels, config.hidden_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        table = sincos_2d_table(self.grid_size, config.hidden_size).unsqueeze(0)  # [1, 1+L, D]
-        if config.learned_position_embeddings:
-            self.pos_embed = nn.Parameter(table)  # trained from the sin-cos start (fine-tuning)
-        else:
-            self.register_buffer("pos_embed", table, persistent=False)  # fixed
-        self.blocks = build_blocks(
-            config, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-            config.intermediate_size, config.drop_path_rate,
+        # learned_position_embeddings: the table is trained from the sin-cos start (fine-tuning)
+        self.build_embeddings(config, position_scheme="sincos", masking_mode="drop",
+                              learned=config.learned_position_embeddings)
+        self.build_trunk(
+            build_blocks(config, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+                         config.intermediate_size, config.drop_path_rate),
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_final_norm else None,
         )
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_final_norm else None
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.patch_embed
-
-    def position_table(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-        """[1, 1+rows*cols, D]: the stored table; for another grid a fresh sin-cos one, or the learned
-        table resized bicubically."""
-        if grid == self.grid_size:
-            return self.pos_embed.to(like.dtype)
-        if isinstance(self.pos_embed, nn.Parameter):
-            return resize_pos_embed(self.pos_embed, self.grid_size, grid).to(like.dtype)
-        return sincos_2d_table(grid, self.config.hidden_size).unsqueeze(0).to(like)
-
-    def embed_patches(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch tokens with their positions [B, L, D], and the CLS token with its position [1, 1, D]."""
-        tokens = self.patch_embed(pixel_values)  # [B, L, D]
-        pos = self.position_table(self.patch_embed.grid_size(pixel_values), tokens)  # [1, 1+L, D]
-        return tokens + pos[:, 1:], self.cls_token + pos[:, :1]
+    def choose_kept_patches(self, pixel_values, noise, mask_ratio, bool_masked_pos):
+        """(ids_keep [B, K], mask [B, L] 1 = removed, ids_restore [B, L]) from `bool_masked_pos` or from
+        `noise` / `mask_ratio`; all None without any of them."""
+        if bool_masked_pos is not None:
+            if noise is not None or mask_ratio is not None:
+                raise ValueError("Pass either bool_masked_pos or noise / mask_ratio, not both: they choose the "
+                                 "masked patches two ways.")
+            grid = self.patch_embed.grid_size(pixel_values)
+            given = check_bool_masked_pos(bool_masked_pos, pixel_values.shape[0], grid)
+            return masking_from_mask(given, equal_mask_counts(given))
+        if noise is None and mask_ratio is None:
+            return None, None, None
+        if noise is None:
+            rows, cols = self.patch_embed.grid_size(pixel_values)
+            noise = torch.rand((pixel_values.shape[0], rows * cols), device=pixel_values.device)  # [B, L]
+        return random_masking(noise, self.config.mask_ratio if mask_ratio is None else mask_ratio)
 
     def forward(
         self,
@@ -161,29 +156,16 @@ class MaeModel(MaePreTrainedModel):
         bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> MaeModelOutput | tuple:
         """Mask with `bool_masked_pos` [B, L] (True = removed; the same count in every sample), or with
         `noise` [B, L] (uniform; argsort decides) and/or `mask_ratio` when given; else no masking."""
-        tokens, cls = self.embed_patches(pixel_values)  # [B, L, D], [1, 1, D]
-        mask = ids_restore = None
-        if bool_masked_pos is not None:
-            if noise is not None or mask_ratio is not None:
-                raise ValueError("Pass either bool_masked_pos or noise / mask_ratio, not both: they choose the "
-                                 "masked patches two ways.")
-            given = check_bool_masked_pos(bool_masked_pos, tokens.shape[0], self.patch_embed.grid_size(pixel_values))
-            ids_keep, mask, ids_restore = masking_from_mask(given, equal_mask_counts(given))
-            tokens = gather_tokens(tokens, ids_keep)  # [B, K, D]
-        elif noise is not None or mask_ratio is not None:
-            if noise is None:
-                noise = torch.rand(tokens.shape[:2], device=tokens.device)  # [B, L]
-            ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
-            ids_keep, mask, ids_restore = random_masking(noise, ratio)  # [B, K], [B, L], [B, L]
-            tokens = gather_tokens(tokens, ids_keep)  # [B, K, D]
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        x = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # [B, 1+K, D]
-        x, hidden_states = run_blocks(self.blocks, x, self.norm, output_hidden_states)  # [B, 1+K, D]
-        output = MaeModelOutput(last_hidden_state=x, mask=mask, ids_restore=ids_restore, hidden_states=hidden_states,
+        ids_keep, mask, ids_restore = self.choose_kept_patches(pixel_values, noise, mask_ratio, bool_masked_pos)
+        encoded = self.encode(pixel_values, ids_keep=ids_keep, output_hidden_states=output_hidden_states,
+                              output_attentions=output_attentions)  # [B, 1+K, D]
+        x = encoded.last_hidden_state
+        output = MaeModelOutput(last_hidden_state=x, mask=mask, ids_restore=ids_restore,
+                                hidden_states=encoded.hidden_states, attentions=encoded.attentions,
                                 pooler_output=pool_tokens(x, self.config.use_mean_pooling))
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
@@ -238,11 +220,12 @@ class MaeForPreTraining(MaePreTrainedModel):
         return unpatchify(patches, self.config.patch_size, grid_size, self.config.num_channels)
 
     def forward_encoder(self, pixel_values, noise, mask_ratio, bool_masked_pos=None,
-                        output_hidden_states=None) -> MaeModelOutput:
+                        output_hidden_states=None, output_attentions=None) -> MaeModelOutput:
         if bool_masked_pos is None and mask_ratio is None:
             mask_ratio = self.config.mask_ratio  # always masks
         return self.encoder(pixel_values, noise=noise, mask_ratio=mask_ratio, bool_masked_pos=bool_masked_pos,
-                            output_hidden_states=output_hidden_states, return_dict=True)
+                            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                            return_dict=True)
 
     def forward_decoder(self, latent, ids_restore, pixel_values) -> torch.Tensor:
         return self.decoder(latent, ids_restore, self.encoder.patch_embed.grid_size(pixel_values))
@@ -262,16 +245,19 @@ class MaeForPreTraining(MaePreTrainedModel):
         bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> MaeForPreTrainingOutput | tuple:
         """The masked patches: `bool_masked_pos` [B, L] from the image processor (True = removed; the same
         count in every sample), else drawn from `noise` [B, L] (reproducible) at `mask_ratio` (default: the
         config's), else drawn at random."""
-        encoded = self.forward_encoder(pixel_values, noise, mask_ratio, bool_masked_pos, output_hidden_states)
+        encoded = self.forward_encoder(pixel_values, noise, mask_ratio, bool_masked_pos, output_hidden_states,
+                                       output_attentions)
         pred = self.forward_decoder(encoded.last_hidden_state, encoded.ids_restore, pixel_values)  # [B, L, p*p*C]
         loss, per_sample_loss = self.forward_loss(pixel_values, pred, encoded.mask)
         output = MaeForPreTrainingOutput(
             loss=loss, logits=pred, per_sample_loss=per_sample_loss, mask=encoded.mask,
             ids_restore=encoded.ids_restore, hidden_states=encoded.hidden_states,  # the encoder's, visible tokens
+            attentions=encoded.attentions,
         )
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 

@@ -26,9 +26,10 @@ from .classification import ImageClassificationMixin, pool_tokens
 from .configuration_vit_mpp import VitMppConfig
 from .inputs import check_bool_masked_pos, check_patch_labels
 from .losses import masked_token_losses, mean_color_targets
-from .masking import corrupt_patch_embeddings, random_patch_selection
+from .encoder import VitEncoderMixin
+from .masking import random_patch_selection
 from .remote_code import HubCodeMixin
-from .vit_core import Block, PatchEmbed, drop_path_rates, grid_size_for, resize_pos_embed, run_blocks
+from .vit_core import Block, drop_path_rates
 
 
 @dataclass
@@ -41,7 +42,8 @@ class VitMppModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     corruption_branch: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    pooler_output: torch.FloatTensor | None = None  # [B, D]: classification.pool_tokens (last: tuple indices kept)
+    pooler_output: torch.FloatTensor | None = None  # [B, D]: classification.pool_tokens
+    attentions: tuple[torch.FloatTensor, ...] | None = None  # per block [B, H, 1+N, 1+N] (last: tuple indices kept)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class VitMppForPreTrainingOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     per_sample_loss: torch.FloatTensor | None = None
     per_sample_accuracy: torch.FloatTensor | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None  # the encoder's, per block [B, H, 1+N, 1+N]
 
 
 def check_color_labels(labels: torch.Tensor, batch: int, grid: tuple[int, int], num_classes: int) -> torch.Tensor:
@@ -111,69 +114,54 @@ class VitMppPreTrainedModel(HubCodeMixin, PreTrainedModel):
                     init.trunc_normal_(token, std=std)
 
 
-class VitMppModel(VitMppPreTrainedModel):
-    """The ViT encoder: patch embedding, optional corruption (before positions), CLS, learned absolute
-    positions (bicubically resized for other grids), blocks, final norm."""
+class VitMppModel(VitEncoderMixin, VitMppPreTrainedModel):
+    """The ViT encoder: the shared ViT encoder with learned absolute positions (bicubically resized for
+    other grids) that corrupts the masked patch embeddings BERT-style (before the positions)."""
 
     _keys_to_ignore_on_load_unexpected = [r"^mpp_head\."]  # the encoder of a pre-training checkpoint
 
     def __init__(self, config: VitMppConfig, use_mask_token: bool = True, use_final_norm: bool = True):
         super().__init__(config)
-        width = config.hidden_size
-        self.grid_size = grid_size_for(config.image_size, config.patch_size)
-        self.patch_embed = PatchEmbed(config.patch_size, config.num_channels, width)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width)) if use_mask_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size[0] * self.grid_size[1], width))
-        self.pos_drop = nn.Dropout(config.hidden_dropout_prob)
-        self.blocks = nn.ModuleList(
+        self.build_embeddings(config, position_scheme="learned", masking_mode="corrupt", use_mask_token=use_mask_token,
+                              embedding_dropout=config.hidden_dropout_prob)
+        blocks = nn.ModuleList(
             Block(
-                config, width, config.num_attention_heads, config.intermediate_size, qkv_bias=config.qkv_bias,
-                drop_path=rate, drop=config.hidden_dropout_prob, attn_drop=config.attention_probs_dropout_prob,
-                act=config.hidden_act, eps=config.layer_norm_eps,
+                config, config.hidden_size, config.num_attention_heads, config.intermediate_size,
+                qkv_bias=config.qkv_bias, drop_path=rate, drop=config.hidden_dropout_prob,
+                attn_drop=config.attention_probs_dropout_prob, act=config.hidden_act, eps=config.layer_norm_eps,
             )
             for rate in drop_path_rates(config.drop_path_rate, config.num_hidden_layers)
         )
-        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if use_final_norm else None
+        self.build_trunk(blocks, nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_final_norm else None)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.patch_embed
-
-    def corrupt(self, tokens: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None):
-        if self.mask_token is None:
-            raise ValueError("This model was built without a mask token (classification); do not pass a corrupt_mask.")
-        return corrupt_patch_embeddings(
-            tokens, self.mask_token, mask, generator, self.config.replace_prob, self.config.random_prob
-        )
 
     def forward(
         self,
         pixel_values: torch.Tensor,
-        corrupt_mask: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
-    ) -> VitMppModelOutput:
-        """``corrupt_mask`` [B, N] (True = corrupt) corrupts those patch embeddings, drawing the
+        output_attentions: bool | None = None,
+        corrupt_mask: torch.Tensor | None = None,
+    ) -> VitMppModelOutput | tuple:
+        """``bool_masked_pos`` [B, N] (True = corrupt) corrupts those patch embeddings, drawing the
         80/10/10 branches from `generator` (torch's global RNG when None)."""
-        grid = self.patch_embed.grid_size(pixel_values)
-        tokens = self.patch_embed(pixel_values)  # [B, N, D]
-        branch = None
-        if corrupt_mask is not None:
-            mask = check_bool_masked_pos(corrupt_mask, tokens.shape[0], grid, MASK_HINT)  # [B, N]
-            tokens, branch, _ = self.corrupt(tokens, mask, generator)  # [B, N, D], [B, N]
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)  # [B, 1, D]
-        x = torch.cat([cls, tokens], dim=1)  # [B, 1+N, D]
-        x = self.pos_drop(x + resize_pos_embed(self.pos_embed, self.grid_size, grid).to(x.dtype))
-        x, hidden_states = run_blocks(self.blocks, x, self.norm, output_hidden_states)  # [B, 1+N, D]
-        return VitMppModelOutput(
-            last_hidden_state=x, corruption_branch=branch, hidden_states=hidden_states,
-            pooler_output=pool_tokens(x, self.config.use_mean_pooling),
+        if corrupt_mask is not None:  # the old name: refused rather than silently ignored
+            raise TypeError("VitMppModel no longer takes `corrupt_mask`: pass the same mask as `bool_masked_pos` "
+                            "(True = corrupt), the mask input every hf_mim model shares.")
+        mask = None
+        if bool_masked_pos is not None:
+            grid = self.patch_embed.grid_size(pixel_values)
+            mask = check_bool_masked_pos(bool_masked_pos, pixel_values.shape[0], grid, MASK_HINT)  # [B, N]
+        encoded = self.encode(pixel_values, mask=mask, generator=generator,  # [B, 1+N, D]
+                              output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        x = encoded.last_hidden_state
+        output = VitMppModelOutput(
+            last_hidden_state=x, corruption_branch=encoded.corruption_branch, hidden_states=encoded.hidden_states,
+            pooler_output=pool_tokens(x, self.config.use_mean_pooling), attentions=encoded.attentions,
         )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 class VitMppForPreTraining(VitMppPreTrainedModel):
@@ -203,6 +191,7 @@ class VitMppForPreTraining(VitMppPreTrainedModel):
         generator: torch.Generator | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> VitMppForPreTrainingOutput | tuple:
         grid = self.vit.patch_embed.grid_size(pixel_values)
         batch, num_patches = pixel_values.shape[0], grid[0] * grid[1]
@@ -212,8 +201,8 @@ class VitMppForPreTraining(VitMppPreTrainedModel):
             mask = check_bool_masked_pos(bool_masked_pos, batch, grid, MASK_HINT)  # [B, N]
         if labels is not None:
             labels = check_color_labels(labels, batch, grid, self.config.num_color_classes)  # [B, N]
-        encoded = self.vit(pixel_values, corrupt_mask=mask, generator=generator,
-                           output_hidden_states=output_hidden_states)
+        encoded = self.vit(pixel_values, bool_masked_pos=mask, generator=generator, return_dict=True,
+                           output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         # The corrupted count M is read once, after the encoder (one graph break under torch.compile).
         samples, patches = mask.nonzero(as_tuple=True)  # [M] each, row-major
         targets = None if labels is None else labels[samples, patches]  # [M]
@@ -225,7 +214,7 @@ class VitMppForPreTraining(VitMppPreTrainedModel):
                       "per_sample_accuracy": result.per_sample_accuracy}
         output = VitMppForPreTrainingOutput(  # built at once: the fields keep their order in tuples
             logits=logits, bool_masked_pos=mask, corruption_branch=encoded.corruption_branch,
-            hidden_states=encoded.hidden_states, **losses,
+            hidden_states=encoded.hidden_states, attentions=encoded.attentions, **losses,
         )
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 

@@ -32,7 +32,8 @@ from .configuration_vqkd import VqkdConfig
 from .quantizer import EmaVectorQuantizer
 from .remote_code import HubCodeMixin
 from .visual_tokenizer import VisualTokenizerMixin, check_token_ids
-from .vit_core import Attention, Block, PatchEmbed, drop_path_rates, grid_size_for, resize_pos_embed
+from .encoder import VitEncoderMixin
+from .vit_core import Attention, Block, drop_path_rates, grid_size_for
 
 
 @dataclass
@@ -80,21 +81,21 @@ def task_layer_float32(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         return x
 
 
-class VqkdViT(nn.Module):
-    """The reference's ViT with mean-pooling head, returning patch tokens: patch embedding, CLS, learned
-    absolute positions (bicubic-resized for other grids), blocks with BEiT q/v biases and no layer scale
-    or relative bias, then ``fc_norm`` on every patch token (``norm`` and ``head`` are identities in the
-    reference and own no weights). Encoder: patches of pixels; decoder: patch size 1 over the code map."""
+class VqkdViT(VitEncoderMixin, nn.Module):
+    """The reference's ViT with mean-pooling head, returning patch tokens: the shared ViT encoder with
+    learned absolute positions (bicubic-resized for other grids), blocks with BEiT q/v biases and no
+    layer scale or relative bias, then ``fc_norm`` on every patch token (``norm`` and ``head`` are
+    identities in the reference and own no weights). Encoder: patches of pixels; decoder: patch size 1
+    over the code map."""
 
     def __init__(self, config: VqkdConfig, *, width: int, depth: int, heads: int, mlp_dim: int,
                  patch_size, in_channels: int, grid_size: tuple[int, int], drop_path: float):
         super().__init__()
-        self.grid_size = grid_size
-        self.patch_embed = PatchEmbed(patch_size, in_channels, width)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid_size[0] * grid_size[1], width))
-        self.pos_drop = nn.Dropout(config.hidden_dropout_prob)
-        self.blocks = nn.ModuleList(
+        self.config = config
+        self.build_embeddings(config, width=width, patch_size=patch_size, num_channels=in_channels,
+                              grid_size=grid_size, position_scheme="learned", masking_mode=None,
+                              embedding_dropout=config.hidden_dropout_prob)
+        blocks = nn.ModuleList(
             Block(
                 config, width, heads, mlp_dim, qkv_bias=config.qkv_bias, qv_bias=config.qkv_bias, drop_path=rate,
                 drop=config.hidden_dropout_prob, attn_drop=config.attention_probs_dropout_prob,
@@ -103,21 +104,16 @@ class VqkdViT(nn.Module):
             for rate in drop_path_rates(drop_path, depth)
         )
         # The reference init divides the residual output projections of block i (1-based) by sqrt(2 i).
-        for layer_id, block in enumerate(self.blocks, start=1):
+        for layer_id, block in enumerate(blocks, start=1):
             block.attn.proj.residual_layer_id = layer_id
             block.mlp.fc2.residual_layer_id = layer_id
+        self.build_trunk(blocks, norm=None)
         self.fc_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> normed patch tokens [B, rows*cols, D]."""
-        grid = self.patch_embed.grid_size(x)
-        tokens = self.patch_embed(x)  # [B, N, D]
-        cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)  # [B, 1, D]
-        x = torch.cat([cls, tokens], dim=1) + resize_pos_embed(self.pos_embed, self.grid_size, grid).to(tokens.dtype)
-        x = self.pos_drop(x)  # [B, 1+N, D]
-        for block in self.blocks:
-            x = block(x)
-        return self.fc_norm(x[:, 1:])  # [B, N, D]
+        tokens = self.encode(x, output_hidden_states=False, output_attentions=False).last_hidden_state  # [B, 1+N, D]
+        return self.fc_norm(tokens[:, 1:])  # [B, N, D]
 
 
 class VqkdTokenizer(VisualTokenizerMixin, HubCodeMixin, PreTrainedModel):

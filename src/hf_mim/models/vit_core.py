@@ -11,6 +11,7 @@ transformers, the standard library and its sibling files.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -202,7 +203,10 @@ class Attention(nn.Module):
             self.q_bias = self.v_bias = None
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, output_attentions: bool = False):
+        """[B, N, D] -> [B, N, D]; with `output_attentions`, (output, attention probabilities [B, H, N, N]).
+        The maps need the softmax formed explicitly: those calls run the eager kernel whatever
+        `_attn_implementation` says (as transformers' models do); the others keep the fast kernel."""
         batch, length, dim = x.shape
         bias = self.qkv.bias
         if self.q_bias is not None:
@@ -212,12 +216,16 @@ class Attention(nn.Module):
         query, key, value = qkv.unbind(0)  # [B, H, N, Dh] each
         if attn_bias is not None:
             attn_bias = attn_bias.to(query.dtype)
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
-        out, _ = attention(
+        attention: Callable = (
+            eager_attention if output_attentions
+            else ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        )
+        out, weights = attention(
             self, query, key, value, attn_bias,
             dropout=self.attn_drop if self.training else 0.0, scaling=self.scaling,
-        )  # [B, N, H, Dh]
-        return self.proj(out.reshape(batch, length, dim))  # [B, N, D]
+        )  # [B, N, H, Dh], [B, H, N, N] (eager)
+        out = self.proj(out.reshape(batch, length, dim))  # [B, N, D]
+        return (out, weights) if output_attentions else out
 
 
 class Mlp(nn.Module):
@@ -254,28 +262,45 @@ class Block(GradientCheckpointingLayer):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-        attn = self.drop(self.attn(self.norm1(x), attn_bias))  # [B, N, D]
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, output_attentions: bool = False):
+        """[B, N, D] -> [B, N, D]; with `output_attentions`, (output, attention probabilities [B, H, N, N])."""
+        attn = self.attn(self.norm1(x), attn_bias, output_attentions=output_attentions)
+        attn, weights = attn if output_attentions else (attn, None)
+        attn = self.drop(attn)  # [B, N, D]
         x = x + self.drop_path(attn if self.gamma_1 is None else self.gamma_1 * attn)
         mlp = self.mlp(self.norm2(x))  # [B, N, D]
-        return x + self.drop_path(mlp if self.gamma_2 is None else self.gamma_2 * mlp)
+        x = x + self.drop_path(mlp if self.gamma_2 is None else self.gamma_2 * mlp)
+        return (x, weights) if output_attentions else x
+
+
+class BlockOutputs(NamedTuple):
+    last_hidden_state: torch.Tensor  # [B, T, D], after the final norm when there is one
+    hidden_states: tuple[torch.Tensor, ...] | None  # the input and each block's output (before the norm)
+    attentions: tuple[torch.Tensor, ...] | None  # each block's attention probabilities [B, H, T, T]
 
 
 def run_blocks(
-    blocks: nn.ModuleList, x: torch.Tensor, norm: nn.Module | None, output_hidden_states: bool, *block_args
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    blocks: nn.ModuleList, x: torch.Tensor, norm: nn.Module | None, output_hidden_states: bool, *block_args,
+    output_attentions: bool = False,
+) -> BlockOutputs:
     """The encoder trunk every model shares: tokens [B, T, D] through `blocks` (each called as
     `block(x, *block_args)`, e.g. BEiT's shared relative bias), then the final `norm` when there is
-    one. Returns the output [B, T, D] and, with `output_hidden_states`, the input and each block's
-    output (before the norm), as transformers does."""
+    one. With `output_hidden_states`, the input and each block's output (before the norm), and with
+    `output_attentions` each block's attention maps, as transformers returns them."""
     hidden_states = [x] if output_hidden_states else None
+    attentions = [] if output_attentions else None
     for block in blocks:
-        x = block(x, *block_args)  # [B, T, D]
+        if output_attentions:
+            x, weights = block(x, *block_args, output_attentions=True)  # [B, T, D], [B, H, T, T]
+            attentions.append(weights)
+        else:
+            x = block(x, *block_args)  # [B, T, D]
         if output_hidden_states:
             hidden_states.append(x)
     if norm is not None:
         x = norm(x)
-    return x, tuple(hidden_states) if output_hidden_states else None
+    return BlockOutputs(x, tuple(hidden_states) if output_hidden_states else None,
+                        tuple(attentions) if output_attentions else None)
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
@@ -284,6 +309,6 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
 
 
 __all__ = [
-    "Attention", "Block", "DropPath", "Mlp", "PatchEmbed", "drop_path_rates", "grid_size_for", "patchify",
+    "Attention", "Block", "BlockOutputs", "DropPath", "Mlp", "PatchEmbed", "drop_path_rates", "grid_size_for", "patchify",
     "resize_pos_embed", "run_blocks", "sincos_2d_table", "to_2tuple", "unpatchify",
 ]

@@ -10,6 +10,12 @@ files with `weights_only=True`, and the other state (the LR scheduler, PeCo's di
 optimiser) is saved here as `extra-<name>.safetensors` (modules) or `extra-<name>.pt` read with
 `weights_only=True`, never through accelerate's `register_for_checkpointing`, whose
 `custom_checkpoint_<i>.pkl` files are unpickled with `weights_only=False`.
+
+Trust: each checkpoint carries `checksums.json` (SHA-256 of its files, `hf_mim.checksums`), checked with
+the sizes and CRCs of its files before it is resumed from. A damaged newest checkpoint gives way to the
+newest intact older one; when none is intact the run stops (`UntrustedCheckpointError`) instead of
+starting afresh over the only copy of the work. Each checkpoint also holds `config.json` and the image
+processor (see `save_checkpoint`), so that it loads as a model with the Auto classes.
 """
 
 from __future__ import annotations
@@ -19,14 +25,18 @@ import errno
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..checksums import manifest_problems, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +62,8 @@ class TrainerState:
     num_processes: int = 1
     per_device_train_batch_size: int = 0
     gradient_accumulation_steps: int = 1
+    # What the training data was (`hf_mim.data_fingerprint`): a resume names any change.
+    data_fingerprint: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -76,14 +88,35 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+class UntrustedCheckpointError(ValueError):
+    """Every checkpoint of an output folder is damaged or altered: resuming from none, and starting afresh
+    would overwrite them."""
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint whose files are intact; damaged newer ones are skipped with a warning."""
-    for _, path in reversed(list_checkpoints(output_dir)):
+    """The newest complete checkpoint whose files are intact; damaged newer ones are skipped with a warning.
+    None when there is no checkpoint; UntrustedCheckpointError when there are some but none is intact."""
+    checkpoints = list_checkpoints(output_dir)
+    damaged = []
+    for index in range(len(checkpoints) - 1, -1, -1):
+        path = checkpoints[index][1]
         damage = find_damage(path)
         if damage is None:
             return path
-        logger.warning("Skipping the damaged checkpoint %s (%s); falling back to an older one.", path, damage)
+        damaged.append((path, damage))
+        older = f"falling back to the older {checkpoints[index - 1][1].name}" if index else "no older one"
+        logger.warning("Skipping the damaged checkpoint %s (%s); %s.", path, damage, older)
+    if damaged:
+        raise UntrustedCheckpointError(untrusted_message(output_dir, damaged))
     return None
+
+
+def untrusted_message(output_dir, damaged: list[tuple[Path, str]]) -> str:
+    listing = "; ".join(f"{path.name} ({damage})" for path, damage in damaged)
+    newest = damaged[0][0]
+    return (f"No checkpoint in {output_dir} can be trusted: {listing}. The run stops here rather than start afresh "
+            f"and overwrite them. Restore the files (`python -m hf_mim.verify {output_dir}` lists them), or, to "
+            f"start afresh anyway, move them aside (`mv {newest} {newest}.damaged`) or pass another --output_dir.")
 
 
 def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str, auto_resume: bool) -> Path | None:
@@ -115,13 +148,15 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str, aut
 
 def find_damage(folder: str | os.PathLike) -> str | None:
     """What is wrong with the first damaged file of a checkpoint folder, or None. Reads the sizes that
-    safetensors headers promise, the CRCs of torch.save archives and the JSON files (nothing is unpickled)."""
+    safetensors headers promise, the CRCs of torch.save archives and the JSON files (nothing is unpickled),
+    then the SHA-256 of every file its checksums.json lists (a flipped bit, a replaced file)."""
     for path in sorted(Path(folder).rglob("*")):
         if path.is_file():
             problem = file_damage(path)
             if problem is not None:
                 return f"{path.name}: {problem}"
-    return None
+    problems = manifest_problems(folder)
+    return "; ".join(problems) if problems else None
 
 
 def file_damage(path: Path) -> str | None:
@@ -180,8 +215,9 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 
 
 def publish_checkpoint(temp: Path, final: Path, state: TrainerState) -> None:
-    """Main process: write the state file, flush, and rename `temp` to `final` atomically."""
+    """Main process: write the state file and the checksums, flush, and rename `temp` to `final` atomically."""
     (temp / STATE_FILE).write_text(state.to_json())
+    write_manifest(temp)
     fsync_tree(temp)
     if final.exists():  # the same step saved again (a resumed run): replace it
         stale = final.with_name(final.name + ".old")
@@ -222,9 +258,12 @@ def load_extra_state(folder: Path, extras: dict[str, object]) -> None:
 
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainerState,
-                    extras: dict[str, object] | None = None) -> Path:
+                    extras: dict[str, object] | None = None,
+                    save_model_files: Callable[[Path], None] | None = None) -> Path:
     """Every process calls this (each writes its own state files). `extras`: further objects with a
-    state_dict (the scheduler, a discriminator ...), saved without pickle, see the module docstring."""
+    state_dict (the scheduler, a discriminator ...), saved without pickle, see the module docstring.
+    `save_model_files(folder)`: the main process writes what makes the folder a model (config.json, the
+    image processor) beside accelerate's model.safetensors."""
     root = Path(output_dir)
     temp, final = root / f"{TEMP_PREFIX}{state.global_step}", root / f"checkpoint-{state.global_step}"
     if accelerator.is_main_process:
@@ -235,6 +274,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainerSt
         accelerator.save_state(str(temp))
         if accelerator.is_main_process:
             save_extra_state(temp, extras or {})
+            if save_model_files is not None:
+                save_model_files(temp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             publish_checkpoint(temp, final, state)
@@ -304,12 +345,71 @@ def load_checkpoint(accelerator, path: str | os.PathLike, extras: dict[str, obje
         raise ValueError(f"{path} holds {foreign}: pickles that run code when loaded, which this library never "
                          "writes (an older version, or planted). Remove them if you know where they come from, or "
                          "resume from another checkpoint.")
-    accelerator.load_state(str(path))
-    load_extra_state(Path(path), extras or {})
+    warn_about_refused_random_states(Path(path), accelerator.process_index)
+    try:
+        accelerator.load_state(str(path))
+        load_extra_state(Path(path), extras or {})
+    except pickle.UnpicklingError as error:  # torch's message advises weights_only=False: the unsafe way out
+        raise refused_pickle_error(Path(path), error) from None
     return TrainerState.from_file(Path(path) / STATE_FILE)
 
 
+def refused_pickle_error(folder: Path, error: pickle.UnpicklingError) -> ValueError:
+    """A clear error for a state file holding pickled objects that a safe load (weights_only=True) refuses."""
+    name, detail = refused_file(folder) or ("a state file", unsupported_global(error))
+    return ValueError(
+        f"Refused to load {folder / name if name != 'a state file' else folder}: it holds pickled objects that a "
+        f"safe load does not allow{f' ({detail})' if detail else ''}; loading them would run code from the folder. "
+        "Nothing of it ran. This library never writes such files (an altered or foreign checkpoint): resume from "
+        "another checkpoint, or start afresh in another --output_dir."
+    )
+
+
+def unsupported_global(error: Exception) -> str:
+    """"GLOBAL io.open" out of torch's message (whose advice, allowlisting it or weights_only=False, is unsafe)."""
+    found = re.search(r"Unsupported global: (GLOBAL \S+)", str(error))
+    return f"it names {found.group(1)}" if found else ""
+
+
+def refused_file(folder: Path) -> tuple[str, str] | None:
+    """(name, what was refused) of the first torch.save file of `folder` that a safe load refuses (the error
+    path only: each file is read again)."""
+    from accelerate.utils import load
+
+    for path in sorted(folder.iterdir()):
+        # Not judged: RNG files (skipped with a warning), and the Trainer's training_args.bin (never loaded).
+        if path.suffix in (".bin", ".pt", ".pth", ".pkl") and not path.name.startswith("random_states") \
+                and path.name != "training_args.bin":
+            try:
+                load(path, map_location="cpu")
+            except pickle.UnpicklingError as error:
+                return path.name, unsupported_global(error)
+    return None
+
+
+def warn_about_refused_random_states(folder: Path, process_index: int) -> None:
+    """accelerate skips an RNG file it cannot load with a line at INFO level; one that holds code deserves more.
+    (The RNG state is not needed to resume exactly: every micro-batch is reseeded from its position.)"""
+    from accelerate.utils import load
+
+    path = folder / f"random_states_{process_index}.pkl"
+    if not path.is_file():
+        return
+    try:
+        load(path)
+    except pickle.UnpicklingError as error:
+        detail = unsupported_global(error)
+        logger.warning("Refused %s: it holds pickled objects that a safe load does not allow (%s), which this "
+                       "library never writes (an altered file). Nothing of it ran; the run continues without it "
+                       "(every micro-batch is reseeded from its position, so the result is the same).", path,
+                       detail or "not plain tensors")
+    except Exception as error:  # noqa: BLE001 - damaged in another way: accelerate skips it as well
+        logger.warning("Could not read %s (%s: %s); the run continues without it (every micro-batch is reseeded "
+                       "from its position).", path, type(error).__name__, error)
+
+
 __all__ = [
-    "STATE_FILE", "TrainerState", "find_damage", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "prune_checkpoints",
-    "remove_incomplete_checkpoints", "resolve_resume_path", "save_checkpoint",
+    "STATE_FILE", "TrainerState", "UntrustedCheckpointError", "find_damage", "latest_checkpoint", "list_checkpoints",
+    "load_checkpoint", "prune_checkpoints", "refused_pickle_error", "remove_incomplete_checkpoints",
+    "resolve_resume_path", "save_checkpoint",
 ]

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import default_collate
 
 from ..data import DIGITS_SOURCE, FixedSampler, ImageExamples
+from ..checksums import write_model_manifest
 from ..files import apply_umask
 from .tracking import plain
 
@@ -33,6 +34,7 @@ def save_model(run) -> None:
     if accelerator.is_main_process:
         run.processor.save_pretrained(args.output_dir)
         apply_umask(args.output_dir)  # the weights' temporary file was 0600
+        write_model_manifest(args.output_dir)  # checksums: `python -m hf_mim.verify` tells a flipped bit
 
 
 def figure_batch(run, count: int = 8) -> dict[str, torch.Tensor] | None:

@@ -3,7 +3,8 @@
 Exact resumption rests on three things: the data order and every augmentation and mask are a pure
 function of (seed, epoch, position) (see `hf_mim.data`); the model's own randomness (dropout, drop
 path) is reseeded at every micro-batch from (seed, epoch, position, process); and each checkpoint
-records the position inside the epoch, which is skipped with `skip_first_batches` on resume.
+records the position inside the epoch, which is skipped with `skip_first_batches` on resume. A
+streamed training set instead resumes from the stream's own state (see `hf_mim.streaming`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from tqdm.auto import tqdm
 from ..data import (
     EpochSampler, FixedSampler, ImageDatasets, ImageExamples, StreamingImageExamples, derive_seed, load_image_datasets,
 )
+from ..data_fingerprint import data_fingerprint, warn_if_data_changed
+from ..distributed import check_sharding_engaged
 from ..launch import check_one_run_per_launch, cpu_process_group_needed
 from ..preemption import Preempted, PreemptionGuard, resume_hint
+from ..run_lock import OutputDirLock
 from .arguments import apply_data_size_rule, resolve_mixed_precision
-from ..fast_data import FastImageExamples, fast_training_examples
+from ..fast_data import fast_training_examples
+from ..streaming import ReferenceRows, StreamCheckpoint, StreamedTrainingExamples, StreamLoader
 from .checkpoints import (
     TrainerState, load_checkpoint, prune_checkpoints, remove_incomplete_checkpoints, resolve_resume_path, save_checkpoint,
 )
@@ -98,17 +103,21 @@ def build_accelerator(args) -> Accelerator:
         log_with=resolve_trackers(args.report_to, args.output_dir),
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, "runs")),
-        # Each process reads its own share of a stream (IterableDatasetShard), nothing is broadcast.
+        # Each process reads its own share of a stream, nothing is broadcast (the training stream: hf_mim.streaming;
+        # a streamed evaluation set: accelerate's IterableDatasetShard).
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
         dynamo_plugin=dynamo,
     )
     check_one_run_per_launch(accelerator.num_processes)
+    check_sharding_engaged(accelerator)  # an FSDP / DeepSpeed config that accelerate would drop: refuse
     return accelerator
 
 
 def setup_logging(accelerator: Accelerator) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING, force=True)
+    for name in ("datasets", "huggingface_hub"):  # their own handler besides the root's printed each warning twice
+        logging.getLogger(name).handlers.clear()
     if not accelerator.is_main_process:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
@@ -141,8 +150,11 @@ def build_model(args, method: PretrainingMethod, data: ImageDatasets) -> torch.n
 
 def make_examples(run: Run, dataset, train: bool):
     args, method = run.args, run.method
-    if train and (fast := fast_training_examples(args, method, run.processor, dataset, run.data.image_column,
-                                                 run.accelerator.device)):
+    fast = train and fast_training_examples(args, method, run.processor, dataset, run.data.image_column,
+                                            run.accelerator.device)
+    if train and isinstance(dataset, datasets.IterableDataset):
+        return streamed_training_examples(run, dataset, fast)
+    if fast:
         return fast
     transform = (method.train_transform if train else method.eval_transform)(run.processor)
     if isinstance(dataset, datasets.IterableDataset):
@@ -151,9 +163,25 @@ def make_examples(run: Run, dataset, train: bool):
     return ImageExamples(dataset, run.data.image_column, transform, image_mode=method.image_mode)
 
 
+def streamed_training_examples(run: Run, dataset, fast) -> StreamedTrainingExamples:
+    """This process's share of the stream, in lanes (default: one per data-loader worker), in batches."""
+    args, accelerator = run.args, run.accelerator
+    rows = fast or ReferenceRows(run.method.train_transform(run.processor), run.data.image_column,
+                                 image_mode=run.method.image_mode)
+    lanes = args.stream_lanes if args.stream_lanes is not None else max(1, args.dataloader_num_workers)
+    examples = StreamedTrainingExamples(
+        dataset, rows, args.per_device_train_batch_size, seed=args.data_seed, rank=accelerator.process_index,
+        num_processes=accelerator.num_processes, lanes=lanes, block_size=args.shuffle_buffer_size)
+    run.checkpoint_extras["stream"] = StreamCheckpoint(examples)
+    return examples
+
+
 def make_loader(run: Run, examples, batch_size: int, train: bool) -> torch.utils.data.DataLoader:
     args = run.args
     workers = args.dataloader_num_workers
+    if isinstance(examples, StreamedTrainingExamples):
+        return StreamLoader(examples, workers, run.accelerator.device,
+                            pin_memory=args.dataloader_pin_memory and torch.cuda.is_available())
     sampler = None
     if isinstance(examples, ImageExamples):
         sampler = EpochSampler(len(examples), args.data_seed) if train else FixedSampler(len(examples), args.data_seed)
@@ -179,7 +207,7 @@ def build_loaders(run: Run) -> None:
 
 def make_plan(run: Run) -> Plan:
     args, accelerator = run.args, run.accelerator
-    batches = None if isinstance(run.train_examples, StreamingImageExamples) else len(run.train_loader)
+    batches = None if isinstance(run.train_examples, StreamedTrainingExamples) else len(run.train_loader)
     if batches is not None:
         # Per process: `prepare` shards the (drop_last) batches, and each process gets floor(n / processes).
         # Counting the unsharded ones made an epoch never end with several processes (the loop then spun).
@@ -213,7 +241,11 @@ def build_optimization(run: Run) -> None:
 def prepare(run: Run) -> None:
     accelerator = run.accelerator
     if run.optimizer is not None:
-        run.model, run.optimizer, run.train_loader = accelerator.prepare(run.model, run.optimizer, run.train_loader)
+        if isinstance(run.train_loader, StreamLoader):  # split by process already (hf_mim.streaming)
+            run.model, run.optimizer = accelerator.prepare(run.model, run.optimizer)
+        else:
+            run.model, run.optimizer, run.train_loader = accelerator.prepare(run.model, run.optimizer,
+                                                                             run.train_loader)
         run.checkpoint_extras["scheduler"] = run.scheduler  # saved without pickle (not register_for_checkpointing)
     else:
         run.model = accelerator.prepare(run.model)
@@ -231,15 +263,19 @@ def resume(run: Run) -> None:
     path = None if fresh else resolve_resume_path(args.resume_from_checkpoint, args.output_dir, auto_resume=True)
     run.state = TrainerState(num_processes=accelerator.num_processes,
                              per_device_train_batch_size=args.per_device_train_batch_size,
-                             gradient_accumulation_steps=args.gradient_accumulation_steps)
+                             gradient_accumulation_steps=args.gradient_accumulation_steps,
+                             data_fingerprint=data_fingerprint(run.data, args.train_dir, args.train_file))
     if path is None:
         return
     logger.info("Resuming from %s", path)
     saved = load_checkpoint(accelerator, path, run.checkpoint_extras)
     check_resume_compatible(saved, run.state)
+    if accelerator.is_main_process:
+        warn_if_data_changed(saved.data_fingerprint, run.state.data_fingerprint, path)
     run.state = TrainerState(**{**vars(saved), "num_processes": run.state.num_processes,
                                 "per_device_train_batch_size": run.state.per_device_train_batch_size,
-                                "gradient_accumulation_steps": run.state.gradient_accumulation_steps})
+                                "gradient_accumulation_steps": run.state.gradient_accumulation_steps,
+                                "data_fingerprint": run.state.data_fingerprint})
     run.state.batch_in_epoch = saved.batch_in_epoch * saved.num_processes * saved.per_device_train_batch_size // (
         run.state.num_processes * run.state.per_device_train_batch_size)
     run.last_checkpoint_step = saved.global_step
@@ -295,6 +331,8 @@ def seed_micro_batch(run: Run) -> None:
 
 def epoch_batches(run: Run):
     """This epoch's loader: reseeded for the epoch, and past the batches a resumed run already did."""
+    if isinstance(run.train_loader, StreamLoader):  # endless; resumes from the stream's state, skips nothing
+        return run.train_loader
     set_epoch(run)
     if run.state.batch_in_epoch:
         return run.accelerator.skip_first_batches(run.train_loader, run.state.batch_in_epoch)
@@ -303,9 +341,7 @@ def epoch_batches(run: Run):
 
 def set_epoch(run: Run) -> None:
     epoch = run.state.epoch
-    run.train_loader.set_epoch(epoch)  # reaches our EpochSampler (map-style) or the stream (set_epoch)
-    if isinstance(run.train_examples, StreamingImageExamples):
-        run.train_examples.set_epoch(epoch)
+    run.train_loader.set_epoch(epoch)  # reaches our EpochSampler
 
 
 def train_micro_batch(run: Run, batch: dict) -> float | None:
@@ -313,8 +349,8 @@ def train_micro_batch(run: Run, batch: dict) -> float | None:
     when it was clipped at this step."""
     accelerator, args = run.accelerator, run.args
     batch.pop("labels", None)
-    if isinstance(run.train_examples, FastImageExamples):  # decode, crop, resize, flip, jitter, normalise on the device
-        batch = run.train_examples.device_views(batch)  # (an image found unreadable there adds to num_skipped)
+    if views := fast_views(run.train_examples):  # decode, crop, resize, flip, jitter, normalise on the device
+        batch = views(batch)  # (an image found unreadable there adds to num_skipped)
     skipped = batch.pop("num_skipped")
     grad_norm = None
     with accelerator.accumulate(run.model):
@@ -329,6 +365,13 @@ def train_micro_batch(run: Run, batch: dict) -> float | None:
     run.state.images_seen += args.per_device_train_batch_size * accelerator.num_processes
     run.state.batch_in_epoch += 1
     return None if grad_norm is None else float(grad_norm)
+
+
+def fast_views(examples):
+    """The fast path's DeviceViews of the training examples (map-style or streamed), or None."""
+    if isinstance(examples, StreamedTrainingExamples):
+        examples = examples.make_example
+    return getattr(examples, "device_views", None)
 
 
 def finish_optimizer_step(run: Run) -> float:
@@ -378,11 +421,21 @@ def checkpoint(run: Run) -> None:
     values = run.meter.flush(accelerator)  # fold the pending skipped-image count into the saved state
     run.state.skipped_images += values["skipped"]
     run.state.train_loss_sum, run.state.train_loss_batches = run.meter.total_loss, run.meter.total_batches
-    path = save_checkpoint(accelerator, args.output_dir, run.state, run.checkpoint_extras)
+    if "stream" in run.checkpoint_extras:
+        run.checkpoint_extras["stream"].collect(accelerator)  # every process's position, for the main one to save
+    path = save_checkpoint(accelerator, args.output_dir, run.state, run.checkpoint_extras,
+                           save_model_files=lambda folder: save_model_files(run, folder))
     run.last_checkpoint_step = run.state.global_step
     if accelerator.is_main_process:
         prune_checkpoints(args.output_dir, args.save_total_limit)
         logger.info("Saved %s", path)
+
+
+def save_model_files(run: Run, folder) -> None:
+    """What makes a checkpoint folder a model for from_pretrained, finetune.py and probe.py: accelerate wrote
+    model.safetensors, this adds config.json and preprocessor_config.json."""
+    run.accelerator.unwrap_model(run.model, keep_torch_compile=False).config.save_pretrained(folder)
+    run.processor.save_pretrained(folder)
 
 
 def after_step(run: Run, learning_rate: float, grad_norm: float | None, epoch_ended: bool, progress) -> None:
@@ -530,6 +583,11 @@ def run_pretraining(args, method_class: type[PretrainingMethod] | None = None) -
     `method_class`: a method from another registry (the tokenizers'); default: `get_method(args.method)`."""
     accelerator = build_accelerator(args)
     setup_logging(accelerator)
+    with OutputDirLock(args.output_dir, enabled=accelerator.is_main_process):  # one run per output folder
+        return pretrain_locked(args, accelerator, method_class)
+
+
+def pretrain_locked(args, accelerator: Accelerator, method_class) -> dict:
     workers = configure_backends(args, accelerator)  # their number, said in the start-of-run line
     set_seed(args.seed)  # the model's initial weights
     method = (method_class or get_method(args.method))(args)
@@ -583,9 +641,13 @@ def describe_run(run: Run) -> None:
         plan.learning_rate, "explicit" if args.learning_rate is not None else f"blr {args.base_learning_rate:g} x batch/256",
         plan.warmup_steps, args.lr_scheduler_type, state.global_step, state.epoch, state.batch_in_epoch,
     )
-    fast = isinstance(run.train_examples, FastImageExamples)
+    examples = run.train_examples
+    if isinstance(examples, StreamedTrainingExamples):
+        logger.info("Data: %s.", examples.describe(run.train_loader.fitted_workers()))
+        examples = examples.make_example
+    fast = fast_views(examples) is not None
     logger.info("Data: the %s pipeline, %s%s.", "fast" if fast else "reference", run.workers,
-                f"; {run.train_examples.decoding}" if fast else "")
+                f"; {examples.decoding}" if fast else "")
 
 
 __all__ = ["LossMeter", "Plan", "Run", "evaluate", "run_pretraining", "train"]
