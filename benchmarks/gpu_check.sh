@@ -60,4 +60,5 @@ for part in "mae:${LIMITS[4]}" "beit:${LIMITS[5]}" "beitv2:${LIMITS[6]}"; do
   run_part "throughput_compiled_$pair" "${part##*:}" "${THROUGHPUT[@]}" --models "$pair" --compile_only \
     ${COMPILE[@]+"${COMPILE[@]}"} --json "$OUT/throughput_compiled_$pair.json"
 done
+run_part token_agreement 60 "$PYTHON" benchmarks/token_agreement.py $([ "${SMOKE:-0}" = 1 ] && echo --smoke --device cpu) --json "$OUT/token_agreement.json"  # tokens equal to fp32 per --tokenizer_precision
 "$PYTHON" benchmarks/gpu_check_report.py "$OUT"

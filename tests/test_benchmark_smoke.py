@@ -149,3 +149,17 @@ def test_segmentation_transfer_compares_both_backbones_per_seed(tmp_path):
     assert len(readout["pretrained"]) == len(readout["random"]) == 5
     assert all(0 < iou <= 1 for side in readout.values() for iou in side)
     assert json.loads((tmp_path / "r.json").read_text())["mean_difference"] == results["mean_difference"]
+
+
+def test_token_agreement_smoke_writes_a_row_per_precision(tmp_path):
+    """benchmarks/token_agreement.py (the GPU check's token-agreement part) end to end on tiny tokenizers."""
+    spec = importlib.util.spec_from_file_location("hf_mim_benchmark_token_agreement",
+                                                  SCRIPT.parent / "token_agreement.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--smoke", "--device", "cpu", "--json", str(tmp_path / "token_agreement.json")])
+    in_force = {(row["tokenizer"], row["asked"]): row["in_force"] for row in report["rows"]}
+    assert in_force[("dvae", "reference")] == "reference_fp16"  # the converted-DALL-E numerics by default
+    assert all(0.0 <= row["agreement_with_fp32"] <= 1.0 for row in report["rows"])
+    assert json.loads((tmp_path / "token_agreement.json").read_text())["rows"] == report["rows"]
+    assert "| dvae | reference | reference_fp16 |" in (tmp_path / "token_agreement.md").read_text()

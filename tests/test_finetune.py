@@ -17,7 +17,7 @@ import torch
 from huggingface_hub import ModelCard, snapshot_download
 from mae_testing import perturb_parameters_
 from safetensors.torch import load_file
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 from hf_mim import (
     BEiTConfig, BEiTForImageClassification, BEiTForMaskedImageModeling, MaeConfig, MaeForImageClassification,
@@ -272,6 +272,23 @@ def test_finetuning_on_digits_learns_and_saves_what_it_measured(digits_files, ma
     assert "image classification (10 classes)" in card.text and "| `num_labels` | `10` |" in card.text
 
 
+def test_the_start_of_a_run_prints_the_recipe_in_force(digits_files, tmp_path, capfd):
+    """From scratch on 500 images: the data-size rule's values, the user's over them, the paper's for the rest,
+    each with its origin, in the log line; and the values reach the model and the optimizer."""
+    output_dir = tmp_path / "scratch"
+    run.main(["--config_name", "mae-demo", "--train_file", str(digits_files["train"]), "--validation_file",
+              str(digits_files["validation"]), "--output_dir", str(output_dir), *QUICK, "--max_steps", "1",
+              "--drop_path", "0.05", "--max_eval_samples", "10"])
+    log = capfd.readouterr().out.splitlines()
+    line = next(line for line in log if "Recipe in force" in line)
+    assert ("data-size rule: 500 training images < 50,000, from scratch: base_learning_rate=0.004, layer_decay=1, "
+            "aa=none, reprob=0") in line
+    assert "paper: smoothing=0.1, mixup=0, cutmix=0, crop_min_scale=0.08" in line
+    assert "user: drop_path=0.05" in line and "per_device_train_batch_size=32" in line.split("user: ")[1]
+    assert any("learning rate 0.0005 = blr 0.004 * total batch 32 / 256" in entry for entry in log)
+    assert AutoConfig.from_pretrained(output_dir).drop_path_rate == 0.05
+
+
 def test_finetune_push_to_hub_publishes_through_hf_mim(local_hub, digits_files, mae_checkpoint, tmp_path):
     """Two steps with the whole recipe on (48 px, MixUp + CutMix, RandAugment, random erasing),
     then --push_to_hub: one hf_mim.hub.publish commit with weights, processor, code and card."""
@@ -469,9 +486,10 @@ def test_help_shows_the_defaults_of_a_run_on_your_data(capsys):
     with pytest.raises(SystemExit):
         parse_finetuning_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # help lines are wrapped
-    assert "(digits demo: none) (default: rand-m9-mstd0.5-inc1)" in text  # not the digits demo's "none"
-    assert "(digits demo: 0.0) (default: 0.25)" in text  # --reprob
-    assert "(from scratch on the digits: 1.0) (default: 0.75)" in text  # --layer_decay
+    small = "from scratch on < 50,000 images"  # the data-size rule
+    assert f"(digits demo: none; {small}: none) (default: rand-m9-mstd0.5-inc1)" in text  # not the demo's "none"
+    assert f"(digits demo: 0.0; {small}: 0.0) (default: 0.25)" in text  # --reprob
+    assert f"(from scratch on the digits: 1.0; {small}: 1.0) (default: 0.75)" in text  # --layer_decay
     assert "(digits demo: 5.0; from scratch on the digits: 15.0) (default: 50.0)" in text  # --num_train_epochs
 
 

@@ -377,6 +377,11 @@ def test_the_start_of_run_line_names_the_chosen_model(tmp_path, capfd):
     main(["--train_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
           "--per_device_train_batch_size", "8", "--no-do_eval", "--report_to", "none",
           "--dataloader_num_workers", "0", "--checkpointing_steps", "no"])
-    start = next(line for line in capfd.readouterr().err.splitlines() if "Training mae" in line)  # the loop's log
+    log = capfd.readouterr().err.splitlines()
+    start = next(line for line in log if "Training mae" in line)  # the loop's log
     assert "model: mae-demo (chosen from the data: 32x32 px images (20) are small)" in start, start  # 24 - 15% held out
+    # ... after the recipe in force: from scratch on 20 images, the data-size rule's learning rate, lr = 6e-3 * 8 / 256
+    recipe = next(line for line in log if "Recipe in force" in line)
+    assert "data-size rule: 20 training images < 50,000, from scratch: base_learning_rate=0.006" in recipe, recipe
+    assert "paper: " in recipe and "adam_beta2=0.95" in recipe and "lr 0.000188 (blr 0.006 x batch/256)" in start
     assert AutoModelForPreTraining.from_pretrained(tmp_path / "out").config.image_size == 32

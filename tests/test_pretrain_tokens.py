@@ -5,10 +5,12 @@ v2 CLS head's loss, exact resume, and a learning check against the majority-toke
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +26,9 @@ from hf_mim.models import VitMppForPreTraining, VqkdConfig, VqkdTokenizer
 from hf_mim.models.masking import ExactBlockwiseMaskGenerator
 from hf_mim.pretraining import build_parser, get_method, main, parse_args
 from hf_mim.models.losses import masked_token_losses
-from hf_mim.pretraining.methods.token_targets import TargetHealth, TwoViewCrop, load_frozen_tokenizer
+from hf_mim.pretraining.methods.token_targets import (
+    TargetHealth, TwoViewCrop, load_frozen_tokenizer, resolve_precision,
+)
 from hf_mim.pretraining.tracking import LOG_FILE, read_log
 
 # 32 training images in batches of 8: 4 micro-batches per epoch.
@@ -311,12 +315,54 @@ def test_tokenizer_mismatch_is_a_clear_error(tmp_path, tokenizers, case, message
 
 def test_tokenizer_precision_modes(tokenizers):
     """reference_fp16 switches the dVAE to its fp16 convolutions (whatever its saved config says); other
-    tokenizers have no such mode. On CPU, bf16 means fp32 (autocast is for CUDA only)."""
+    tokenizers have no such mode. On CPU, autocast precisions mean fp32 (autocast is for CUDA only)."""
     reference = load_frozen_tokenizer(str(tokenizers["dvae"]), None, "reference_fp16", {})
     assert reference.model.config.reference_fp16 and reference.precision == "reference_fp16"
     assert load_frozen_tokenizer(str(tokenizers["dvae"]), None, "bf16", {}).precision == "torch.float32"
     with pytest.raises(ValueError, match="reference_fp16 is the DALL-E dVAE's fp16 mode"):
         load_frozen_tokenizer(str(tokenizers["vqkd"]), None, "reference_fp16", {})
+
+
+@pytest.mark.parametrize("model_type, saved_fp16, asked, expected", [
+    ("hf_mim_dvae", True, "reference", "reference_fp16"),  # converted DALL-E weights: its fp16 convolutions
+    ("hf_mim_dvae", False, "reference", "fp32"),  # a dVAE trained here asks for fp32
+    ("hf_mim_vqkd", None, "reference", "fp16"),  # beit2: fp16 autocast
+    ("hf_mim_peco", None, "reference", "fp32"),
+    ("hf_mim_dvae", True, "fp32", "fp32"),  # the user's choice wins over the config
+    ("hf_mim_vqkd", None, "bf16", "bf16"),
+])
+def test_reference_precision_resolves_per_tokenizer(model_type, saved_fp16, asked, expected):
+    config = SimpleNamespace(model_type=model_type, reference_fp16=saved_fp16)
+    precision, why = resolve_precision(asked, config)
+    assert precision == expected and why
+    with pytest.raises(ValueError, match="choose one of reference, fp32"):
+        resolve_precision("fp8", config)
+
+
+def test_default_precision_keeps_the_converted_dvae_fp16_and_logs_it(tokenizers, tmp_path, caplog):
+    """The default (reference) no longer overrides a converted dVAE's reference_fp16; the log says so."""
+    dvae = DvaeTokenizer.from_pretrained(tokenizers["dvae"], reference_fp16=True)
+    dvae.save_pretrained(tmp_path / "dvae-fp16")
+    default = build_parser("beit").parse_args_into_dataclasses(args=["--method", "beit"], look_for_args_file=False)
+    precision = next(group.tokenizer_precision for group in default if hasattr(group, "tokenizer_precision"))
+    with caplog.at_level(logging.INFO, logger="hf_mim"):
+        frozen = load_frozen_tokenizer(str(tmp_path / "dvae-fp16"), None, precision, {})
+    assert precision == "reference" and frozen.precision == "reference_fp16"
+    assert "Tokenizer targets computed in reference_fp16 (the reference" in caplog.text
+
+
+def test_token_agreement_against_fp32(tokenizers):
+    """fp32 agrees with itself exactly; the dVAE's fp16 convolutions flip some near-tie tokens (never
+    more than a few percent), and the fp32 pass leaves the fp16 mode in place."""
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fp32 = load_frozen_tokenizer(str(tokenizers["dvae"]), None, "fp32", {})
+    assert fp32.token_agreement(images) == 1.0
+    fp16 = load_frozen_tokenizer(str(tokenizers["dvae"]), None, "reference_fp16", {})
+    agreement = fp16.token_agreement(images)
+    assert 0.9 < agreement <= 1.0
+    assert torch.equal(fp16.fp32_tokens(images), fp32(images))
+    assert fp16.precision == "reference_fp16" and not torch.equal(
+        fp16.model.get_codebook_logits(images), fp32.model.get_codebook_logits(images))
 
 
 def test_a_checkpoint_keeps_its_vocabulary(beit_run, tokenizers, tmp_path):
@@ -387,13 +433,33 @@ def test_a_collapsed_tokenizer_is_refused(tmp_path, tokenizers):
                       "--checkpointing_steps", "no"))
 
 
+def test_below_health_targets_warn_with_usage_and_perplexity():
+    """Like the issue's dVAE (7 of 64 codes, perplexity 2.7) but with no code on half the patches: no
+    refusal, no skew warning, yet the below-health warning, with the numbers; a healthy spread is silent."""
+    counts = torch.tensor([480, 250, 150, 80, 40, 15, 9])  # 1,024 tokens on 7 codes, the largest share 47%
+    targets = torch.repeat_interleave(torch.arange(7), counts).reshape(2, 8, 64)
+    health = TargetHealth(vocab_size=64, source="tok", batches=2)
+    health.add(targets[0])
+    with pytest.warns(RuntimeWarning, match=r"below-health targets: its 1024 tokens .* used 7 of its 64 codes "
+                                            r"\(fewer than 50% of the 64 they could use; perplexity 4\.1\)") as caught:
+        health.add(targets[1])
+    assert not any("skewed" in str(warning.message) for warning in caught)
+    assert health.report["target_codes_used"] == 7 and health.report["target_perplexity"] == pytest.approx(4.1, abs=0.05)
+    healthy = TargetHealth(vocab_size=64, source="tok", batches=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        healthy.add(torch.arange(64).repeat(4, 1)[:, torch.randperm(64)])  # every code: silent
+        TargetHealth(vocab_size=64, source="tok", batches=1).add(torch.arange(20).reshape(1, 20))  # 20 of 20 possible
+
+
 def test_degenerate_targets_can_be_allowed_with_a_warning():
     health = TargetHealth(vocab_size=4, source="tok", batches=2, allow_degenerate=True)
     health.add(torch.zeros(2, 8, dtype=torch.long))
     assert health.report is None  # measured on the first 2 batches, not on one
     with pytest.warns(RuntimeWarning, match=r"skewed targets: .* used 2 of its 4 codes.* 94% of the patches"):
         health.add(torch.tensor([[0] * 7 + [3]] * 2))
-    assert health.report == {"target_codes_used": 2, "target_majority_share": 30 / 32}
+    assert {key: health.report[key] for key in ("target_codes_used", "target_majority_share")} == {
+        "target_codes_used": 2, "target_majority_share": 30 / 32}
     health.add(torch.zeros(2, 8, dtype=torch.long))  # checked once
     healthy = TargetHealth(vocab_size=4, source="tok", batches=1)
     with warnings.catch_warnings():

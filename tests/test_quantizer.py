@@ -162,6 +162,49 @@ def test_kmeans_with_fewer_vectors_than_codes_warns():
         quantizer(torch.randn(10, 4))
 
 
+def reference_nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """beit2 `NormEMAVectorQuantizer.forward`, as written there: argmin of the squared distance."""
+    distances = vectors.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1) - 2 * torch.einsum(
+        "bd,nd->bn", vectors, codebook)
+    return torch.argmin(distances, dim=1)
+
+
+def reference_kmeans(samples: torch.Tensor, num_clusters: int, iterations: int) -> torch.Tensor:
+    """beit2 `kmeans(..., use_cosine_sim=True)`: seeds drawn as its `sample_vectors` (with repeats when
+    there are fewer samples than clusters), assignment by the largest dot product."""
+    if samples.shape[0] >= num_clusters:
+        means = samples[torch.randperm(samples.shape[0])[:num_clusters]]
+    else:
+        means = samples[torch.randint(0, samples.shape[0], (num_clusters,))]
+    for _ in range(iterations):
+        buckets = (samples @ means.t()).max(dim=-1).indices
+        bins = torch.bincount(buckets, minlength=num_clusters)
+        sums = samples.new_zeros(num_clusters, samples.shape[1]).scatter_add_(
+            0, buckets[:, None].expand(-1, samples.shape[1]), samples)
+        new_means = unit(sums / bins.masked_fill(bins == 0, 1)[..., None])
+        means = torch.where((bins == 0)[..., None], means, new_means)
+    return means
+
+
+def test_codes_match_the_reference_when_kmeans_seeds_repeat():
+    """100 vectors for 512 codes: k-means seeds repeat, so codes tie exactly; the index of every vector
+    must still be the reference's (its argmin of distance breaks ties unlike an argmax of cosine)."""
+    generator = torch.Generator().manual_seed(3)
+    first, later = torch.randn(100, 32, generator=generator), torch.randn(4000, 32, generator=generator)
+    quantizer = EmaVectorQuantizer(num_codes=512, code_dim=32, kmeans_iters=10).train()
+    torch.manual_seed(7)
+    with pytest.warns(UserWarning, match="saw only 100 vectors for 512 codes"):
+        out = quantizer(first)
+    torch.manual_seed(7)
+    unit_first, unit_later = F.normalize(first, dim=-1), F.normalize(later, dim=-1)  # the reference's l2norm
+    kmeans = reference_kmeans(unit_first, 512, 10)
+    assert kmeans.unique(dim=0).shape[0] < 512  # the case in question: duplicate codes
+    assert torch.equal(out.indices, reference_nearest_codes(unit_first, kmeans))
+    codebook = quantizer.embedding.weight.clone()
+    assert torch.equal(quantizer.eval()(later).indices, reference_nearest_codes(unit_later, codebook))
+    assert torch.equal(quantizer.encode(later), reference_nearest_codes(unit_later, codebook))
+
+
 def test_straight_through_gradient_and_commitment_loss():
     torch.manual_seed(0)
     quantizer = EmaVectorQuantizer(num_codes=16, code_dim=4, kmeans_init=False, commitment_weight=0.25).train()

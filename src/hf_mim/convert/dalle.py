@@ -16,8 +16,9 @@ converting once and sharing the saved safetensors directory.
 The weights give vocab_size, hidden_size, num_groups, num_blocks_per_group, input_channels and the
 decoder widths. ``reference_fp16`` defaults to true: the published code's fp16 convolutions on
 CUDA, which produced BEiT's targets; --config reference_fp16=false gives fp32 (the reference on
-CPU, and FlavaImageCodebook). Any DvaeConfig field can be set with --config KEY=VALUE; a value the
-weights contradict is an error.
+CPU, and FlavaImageCodebook). BEiT pre-training keeps the saved choice by default
+(``--tokenizer_precision reference``) and logs it; its fp32 / bf16 / fp16 options override it. Any
+DvaeConfig field can be set with --config KEY=VALUE; a value the weights contradict is an error.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ transformers' and timm's scripts, see SCRIPT_CONVENTIONS), plus the deprecated a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from transformers.trainer_utils import SaveStrategy
 
 from ..cli import DATA_SOURCES, DataSourceArguments, MimArgumentParser, add_transformers4_names, given, option
 from ..pretraining import data_loading
+from ..recipe import (
+    DEMO, PAPER, SMALL_DATA_MAX_IMAGES, data_size_layer, explicit_options, recipe_line, resolve_recipe,
+)
 from .ema import DEFAULT_DECAY, check_decay
 
 
@@ -86,7 +90,20 @@ class FinetuningArguments:
 DEMO_DATA_DEFAULTS = {"aa": "none", "reprob": 0.0, "hflip": 0.0, "crop_min_scale": 0.35, "crop_pct": 1.0,
                       "num_train_epochs": 5.0, "base_learning_rate": 8e-3}
 FROM_SCRATCH_DEFAULTS = {"layer_decay": 1.0, "drop_path": 0.0, "num_train_epochs": 15.0, "base_learning_rate": 4e-3}
+# The data-size rule (hf_mim.recipe): from scratch (--config_name) on fewer than 50,000 images, the digits
+# demo's from-scratch recipe without its schedule. Layer decay and drop path regularise a pre-trained encoder
+# over hundreds of epochs, RandAugment and random erasing a model that sees a million images; a model learning
+# from nothing on a small set needs none of them, and a higher rate. On 1,000 CIFAR-10 labels, 100 steps, 2
+# seeds: top-1 0.191 with the paper's recipe, 0.216 with layer decay 1 / drop path 0 / blr 4e-3, 0.254 with
+# RandAugment and erasing off too (benchmarks/RESULTS.md).
+SMALL_DATA_DEFAULTS = {"layer_decay": 1.0, "drop_path": 0.0, "base_learning_rate": 4e-3, "aa": "none",
+                       "reprob": 0.0}
 DEFAULT_BASE_LEARNING_RATE = 1e-3  # MAE's main_finetune.py default (BEiT: 4e-3 at batch 1024, the same)
+# The recipe settings (FinetuningArguments' and TrainingArguments' fields) resolved by `resolve_finetuning_recipe`
+# and printed at the start of a run.
+RECIPE_NAMES = ("base_learning_rate", "learning_rate", "per_device_train_batch_size", "num_train_epochs",
+                "warmup_steps", "lr_scheduler_type", "weight_decay", "layer_decay", "drop_path", "smoothing", "aa",
+                "mixup", "cutmix", "reprob", "crop_min_scale", "hflip", "crop_pct")
 TRAINING_DEFAULTS = {
     "output_dir": "outputs/finetune", "per_device_train_batch_size": 64, "per_device_eval_batch_size": 64,
     "num_train_epochs": 50.0, "weight_decay": 0.05, "lr_scheduler_type": "cosine", "warmup_steps": 0.1,
@@ -154,7 +171,8 @@ def note_demo_defaults(parser: argparse.ArgumentParser) -> None:
     """--help shows the defaults of a run on your data; the digits demo's own go into the help text."""
     for action in parser._actions:
         notes = [f"{where}: {values[action.dest]}" for where, values in (
-            ("digits demo", DEMO_DATA_DEFAULTS), ("from scratch on the digits", FROM_SCRATCH_DEFAULTS))
+            ("digits demo", DEMO_DATA_DEFAULTS), ("from scratch on the digits", FROM_SCRATCH_DEFAULTS),
+            (f"from scratch on < {SMALL_DATA_MAX_IMAGES:,} images", SMALL_DATA_DEFAULTS))
             if action.dest in values]
         if notes and action.help is not argparse.SUPPRESS:
             action.help = f"{action.help or ''} ({'; '.join(notes)})".strip()
@@ -172,27 +190,25 @@ def check_step_settings(argv: list[str], training_args) -> None:
 
 def parse_finetuning_args(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, FinetuningArguments, TrainingArguments) with the fine-tuning
-    defaults, the demo's where it applies, and no boilerplate flags needed."""
+    defaults, the demo's where it applies, and no boilerplate flags needed. The recipe is resolved by
+    `resolve_finetuning_recipe` (again by run.py once the data's size is known)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = MimArgumentParser((ModelArguments, DataArguments, FinetuningArguments, TrainingArguments))
     add_aliases(parser)
-    defaults = {**TRAINING_DEFAULTS, "use_cpu": not has_accelerator(), "dataloader_num_workers": default_num_workers()}
     if any(arg in ("-h", "--help") for arg in argv):  # the defaults of a run on your data, and the demo's beside them
         note_demo_defaults(parser)
-    elif not any(given(argv, name) for name in DATA_SOURCES):
-        defaults.update(DEMO_DATA_DEFAULTS)
-        if not given(argv, "model_name_or_path") and not given(argv, "config_name"):
-            defaults.update(FROM_SCRATCH_DEFAULTS)
-    parser.set_defaults(**defaults)
+    parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not has_accelerator(),
+                        dataloader_num_workers=default_num_workers())
     model_args, data_args, finetuning_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    explicit_blr = given(argv, "base_learning_rate") or given(argv, "blr")
-    if given(argv, "learning_rate") and explicit_blr:
+    explicit = explicit_options(parser, argv, RECIPE_NAMES)
+    if {"learning_rate", "base_learning_rate"} <= explicit:
         raise ValueError("Give either --learning_rate (absolute) or --base_learning_rate (scaled by batch / 256), "
                          "not both.")
-    if given(argv, "learning_rate"):
-        finetuning_args.base_learning_rate = None  # an explicit learning rate wins over a default blr
-    elif finetuning_args.base_learning_rate is None:
-        finetuning_args.base_learning_rate = DEFAULT_BASE_LEARNING_RATE
+    user = {name: getattr(finetuning_args, name, getattr(training_args, name, None)) for name in explicit}
+    finetuning_args.recipe_inputs = RecipeInputs(
+        demo=not any(given(argv, name) for name in DATA_SOURCES), from_scratch=not given(argv, "model_name_or_path"),
+        demo_from_scratch=not (given(argv, "model_name_or_path") or given(argv, "config_name")), user=user)
+    resolve_finetuning_recipe(finetuning_args, training_args)
     check_model_ema(argv, finetuning_args)
     check_step_settings(argv, training_args)
     if training_args.push_to_hub and given(argv, "hub_strategy") and training_args.hub_strategy != "end":
@@ -201,5 +217,49 @@ def parse_finetuning_args(argv: list[str] | None = None):
     return model_args, data_args, finetuning_args, training_args
 
 
+@dataclass(frozen=True)
+class RecipeInputs:
+    """What the recipe depends on besides the data's size: the digits demo or not, from scratch (no
+    --model_name_or_path) or not, the demo's from-scratch case (no --config_name either), the user's values."""
+
+    demo: bool
+    from_scratch: bool
+    demo_from_scratch: bool
+    user: dict
+
+
+def paper_recipe() -> dict:
+    """MAE's main_finetune.py recipe: the options' own defaults, TRAINING_DEFAULTS and the default blr."""
+    options = {field.name: field.default for field in dataclasses.fields(FinetuningArguments)
+               if field.name in RECIPE_NAMES}
+    training = {name: value for name, value in TRAINING_DEFAULTS.items() if name in RECIPE_NAMES}
+    return {**options, **training, "base_learning_rate": DEFAULT_BASE_LEARNING_RATE}
+
+
+def recipe_layers(inputs: RecipeInputs, train_images: int | None) -> list[tuple[str, dict]]:
+    layers = [(PAPER, paper_recipe())]
+    if inputs.demo:
+        layers.append((DEMO, DEMO_DATA_DEFAULTS))
+        if inputs.demo_from_scratch:
+            layers.append((f"{DEMO}, from scratch", FROM_SCRATCH_DEFAULTS))
+    return layers + data_size_layer(train_images, inputs.from_scratch and not inputs.demo, SMALL_DATA_DEFAULTS)
+
+
+def resolve_finetuning_recipe(finetuning_args: FinetuningArguments, training_args, train_images: int | None = None
+                              ) -> str:
+    """The recipe in force (`hf_mim.recipe.resolve_recipe`: paper < digits demo < data-size rule < user),
+    set on the two argument dataclasses and kept as `finetuning_args.recipe`; returns the line a run prints.
+    An explicit --learning_rate wins over every base learning rate."""
+    inputs = finetuning_args.recipe_inputs
+    recipe = resolve_recipe(recipe_layers(inputs, train_images), inputs.user)
+    if "learning_rate" in inputs.user:
+        recipe.pop("base_learning_rate")
+        finetuning_args.base_learning_rate = None
+    for name, setting in recipe.items():
+        setattr(finetuning_args if hasattr(finetuning_args, name) else training_args, name, setting.value)
+    finetuning_args.recipe = recipe
+    return recipe_line(recipe)
+
+
 __all__ = ["DataArguments", "FinetuningArguments", "ModelArguments", "add_aliases", "default_num_workers", "given",
-           "parse_finetuning_args"]
+           "parse_finetuning_args", "resolve_finetuning_recipe"]

@@ -30,10 +30,13 @@ from ..metrics import load_top_k_accuracy
 from ..preemption import Preempted, PreemptionGuard, resume_hint
 from ..pretraining.checkpoints import latest_checkpoint, refused_pickle_error, resolve_resume_path
 from ..pretraining.data_loading import cores_per_process
+from ..pretraining.model_choice import train_image_count
 from ..run_lock import OutputDirLock
 from ..models.presets import from_preset, preset_names
 from ..registry import FAMILIES
-from .arguments import DataArguments, FinetuningArguments, ModelArguments, parse_finetuning_args
+from .arguments import (
+    DataArguments, FinetuningArguments, ModelArguments, parse_finetuning_args, resolve_finetuning_recipe,
+)
 from .classifier import Labels, build_classifier, load_classifier, read_labels
 from .ema import ModelEmaCallback, check_ema_compatible
 from .preemption import PreemptionCallback
@@ -272,6 +275,7 @@ def finetune_locked(model_args: ModelArguments, data_args: DataArguments, finetu
     check_one_run_per_launch(training_args.world_size)  # --use_cpu (the default without a GPU) joins a gloo group
     set_seed(training_args.seed)
     data = load_data(data_args, model_args, training_args)
+    logger.info(resolve_finetuning_recipe(finetuning_args, training_args, train_image_count(data)))  # and why
     check_training_args(training_args, data, finetuning_args)
     labels = read_labels(data)
     model = build_model(model_args, finetuning_args, labels, data)

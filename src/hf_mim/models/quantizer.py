@@ -4,7 +4,7 @@ The quantizer of BEiT v2's VQ-KD tokenizer, shared with the PeCo tokenizer. For 
 x [..., D] (channels last):
 
   z = l2norm(x)                                    every computation in float32, autocast off
-  index = argmax_k <z, e_k>                        nearest code by cosine (codes are unit vectors)
+  index = argmin_k |z|^2 + |e_k|^2 - 2 <z, e_k>    nearest code by squared distance, as the reference
   quantized = z + (e_index - z).detach()           straight-through: d quantized / d z = identity
   commitment_loss = w * mean((e_index.detach() - z) ** 2)   mean over every element; the
                                                    reference's `beta * mse_loss(z_q.detach(), z)`, w = 1
@@ -25,8 +25,12 @@ Deliberate differences from the reference (microsoft/unilm beit2):
   same codebook, equal to a single-process run on the concatenated batch. Without k-means init,
   rank 0's random codebook is broadcast instead.
 - Unused codes keep their exact value (the reference recomputes l2norm(0.99 e + 0.01 e), equal up to
-  rounding); the nearest code is the argmax of the cosine (the reference: argmin of the squared
-  distance, the same for unit vectors up to rounding).
+  rounding).
+- The nearest code is computed with the reference's own formula (argmin of the squared distance, not the
+  argmax of the cosine, which is the same code for unit vectors only up to rounding): when the first
+  k-means batch holds fewer vectors than codes, seeds repeat, codes tie, and the two rules break the ties
+  differently (issue 16 measured 85.6-95.3% equal indices). k-means itself assigns by cosine, as the
+  reference.
 - Additions: usage metrics, a warning with the numbers when usage collapses, and an optional
   dead-code restart (off by default, so the default is the reference's behaviour).
 - The [vectors x codes] similarity matrix is computed in chunks, bounding memory at any batch size.
@@ -74,10 +78,28 @@ class QuantizerOutput:
 # ---------------------------------------------------------------------------------------------
 
 
+def chunk_rows(codebook: torch.Tensor) -> int:
+    """Rows of vectors per [rows x codes] matrix, bounding its memory."""
+    return max(1, SIMILARITY_CHUNK_ELEMENTS // max(1, codebook.shape[0]))
+
+
 def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """vectors [M, D], codebook [K, D] (unit rows) -> index of the most similar code [M], in chunks."""
-    rows = max(1, SIMILARITY_CHUNK_ELEMENTS // max(1, codebook.shape[0]))
-    return torch.cat([(chunk @ codebook.T).argmax(dim=1) for chunk in vectors.split(rows)])
+    """vectors [M, D], codebook [K, D] -> index of the nearest code [M] by squared distance, computed as
+    the reference (beit2 `NormEMAVectorQuantizer.forward`) does, term for term, so that ties and
+    near-ties between codes resolve to the same index; in chunks."""
+    code_norms = codebook.pow(2).sum(dim=1)  # [K]
+
+    def nearest(chunk: torch.Tensor) -> torch.Tensor:
+        distances = chunk.pow(2).sum(dim=1, keepdim=True) + code_norms - 2 * torch.einsum("bd,nd->bn", chunk, codebook)
+        return torch.argmin(distances, dim=1)
+
+    return torch.cat([nearest(chunk) for chunk in vectors.split(chunk_rows(codebook))])
+
+
+def most_similar_means(samples: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """k-means assignment: samples [M, D] -> index of the mean with the largest dot product [M] (the
+    reference's cosine k-means: `(samples @ means.t()).max(dim=-1).indices`), in chunks."""
+    return torch.cat([(chunk @ means.t()).max(dim=-1).indices for chunk in samples.split(chunk_rows(means))])
 
 
 def code_statistics(vectors: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +123,7 @@ def spherical_kmeans(samples: torch.Tensor, means: torch.Tensor, iterations: int
     each sample to the most similar mean, replace every non-empty cluster's mean by the
     l2-normalised mean of its samples; an empty cluster keeps its mean."""
     for _ in range(iterations):
-        counts, sums = code_statistics(samples, nearest_codes(samples, means), means.shape[0])
+        counts, sums = code_statistics(samples, most_similar_means(samples, means), means.shape[0])
         updated = F.normalize(sums / counts.clamp_min(1.0)[:, None], dim=-1)  # [K, D]
         means = torch.where((counts > 0)[:, None], updated, means)
     return means

@@ -10,6 +10,9 @@ import os
 import sys
 
 from ..cli import MimArgumentParser, add_transformers4_names, append_help, option, peek_method
+from ..recipe import (
+    DEMO, PAPER, SMALL_DATA_MAX_IMAGES, USER, Setting, data_size_layer, recipe_line, resolve_recipe,
+)
 from .methods import METHODS, get_method
 from .options import LEADING_GROUPS, TRAINING_GROUPS, warmup_type
 
@@ -61,8 +64,10 @@ def recipe_notes(method_cls) -> dict[str, str]:
         "weight_decay", "adam_beta1", "adam_beta2", "lr_scheduler_kwargs", "warmup_steps", "lr_scheduler_type",
         "max_grad_norm")}
     return {**notes,
-            "base_learning_rate": f"default: {defaults.get('base_learning_rate')}; "
-                                  f"{DEMO_DEFAULTS['base_learning_rate']} for the digits demo",
+            "base_learning_rate": f"default: {defaults.get('base_learning_rate')} (the paper's); "
+                                  f"{DEMO_DEFAULTS['base_learning_rate']} for the digits demo and from scratch on "
+                                  f"fewer than {SMALL_DATA_MAX_IMAGES:,} images (the start of a run prints the recipe "
+                                  "in force and where each value came from)",
             "num_train_epochs": f"default: {defaults['num_train_epochs']:g}; "
                                 f"{DEMO_DEFAULTS['num_train_epochs']:g} for the digits demo",
             "config_name": f"built-in: {', '.join(method_cls.presets())}",
@@ -106,24 +111,64 @@ def is_demo(args: argparse.Namespace) -> bool:
     return not any((args.dataset_name, args.train_dir, args.validation_dir, args.train_file, args.validation_file))
 
 
-def fill_defaults(args: argparse.Namespace, method_cls=None) -> argparse.Namespace:
-    """Defaults that depend on the method (`method_cls`, default: `--method` in METHODS), on the demo, and
-    on other arguments. Only options still None are filled."""
-    if args.eval_strategy is None and args.eval_steps:
-        args.eval_strategy = "steps"
-    method_defaults = dict((method_cls or get_method(args.method)).defaults)
+def recipe_layers(args: argparse.Namespace, method_cls, demo_layers=()) -> list[tuple[str, dict]]:
+    """The recipe's layers below the data-size rule: the general defaults and the method's (the paper's)
+    recipe, then the digits demo's settings (`demo_layers`: more of them, e.g. a tokenizer's own demo)."""
+    method_defaults = dict(method_cls.defaults)
     if args.lr_scheduler_type is not None:  # the method's scheduler arguments belong to the method's scheduler
         method_defaults.pop("lr_scheduler_kwargs", None)
-    # general < the method's recipe < the digits demo
-    for key, value in {**GENERAL_DEFAULTS, **method_defaults, **(DEMO_DEFAULTS if is_demo(args) else {})}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    layers = [(PAPER, {**GENERAL_DEFAULTS, **method_defaults})]
+    if is_demo(args):
+        layers += [(DEMO, DEMO_DEFAULTS), *demo_layers]
+    return layers
+
+
+def fill_defaults(args: argparse.Namespace, method_cls=None, demo_layers=()) -> argparse.Namespace:
+    """Defaults that depend on the method (`method_cls`, default: `--method` in METHODS), on the demo, and
+    on other arguments. Only options still None are filled: what is set is the user's (`args.recipe_user`).
+    The recipe's provenance is `args.recipe`; `apply_data_size_rule` completes it once the data is known."""
+    if args.eval_strategy is None and args.eval_steps:
+        args.eval_strategy = "steps"
+    method_cls = method_cls or get_method(args.method)
+    layers = recipe_layers(args, method_cls, demo_layers)
+    names = {name for _, values in layers for name in values}
+    args.recipe_user = {name: getattr(args, name) for name in sorted(names) if getattr(args, name, None) is not None}
+    args.recipe_layers, args.recipe_data_values = layers, small_data_values(method_cls)
+    set_recipe(args, resolve_recipe(layers, args.recipe_user))
     args.max_grad_norm = args.max_grad_norm or None  # 0 = no clipping
     args.data_seed = args.seed if args.data_seed is None else args.data_seed
     args.run_name = args.run_name or os.path.basename(os.path.normpath(args.output_dir))
     if args.with_tracking:
         args.report_to = ["all"]
     return args
+
+
+def small_data_values(method_cls) -> dict:
+    """The data-size rule's recipe: the learning rate the method's digits demo learns with (the paper's
+    ImageNet one, e.g. MAE's blr 1.5e-4, barely moves a small model on a small set)."""
+    demo = getattr(method_cls, "demo_defaults", None) or DEMO_DEFAULTS  # a tokenizer has its own demo
+    return {"base_learning_rate": demo["base_learning_rate"]}
+
+
+def set_recipe(args: argparse.Namespace, recipe: dict) -> None:
+    for name, setting in recipe.items():
+        setattr(args, name, setting.value)
+    if args.learning_rate is not None:  # an absolute learning rate wins over every base learning rate
+        recipe = {name: setting for name, setting in recipe.items() if name != "base_learning_rate"}
+        recipe["learning_rate"] = Setting(args.learning_rate, USER)
+    args.recipe = recipe
+
+
+def apply_data_size_rule(args: argparse.Namespace, train_images: int | None) -> str:
+    """Once the training set's size is known: the data-size rule's layer over the parse-time ones (a
+    from-scratch run, no --model_name_or_path, on small data), the user's values still winning. Returns
+    the recipe line the run prints. A namespace built without `fill_defaults` is left as it is."""
+    if not hasattr(args, "recipe_layers"):
+        return "Recipe in force: the arguments as given (no defaults were resolved)."
+    from_scratch = not args.model_name_or_path and not is_demo(args)
+    layers = args.recipe_layers + data_size_layer(train_images, from_scratch, args.recipe_data_values)
+    set_recipe(args, resolve_recipe(layers, args.recipe_user))
+    return recipe_line(args.recipe)
 
 
 def resolve_mixed_precision(args: argparse.Namespace) -> str | None:
@@ -168,5 +213,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-__all__ = ["DEMO_DEFAULTS", "MethodArguments", "build_parser", "is_demo", "parse_args", "parse_into_namespace",
-           "resolve_mixed_precision", "script_parser"]
+__all__ = ["DEMO_DEFAULTS", "MethodArguments", "apply_data_size_rule", "build_parser", "is_demo", "parse_args",
+           "parse_into_namespace", "resolve_mixed_precision", "script_parser"]

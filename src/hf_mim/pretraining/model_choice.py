@@ -15,10 +15,11 @@ import datasets
 from PIL import Image
 
 from ..data import DIGITS_SOURCE, ImageDatasets, decode_image
+from ..recipe import SMALL_DATA_MAX_IMAGES
 
 SMALL_IMAGE_MAX_SIDE = 64
 BASE_MIN_SIDE = 128
-BASE_MIN_IMAGES = 50_000
+BASE_MIN_IMAGES = SMALL_DATA_MAX_IMAGES  # below it, from scratch, the recipe's data-size rule applies too
 
 
 def first_image_size(data: ImageDatasets, tries: int = 8) -> tuple[int, int]:
@@ -35,14 +36,19 @@ def first_image_size(data: ImageDatasets, tries: int = 8) -> tuple[int, int]:
     raise ValueError(f"None of the first {tries} images of {data.source} decodes: check the data.")
 
 
+def train_image_count(data: ImageDatasets) -> int | None:
+    """Images of the training split (of the evaluation one when there is none); None when streamed."""
+    dataset = data.train if data.train is not None else data.eval
+    return None if dataset is None or isinstance(dataset, datasets.IterableDataset) else len(dataset)
+
+
 def choose_preset(method_name: str, data: ImageDatasets) -> tuple[str, str]:
     """(preset name, why) of a run without --config_name, from the data; raises when the data fits neither."""
     demo, base = f"{method_name}-demo", f"{method_name}-base"
     if data.source == DIGITS_SOURCE:
         return demo, "the embedded digits demo"
     width, height = first_image_size(data)
-    dataset = data.train if data.train is not None else data.eval
-    count = None if isinstance(dataset, datasets.IterableDataset) else len(dataset)
+    count = train_image_count(data)
     seen = f"{width}x{height} px images ({'streamed' if count is None else f'{count:,}'})"
     if max(width, height) <= SMALL_IMAGE_MAX_SIDE:
         return demo, f"chosen from the data: {seen} are small"
@@ -57,4 +63,4 @@ def choose_preset(method_name: str, data: ImageDatasets) -> tuple[str, str]:
     )
 
 
-__all__ = ["choose_preset"]
+__all__ = ["choose_preset", "train_image_count"]

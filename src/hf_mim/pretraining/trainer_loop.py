@@ -30,7 +30,7 @@ from ..distributed import check_sharding_engaged
 from ..launch import check_one_run_per_launch, cpu_process_group_needed
 from ..preemption import Preempted, PreemptionGuard, resume_hint
 from ..run_lock import OutputDirLock
-from .arguments import resolve_mixed_precision
+from .arguments import apply_data_size_rule, resolve_mixed_precision
 from ..fast_data import fast_training_examples
 from ..streaming import ReferenceRows, StreamCheckpoint, StreamedTrainingExamples, StreamLoader
 from .checkpoints import (
@@ -38,7 +38,7 @@ from .checkpoints import (
 )
 from .data_loading import DataWaitMeter, check_num_workers, cores_per_process, default_num_workers, describe_workers
 from .methods import PretrainingMethod, get_method
-from .model_choice import choose_preset
+from .model_choice import choose_preset, train_image_count
 from .optimization import (
     build_optimizer, build_scheduler, effective_batch_size, resolve_learning_rate, resolve_warmup_steps,
 )
@@ -594,6 +594,7 @@ def pretrain_locked(args, accelerator: Accelerator, method_class) -> dict:
     data = load_data(args, accelerator)
     logger.info("Data: %s (train: %s, eval: %s from %s)", data.source, size_of(data.train), size_of(data.eval),
                 data.eval_split)
+    logger.info(apply_data_size_rule(args, train_image_count(data)))  # the recipe in force, and why
     args.do_eval = data.eval is not None if args.do_eval is None else args.do_eval
     if args.do_eval and data.eval is None:
         raise ValueError(f"--do_eval: {data.source} has no held-out images; pass --validation_dir/--validation_file "

@@ -8,7 +8,8 @@ import dataclasses
 import sys
 
 from ..cli import option, peek_method, set_help
-from ..pretraining.arguments import check_arguments, fill_defaults, is_demo, parse_into_namespace, script_parser
+from ..pretraining.arguments import check_arguments, fill_defaults, parse_into_namespace, script_parser
+from ..recipe import DEMO
 from .methods import TOKENIZER_METHODS, get_tokenizer_method
 
 DESCRIPTION = """\
@@ -85,13 +86,10 @@ def build_parser(method_name: str = "vqkd") -> argparse.ArgumentParser:
 
 
 def fill_tokenizer_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """The method's demo settings (digits) win over its recipe, which wins over the pre-training defaults."""
+    """The pre-training recipe resolution with the tokenizer's recipe as the paper's, and its demo settings
+    (digits) over the pre-training demo's."""
     method_cls = get_tokenizer_method(args.method)
-    preferred = {**method_cls.defaults, **(method_cls.demo_defaults if is_demo(args) else {})}
-    for key, value in preferred.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    return fill_defaults(args, method_cls)
+    return fill_defaults(args, method_cls, demo_layers=[(DEMO, method_cls.demo_defaults)])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

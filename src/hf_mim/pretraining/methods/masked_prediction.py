@@ -41,9 +41,11 @@ class TokenTargetOptions(CropOptions):
     tokenizer: str | None = option(help="the frozen tokenizer giving the targets, a folder or Hub id; loaded with "
                                         "AutoModel, --trust_remote_code applies")
     tokenizer_revision: str | None = option(help="branch, tag or commit of a Hub tokenizer (default: main)")
-    tokenizer_precision: Literal["bf16", "fp32", "reference_fp16"] = option(
-        "bf16", help="bf16: autocast on CUDA (fp32 elsewhere); fp32; reference_fp16: the DALL-E dVAE's fp16 "
-                     "convolutions, as BEiT's published targets (near-tie argmaxes differ)")
+    tokenizer_precision: Literal["reference", "fp32", "bf16", "fp16", "reference_fp16"] = option(
+        "reference", help="reference (default): as the papers computed the targets: a converted DALL-E dVAE's fp16 "
+                          "convolutions (as its config says), VQ-KD under fp16 autocast on CUDA, else fp32; fp32; "
+                          "bf16 / fp16: autocast on CUDA (fp32 elsewhere); reference_fp16: force the dVAE's fp16 "
+                          "convolutions. Near-tie argmaxes differ between them; the run logs which is in force")
     num_mask_patches: int | None = option(help="patches masked per image (default: BEiT's 75 of 14x14, scaled to "
                                                "the grid)")
     min_mask_patches_per_block: int | None = option(help="smallest block (default: BEiT's 16 of 14x14, scaled to "

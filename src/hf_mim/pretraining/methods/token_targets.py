@@ -3,11 +3,13 @@ its codes carry information.
 
 A tokenizer that gives (nearly) every patch the same code makes masked-token prediction trivial: the
 model reports ~100% accuracy and learns nothing. :class:`TargetHealth` measures the code usage of the
-first training batches and refuses such targets (or warns, with `--allow_degenerate_targets`).
+first training batches and refuses such targets (or warns, with `--allow_degenerate_targets`); it warns
+too when the targets use fewer codes than a healthy tokenizer would (train_tokenizer.py's rule).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -18,7 +20,8 @@ from torchvision.transforms.v2 import functional as TF
 from transformers import AutoConfig, AutoModel
 
 from ...cards import hub_id
-from ...models import DvaeConfig
+from ...models import DvaeConfig, VqkdConfig
+from ...models.quantizer import usage_and_perplexity
 from ...models.vit_core import to_2tuple
 
 logger = logging.getLogger(__name__)
@@ -26,12 +29,19 @@ logger = logging.getLogger(__name__)
 BICUBIC, LANCZOS = v2.InterpolationMode.BICUBIC, v2.InterpolationMode.LANCZOS
 # What `--tokenizer` must offer (hf_mim's DvaeTokenizer, VqkdTokenizer and PecoTokenizer all do).
 TOKENIZER_INTERFACE = ("get_codebook_indices", "vocab_size", "token_grid")
-TOKENIZER_PRECISIONS = ("bf16", "fp32", "reference_fp16")
+# reference: the numerics the papers' targets were computed with (see `resolve_precision`).
+TOKENIZER_PRECISIONS = ("reference", "fp32", "bf16", "fp16", "reference_fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Training micro-batches whose targets are measured, and the share of the most frequent code from which
 # the targets are degenerate (refused) or suspicious (a warning).
 TARGET_CHECK_BATCHES = 2
 DEGENERATE_MAJORITY_SHARE = 0.9
 SUSPICIOUS_MAJORITY_SHARE = 0.5
+# Below health: fewer codes used than this share of the codes the measured tokens could use
+# (min(codes, tokens)): the rule train_tokenizer.py warns at while training a tokenizer (the dVAE's
+# DVAE_USAGE_WARNING, the EMA quantizer's usage_warning_threshold), so a tokenizer it warned about is
+# flagged again when BEiT pre-training uses it.
+HEALTHY_USAGE_SHARE = 0.5
 
 
 class FrozenTokenizer:
@@ -39,12 +49,13 @@ class FrozenTokenizer:
 
     It is deliberately not an attribute of the model: `save_pretrained` never sees it, and it is never
     passed to `accelerator.prepare` (a DDP/FSDP wrapper would try to synchronise gradients it does
-    not have). :meth:`to` puts it on the training device. With `autocast_bf16` it runs in bf16
-    autocast on CUDA (fp32 elsewhere); the dVAE's reference fp16 mode lives in its own config."""
+    not have). :meth:`to` puts it on the training device. With `autocast_dtype` (bf16 or fp16) it runs
+    under that autocast on CUDA (fp32 elsewhere); the dVAE's reference fp16 mode lives in its own config."""
 
-    def __init__(self, model: torch.nn.Module, source: str, revision: str | None, autocast_bf16: bool):
+    def __init__(self, model: torch.nn.Module, source: str, revision: str | None,
+                 autocast_dtype: torch.dtype | None = None):
         self.model = model.requires_grad_(False).eval()
-        self.source, self.revision, self.autocast_bf16 = source, revision, autocast_bf16
+        self.source, self.revision, self.autocast_dtype = source, revision, autocast_dtype
 
     @property
     def vocab_size(self) -> int:
@@ -60,7 +71,9 @@ class FrozenTokenizer:
         if getattr(self.model.config, "reference_fp16", False):
             return "reference_fp16"
         on_cuda = next(self.model.parameters()).device.type == "cuda"
-        return "bf16 autocast" if self.autocast_bf16 and on_cuda else str(next(self.model.parameters()).dtype)
+        if self.autocast_dtype is not None and on_cuda:
+            return f"{AUTOCAST_NAMES[self.autocast_dtype]} autocast"
+        return str(next(self.model.parameters()).dtype)
 
     def to(self, device) -> FrozenTokenizer:
         self.model.to(device)
@@ -69,10 +82,37 @@ class FrozenTokenizer:
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] pixels in [0, 1] (the tokenizer applies its own pixel map) -> token ids [B, N] long."""
-        bf16 = self.autocast_bf16 and pixels.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        enabled = self.autocast_dtype is not None and pixels.device.type == "cuda"
+        with torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
             ids = self.model.get_codebook_indices(pixels)  # [B, rows, cols]
         return ids.flatten(1).long()  # [B, N], row-major as the model's patches
+
+    @torch.no_grad()
+    def fp32_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The same tokens computed in float32 throughout (no autocast, no fp16 convolutions) [B, N]."""
+        with fp32_convolutions(self.model):
+            return self.model.get_codebook_indices(pixels).flatten(1).long()
+
+    def token_agreement(self, pixels: torch.Tensor) -> float:
+        """Fraction of the tokens of pixels [B, C, h, w] that equal their fp32 value: what the precision
+        in force changes in the targets (1.0 in fp32)."""
+        return float((self(pixels) == self.fp32_tokens(pixels)).float().mean())
+
+
+AUTOCAST_NAMES = {dtype: name for name, dtype in AUTOCAST_DTYPES.items()}
+
+
+@contextlib.contextmanager
+def fp32_convolutions(model: torch.nn.Module):
+    """The dVAE's reference fp16 convolutions switched to fp32 for the duration (other models unchanged)."""
+    halves = [module for module in model.modules() if getattr(module, "half_precision", False)]
+    for module in halves:
+        module.half_precision = False
+    try:
+        yield model
+    finally:
+        for module in halves:
+            module.half_precision = True
 
 
 def read_tokenizer_config(source: str, revision: str | None, hub_kwargs: dict):
@@ -92,17 +132,37 @@ def read_tokenizer_config(source: str, revision: str | None, hub_kwargs: dict):
                                 "outputs/tokenizer-vqkd) or a Hub id.") from error
 
 
+def resolve_precision(precision: str, config) -> tuple[str, str]:
+    """(precision in force, why) for `--tokenizer_precision` and the tokenizer's config. "reference"
+    computes the targets as the papers did: the DALL-E dVAE with the fp16 convolutions its converted
+    config asks for (reference_fp16; a dVAE trained here says false: fp32), BEiT v2's VQ-KD under fp16
+    autocast (beit2 runs `get_codebook_indices` in `torch.cuda.amp.autocast()`), any other in fp32."""
+    if precision not in TOKENIZER_PRECISIONS:
+        raise ValueError(f"--tokenizer_precision {precision!r}: choose one of {', '.join(TOKENIZER_PRECISIONS)}.")
+    if precision != "reference":
+        return precision, "--tokenizer_precision"
+    if config.model_type == DvaeConfig.model_type:
+        if getattr(config, "reference_fp16", False):
+            return "reference_fp16", "the reference: the DALL-E dVAE's fp16 convolutions, as its config says"
+        return "fp32", "the reference: this dVAE's config asks for fp32 convolutions (reference_fp16=false)"
+    if config.model_type == VqkdConfig.model_type:
+        return "fp16", "the reference: beit2 computes VQ-KD targets under fp16 autocast (CUDA only)"
+    return "fp32", f"the reference: no reduced precision is known for {config.model_type!r} targets"
+
+
 def load_frozen_tokenizer(source: str, revision: str | None, precision: str, hub_kwargs: dict) -> FrozenTokenizer:
-    """`AutoModel.from_pretrained(source)`, checked to be an image tokenizer and frozen."""
+    """`AutoModel.from_pretrained(source)`, checked to be an image tokenizer and frozen, with the
+    precision `resolve_precision` decides (logged)."""
     config = read_tokenizer_config(source, revision, hub_kwargs)
     is_dvae = config.model_type == DvaeConfig.model_type
     if precision == "reference_fp16" and not is_dvae:
         raise ValueError(
             f"--tokenizer_precision reference_fp16 is the DALL-E dVAE's fp16 mode, but {source} is a "
-            f"{config.model_type!r} tokenizer. Use bf16 (autocast on CUDA) or fp32."
+            f"{config.model_type!r} tokenizer. Use reference, fp16 or bf16 (autocast on CUDA) or fp32."
         )
+    precision, why = resolve_precision(precision, config)
     if is_dvae:
-        # The saved flag would run fp16 convolutions under our bf16 autocast: the precision option decides.
+        # The saved flag would run fp16 convolutions under an autocast: the resolved precision decides.
         config.reference_fp16 = precision == "reference_fp16"
     # fp32 weights whatever the saved dtype: bf16 comes from autocast, fp16 from the dVAE's own mode.
     model = AutoModel.from_pretrained(source, config=config, revision=revision, dtype=torch.float32, **hub_kwargs)
@@ -115,7 +175,8 @@ def load_frozen_tokenizer(source: str, revision: str | None, precision: str, hub
     # A Hub tokenizer is recorded at the commit actually loaded; a local folder has no revision.
     commit = getattr(model.config, "_commit_hash", None)
     recorded = (commit or revision or "main") if hub_id(source) else None
-    return FrozenTokenizer(model, source, recorded, autocast_bf16=precision == "bf16")
+    logger.info("Tokenizer targets computed in %s (%s).", precision, why)
+    return FrozenTokenizer(model, source, recorded, autocast_dtype=AUTOCAST_DTYPES.get(precision))
 
 
 def tokenizer_input_size(tokenizer: FrozenTokenizer, patch_grid: tuple[int, int]) -> tuple[int, int]:
@@ -180,7 +241,7 @@ class TwoViewCrop:
 class TargetHealth:
     """Code usage of the targets of the first `batches` training micro-batches (summed over processes):
     refuses degenerate targets (one code for >= 90% of the patches) unless `allow_degenerate`, warns when
-    one code covers half of them."""
+    one code covers half of them, and when fewer than half the codes the tokens could use are used."""
 
     def __init__(self, vocab_size: int, source: str, batches: int = TARGET_CHECK_BATCHES,
                  allow_degenerate: bool = False):
@@ -203,9 +264,10 @@ class TargetHealth:
         """counts [V]: how often each code is a target."""
         tokens = float(counts.sum())
         used, majority = int((counts > 0).sum()), float(counts.max()) / max(tokens, 1.0)
-        self.report = {"target_codes_used": used, "target_majority_share": majority}
-        logger.info("Targets of the first %d batches: %d of %d codes used, the most frequent on %.1f%% of the "
-                    "patches.", self.seen, used, self.vocab_size, 100 * majority)
+        perplexity = float(usage_and_perplexity(counts)[1])
+        self.report = {"target_codes_used": used, "target_majority_share": majority, "target_perplexity": perplexity}
+        logger.info("Targets of the first %d batches: %d of %d codes used (perplexity %.1f), the most frequent on "
+                    "%.1f%% of the patches.", self.seen, used, self.vocab_size, perplexity, 100 * majority)
         usage = (f"on the first {self.seen} training batches it used {used} of its {self.vocab_size} codes, and one "
                  f"code is the target of {majority:.0%} of the patches, so predicting it alone scores that accuracy")
         if majority >= DEGENERATE_MAJORITY_SHARE and not self.allow_degenerate:
@@ -218,8 +280,23 @@ class TargetHealth:
         if majority >= SUSPICIOUS_MAJORITY_SHARE:
             warnings.warn(f"The tokenizer {self.source} gives skewed targets: {usage}; read masked_accuracy against "
                           "that baseline.", RuntimeWarning, stacklevel=2)
+        self.warn_below_health(used, int(tokens), perplexity)
         return self.report
 
+    def warn_below_health(self, used: int, tokens: int, perplexity: float) -> None:
+        """A tokenizer that spreads its tokens over too few codes (e.g. a dVAE using 7 of 64, perplexity 2.7)
+        gives targets that carry little information, even when no single code dominates."""
+        possible = min(self.vocab_size, tokens)
+        if used >= HEALTHY_USAGE_SHARE * possible:
+            return
+        warnings.warn(
+            f"The tokenizer {self.source} gives below-health targets: its {tokens} tokens on the first {self.seen} "
+            f"training batches used {used} of its {self.vocab_size} codes (fewer than {HEALTHY_USAGE_SHARE:.0%} of "
+            f"the {possible} they could use; perplexity {perplexity:.1f}), so the model learns to tell few kinds of "
+            "patches apart. Retrain the tokenizer (train_tokenizer.py warns about the same collapse and logs "
+            "codebook_usage and perplexity) or use a healthier one; pre-training goes on.",
+            RuntimeWarning, stacklevel=3)
 
-__all__ = ["FrozenTokenizer", "TargetHealth", "TwoViewCrop", "load_frozen_tokenizer", "tokenizer_input_size",
-           "unit_float"]
+
+__all__ = ["FrozenTokenizer", "TargetHealth", "TwoViewCrop", "fp32_convolutions", "load_frozen_tokenizer",
+           "resolve_precision", "tokenizer_input_size", "unit_float"]
