@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image, ImageOps
 
 from hf_mim.finetuning.run import main as finetune
 
@@ -29,18 +28,6 @@ CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 # The paper's recipe that the data-size rule replaces, spelled out as a user would (explicit values win).
 PAPER_RECIPE = ["--layer_decay", "0.75", "--drop_path", "0.1", "--blr", "1e-3", "--aa", "rand-m9-mstd0.5-inc1",
                 "--reprob", "0.25"]
-
-
-def posterize_zero_bits_as_black() -> None:
-    """timm's RandAugment asks posterize for 0 bits, which Pillow 13 refuses (issue 16, deliverable 1, fixed
-    on another branch); the older Pillow the papers ran turned it into a black image. Restored here, in this
-    process (the runs load data with 0 workers), so that both recipes run; the same images in both arms."""
-    original = ImageOps.posterize
-
-    def posterize(image, bits):
-        return Image.new(image.mode, image.size) if bits == 0 else original(image, bits)
-
-    ImageOps.posterize = posterize
 
 
 def run(recipe: list[str], seed: int, args, output_dir: Path) -> dict:
@@ -63,7 +50,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
-    posterize_zero_bits_as_black()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for seed in (int(s) for s in args.seeds.split(",")):
