@@ -21,7 +21,7 @@ from transformers.trainer_utils import IntervalStrategy, set_seed
 
 from ..data import DIGITS_SOURCE, ImageDatasets, ImageExamples, load_image_datasets
 from ..files import apply_umask
-from ..launch import check_one_run_per_launch
+from ..launch import check_one_run_per_launch, warn_if_bf16_is_emulated
 from ..metrics import load_top_k_accuracy
 from ..preemption import Preempted, PreemptionGuard, resume_hint
 from ..pretraining.checkpoints import latest_checkpoint, resolve_resume_path
@@ -256,6 +256,7 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, finetun
     setup_logging(training_args)
     limit_cpu_threads(training_args)
     check_one_run_per_launch(training_args.world_size)  # --use_cpu (the default without a GPU) joins a gloo group
+    warn_if_bf16_is_emulated("bf16" if training_args.bf16 else None, training_args.device)
     set_seed(training_args.seed)
     data = load_data(data_args, model_args, training_args)
     check_training_args(training_args, data, finetuning_args)

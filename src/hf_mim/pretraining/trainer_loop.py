@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..data import (
     EpochSampler, FixedSampler, ImageDatasets, ImageExamples, StreamingImageExamples, derive_seed, load_image_datasets,
 )
-from ..launch import check_one_run_per_launch, cpu_process_group_needed
+from ..launch import check_one_run_per_launch, cpu_process_group_needed, warn_if_bf16_is_emulated
 from ..preemption import Preempted, PreemptionGuard, resume_hint
 from .arguments import resolve_mixed_precision
 from ..fast_data import FastImageExamples, fast_training_examples
@@ -103,6 +103,7 @@ def build_accelerator(args) -> Accelerator:
         dynamo_plugin=dynamo,
     )
     check_one_run_per_launch(accelerator.num_processes)
+    warn_if_bf16_is_emulated(accelerator.mixed_precision, accelerator.device)  # e.g. a shipped GPU config on a CPU
     return accelerator
 
 
