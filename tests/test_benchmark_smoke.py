@@ -167,11 +167,17 @@ def test_gpu_check_report_needs_only_the_standard_library(tmp_path):
     row = {"pair": "mae", "mode": "eager", "side": "ours", "images_per_s": 900.0, "peak_memory_gb": 20.0}
     (tmp_path / "throughput_eager_mae.json").write_text(json.dumps({"environment": {"date": "2026-12-07"},
                                                                      "results": [row]}))
+    host_row = {"method": "mae", "reference_img_s": 100.0, "fast_host_img_s": 300.0, "host_speedup": 3.0,
+                "fast_device_img_s": 5000.0, "device_decoding_host_img_s": 900.0, "device_decoding_host_speedup": 9.0}
+    (tmp_path / "parts.tsv").write_text((tmp_path / "parts.tsv").read_text() + "data_host\t40\tout of time\t124\t40\n")
+    (tmp_path / "data_host.json").write_text(json.dumps({"environment": {"device": "cuda"}, "host": [host_row]}))
     done = subprocess.run([sys.executable, "-I", "-S", str(BENCHMARKS / "gpu_check_report.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["missing"] == {"throughput_eager_mae": "out of time", "throughput_compiled_beit": "skipped: budget"}
+    assert report["missing"] == {"throughput_eager_mae": "out of time", "throughput_compiled_beit": "skipped: budget",
+                                 "data_host": "out of time"}
+    assert report["data_pipeline"]["host"] == [host_row]  # a partial host section: its first method's row
     assert report["throughput"] == [row]  # the rows saved before the limit
     assert "| mae | eager | 900 |" in (tmp_path / "gpu_check.md").read_text()
 
