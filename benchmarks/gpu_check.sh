@@ -36,7 +36,11 @@ if [ "${REHEARSE:-0}" = 1 ]; then  # a fresh venv of the image's packages, its o
   bash benchmarks/gpu_check_rehearsal_venv.sh "$VENV" || { echo "gpu_check: the rehearsal venv failed"; exit 1; }
   PYTHON=$VENV/bin/python WHEELS=$VENV/wheels SMOKE=1
 fi
-export PYTHONPATH="$PWD/src"  # the image's site-packages and the carried wheels, nothing else of this machine
+if [ "${REHEARSE:-0}" = 1 ]; then
+  export PYTHONPATH="$PWD/src"  # the venv's packages and the carried wheels, nothing else of this machine
+else
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 if [ "${SMOKE:-0}" = 1 ]; then
   REQUIRE_CUDA=()

@@ -25,7 +25,7 @@ for entry in "$TORCH_SITE"/{torch,torchgen,functorch,torchvision,torchvision.lib
 done
 echo "$VENV/torch" > "$SITE/device_image_torch.pth"
 # After the link: pip finds torch (and the NVIDIA libraries) installed and fetches no other build of them.
-"$VENV/bin/python" -m pip install -q -r benchmarks/gpu_check_image.txt
+"$VENV/bin/python" -m pip install -q --no-compile -r benchmarks/gpu_check_image.txt
 bash benchmarks/gpu_check_wheels.sh "$VENV/wheels" "$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 "$VENV/bin/python" -c "import torch, torchvision.io, transformers; print('rehearsal venv: torch', torch.__version__,
 'transformers', transformers.__version__)"
