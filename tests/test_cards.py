@@ -108,7 +108,7 @@ def test_segmentation_card_describes_the_backbone_and_reports_mean_iou():
     text = str(card)
     assert "| `hidden_size` | `32` |" in text and "(2 classes), UperNet" in text  # the backbone's width
     assert 'AutoModelForSemanticSegmentation.from_pretrained("test-user/seg")' in text
-    assert "trust_remote_code" not in text and "`import hf_mim` registers" in text
+    assert "trust_remote_code" not in text and "`import hf_mim`\nregisters the backbone type" in text
 
 
 def test_local_dataset_and_base_model_stay_out_of_hub_metadata(tmp_path):
@@ -160,3 +160,39 @@ def test_templates_ship_as_package_data():
     assert {f"card_templates/methods/{m}.md" for m in METHODS} <= set(templates)
     unshipped = [t for t in templates if not any(fnmatch.fnmatch(t, pattern) for pattern in patterns)]
     assert not unshipped
+
+
+def test_recipe_values_read_as_a_user_wrote_them(tmp_path):
+    import json
+
+    import torch
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    recipe = {"optimizer": OptimizerNames.ADAMW_TORCH_FUSED, "lr_scheduler_type": SchedulerType.COSINE,
+              "tokenizer_dtype": torch.float16}
+    text = str(card_for("mae", recipe=recipe))
+    assert "| `optimizer` | `adamw_torch_fused` |" in text and "| `lr_scheduler_type` | `cosine` |" in text
+    assert "| `tokenizer_dtype` | `float16` |" in text
+    assert "OptimizerNames" not in text and "torch.float16" not in text
+    write_model_card(tmp_path, **{**dict(method="mae", model_type="hf_mim_mae", results={}, dataset=None,
+                                         base_model=None, tokenizer=None, tokenizer_revision=None,
+                                         task="pretraining"), "recipe": recipe})
+    assert saved_card_inputs(tmp_path)["recipe"]["optimizer"] == "adamw_torch_fused"
+    assert "OptimizerNames" not in json.dumps(saved_card_inputs(tmp_path))
+
+
+def test_a_segmenter_card_describes_the_segmenter_not_the_pre_training():
+    backbone = {**TINY_CONFIG, "decoder_hidden_size": 16, "decoder_num_hidden_layers": 1, "mask_ratio": 0.75,
+                "norm_pix_loss": True}
+    config = {"model_type": "upernet", "architectures": ["MimUperNetForSemanticSegmentation"],
+              "backbone_config": backbone, "id2label": {"0": "background", "1": "ink"},
+              "auto_map": {"AutoConfig": "modeling_segmenter.MimUperNetConfig",
+                           "AutoModelForSemanticSegmentation": "modeling_segmenter.MimUperNetForSemanticSegmentation"}}
+    text = str(card_for("mae", model_type="upernet", task="semantic-segmentation", config=config))
+    for pretraining_field in ("decoder_hidden_size", "mask_ratio", "norm_pix_loss"):
+        assert f"| `{pretraining_field}` |" not in text  # no row in the Model table
+    assert "reconstructs pixels" not in text  # MAE's pre-training limitation is not the segmenter's
+    assert "import hf_mim  # registers hf_mim_mae with the Auto classes" in text  # not "registers upernet"
+    assert 'AutoModelForSemanticSegmentation.from_pretrained("<namespace>/upernet-mae", trust_remote_code=True)' in text
+    assert "semantic segmentation (2 classes), UperNet" in text

@@ -34,6 +34,9 @@ MODELS = {
     "beit-cls-abs-classifier": lambda: BEiTForImageClassification(BEiTConfig(
         **TINY, num_labels=4, use_mean_pooling=False, use_absolute_position_embeddings=True,
         use_shared_relative_position_bias=False, layer_scale_init_value=0.0)),
+    "mae-cls-pretraining": lambda: MaeForPreTraining(MaeConfig(**TINY, **MAE_DECODER, use_mean_pooling=False)),
+    "beit-cls-pretraining": lambda: hf_mim.BEiTForMaskedImageModeling(BEiTConfig(**TINY, vocab_size=10,
+                                                                                  use_mean_pooling=False)),
     "vit_mpp-pretraining": lambda: VitMppForPreTraining(VitMppConfig(**TINY)),
     "vit_mpp-cls-classifier": lambda: VitMppForImageClassification(VitMppConfig(**TINY, num_labels=3,
                                                                                 use_mean_pooling=False)),
@@ -140,6 +143,35 @@ def test_heads_transformers_lacks_are_an_error_and_the_encoder_exports(name, fix
     with torch.no_grad():
         torch.testing.assert_close(exported(PIXELS).last_hidden_state, model.base_model(PIXELS).last_hidden_state,
                                    rtol=1e-5, atol=1e-5)
+
+
+ENCODER_EXPORTS = {"mae-pretraining": "ViTModel", "mae-cls-pretraining": "ViTModel", "beit-pretraining": "BeitModel",
+                   "beit-cls-pretraining": "BeitModel", "beitv2-pretraining": "BeitModel",
+                   "vit_mpp-pretraining": "ViTModel"}
+
+
+@pytest.mark.parametrize("name", sorted(ENCODER_EXPORTS))
+def test_encoder_only_exports_compute_hf_mims_automodel_output_deterministically(name, saved, tmp_path, caplog):
+    """Every token in order (an MAE encoder is never masked), pooler_output equal where hf_mim pools the CLS
+    token; with hf_mim's default patch-mean pooling the export says how to get it, and that line is right."""
+    folder, _ = saved[name]
+    with caplog.at_level("WARNING"):
+        assert export_main(["transformers", str(folder), str(tmp_path), "--encoder_only"]) == 0
+    exported = AutoModel.from_pretrained(tmp_path).eval()
+    ours = AutoModel.from_pretrained(folder).eval()  # what a user of the hf_mim checkpoint gets
+    assert type(exported).__name__ == ENCODER_EXPORTS[name]
+    with torch.no_grad():
+        expected, first, second = ours(PIXELS), exported(PIXELS), exported(PIXELS)
+    assert first.last_hidden_state.shape == expected.last_hidden_state.shape == (2, 17, 32)
+    torch.testing.assert_close(first.last_hidden_state, second.last_hidden_state, rtol=0, atol=0)
+    torch.testing.assert_close(first.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
+    if ours.config.use_mean_pooling:
+        assert "last_hidden_state[:, 1:].mean(1)" in caplog.text
+        pooled = first.last_hidden_state[:, 1:].mean(1)
+    else:
+        assert "pooler_output" not in caplog.text
+        pooled = first.pooler_output
+    torch.testing.assert_close(pooled, expected.pooler_output, rtol=1e-5, atol=1e-5)
 
 
 def test_a_mean_pooling_vit_classifier_points_to_timm(saved, tmp_path, capsys):

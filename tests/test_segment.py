@@ -213,3 +213,71 @@ def test_a_pretrained_backbone_beats_a_random_one(tiny_backbone_config, tmp_path
     pretrained = main(segment + ["--model_name_or_path", str(tmp_path / "mae"), "--output_dir", str(tmp_path / "a")])
     scratch = main(segment + ["--config_name", str(tiny_backbone_config), "--output_dir", str(tmp_path / "b")])
     assert pretrained["eval_mean_iou"] > scratch["eval_mean_iou"] + 0.02
+
+
+LOAD_SEGMENTER_WITHOUT_HF_MIM = """
+import sys
+sys.modules["hf_mim"] = None  # any `import hf_mim` now raises ImportError
+import torch
+from transformers import AutoConfig, AutoModelForSemanticSegmentation
+
+folder, pixels_path, out_path = sys.argv[1:]
+pixels = torch.load(pixels_path)
+model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(pixels).logits
+# what transformers' run_semantic_segmentation.py does with a model: its config with new labels, then a
+# training step of the Trainer's kind (loss from `labels`)
+id2label = {0: "sky", 1: "road", 2: "car"}
+config = AutoConfig.from_pretrained(folder, id2label=id2label, label2id={v: k for k, v in id2label.items()},
+                                    trust_remote_code=True)
+relabelled = AutoModelForSemanticSegmentation.from_pretrained(folder, config=config, trust_remote_code=True,
+                                                              ignore_mismatched_sizes=True)
+loss = relabelled(pixels, labels=torch.randint(0, 3, (2, 32, 32))).loss
+loss.backward()
+torch.save({"logits": logits, "relabelled_classes": relabelled.config.num_labels, "loss": loss.item(), "class": type(model).__module__ + "." + type(model).__name__,
+            "backbone": type(model.backbone).__module__,
+            "hf_mim_imported": any(name.startswith("hf_mim.") for name in sys.modules)}, out_path)
+"""
+
+
+@pytest.mark.parametrize("family", ["mae", "beit"])
+def test_a_saved_segmenter_loads_without_hf_mim(family, tmp_path):
+    """AutoModelForSemanticSegmentation(trust_remote_code=True) where hf_mim cannot be imported: transformers'
+    UperNetConfig alone fails on the backbone's model type (KeyError 'hf_mim_mae')."""
+    import os
+    import subprocess
+    import sys
+
+    from model_testing import randomize
+
+    from hf_mim import BEiTConfig
+    from hf_mim.segmentation.run import build_segmenter, parse_segmentation_args
+
+    config = MaeConfig(**TINY_BACKBONE) if family == "mae" else BEiTConfig(**TINY_BACKBONE, vocab_size=16)
+    config.save_pretrained(tmp_path / "config")
+    args, _ = parse_segmentation_args(QUICK + ["--config_name", str(tmp_path / "config"),
+                                               "--output_dir", str(tmp_path / "unused")])
+    model = randomize(build_segmenter(args, {0: "background", 1: "ink"}, ignore_index=255), seed=3).eval()
+    model.save_pretrained(tmp_path / "segmenter")
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.save(pixels, tmp_path / "pixels.pt")
+    (tmp_path / "elsewhere").mkdir()
+    script = tmp_path / "elsewhere" / "load.py"
+    script.write_text(LOAD_SEGMENTER_WITHOUT_HF_MIM)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "segmenter"), str(tmp_path / "pixels.pt"),
+                             str(tmp_path / "out.pt")], cwd=script.parent, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    remote = torch.load(tmp_path / "out.pt")
+    assert not remote["hf_mim_imported"]
+    assert remote["relabelled_classes"] == 3 and 0 < remote["loss"] < float("inf")
+    assert remote["class"].startswith("transformers_modules.") and remote["backbone"].startswith("transformers_modules.")
+    with torch.no_grad():
+        torch.testing.assert_close(remote["logits"], model(pixels).logits, atol=1e-6, rtol=0)
+    # with hf_mim installed, transformers' own UperNet class still loads the folder
+    reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "segmenter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels).logits, model(pixels).logits, atol=1e-6, rtol=0)

@@ -22,6 +22,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Set
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,6 +98,9 @@ ARCHITECTURE_FIELDS = (
     "intermediate_size", "decoder_hidden_size", "decoder_num_hidden_layers", "mask_ratio", "norm_pix_loss",
     "vocab_size", "codebook_size", "codebook_dim", "num_labels",
 )
+# What only the pre-training head used: not part of a fine-tuned classifier or segmenter.
+PRETRAINING_ONLY_FIELDS = ("decoder_hidden_size", "decoder_num_hidden_layers", "mask_ratio", "norm_pix_loss",
+                           "vocab_size")
 # Below this width or depth a model is a demonstration of the pipeline, and the card says so.
 DEMO_MIN_HIDDEN_SIZE, DEMO_MIN_LAYERS = 192, 6
 FRAMEWORKS = ("hf_mim", "transformers", "torch", "huggingface_hub", "safetensors", "datasets", "accelerate")
@@ -132,6 +136,7 @@ def framework_versions() -> list[tuple[str, str]]:
 
 def format_value(value: Any) -> str:
     """A recipe / result value as one Markdown table cell."""
+    value = plain_value(value)
     if isinstance(value, float):
         text = f"{value:.6g}"
     elif isinstance(value, (dict, list, tuple)):
@@ -218,7 +223,8 @@ def check_arguments(method, task, tokenizer, tokenizer_revision, results, datase
         raise ValueError("results were given without the dataset they were measured on: pass dataset=...")
 
 
-def limitations(method: str, config: dict, results: dict, dataset: str | None, demo: bool | None) -> list[str]:
+def limitations(method: str, task: str, config: dict, results: dict, dataset: str | None,
+                demo: bool | None) -> list[str]:
     items = []
     if demo or (demo is None and is_demo_model(config)):
         items.append(
@@ -226,12 +232,81 @@ def limitations(method: str, config: dict, results: dict, dataset: str | None, d
             f"{config.get('num_hidden_layers', '?')} layers): it shows that the pipeline works and is not "
             "meant for real use."
         )
-    items += method_text(method)[1]
+    if task == "pretraining":  # the method's bullets are about its pre-training objective and outputs
+        items += method_text(method)[1]
     if not results:
         items.append("- No evaluation was run: nothing is known about this checkpoint's accuracy.")
     if dataset:
         items.append(f"- The model reflects its training data (`{dataset}`) and that data set's licence and biases.")
     return items
+
+
+def plain_value(value: Any) -> Any:
+    """What a reader should see of a recipe value: an enum's value (`adamw_torch_fused`, not
+    `OptimizerNames.ADAMW_TORCH_FUSED`), a dtype's name (`float32`, not `torch.float32`)."""
+    if isinstance(value, Enum):
+        return value.value
+    if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+        return str(value).removeprefix("torch.")
+    return value
+
+
+def card_metadata(config: dict, task: str, method: str, kind: str, model_name: str, license: str,
+                  dataset: str | None, dataset_config: str | None, eval_split: str, base_model: str | None,
+                  results: dict, extra_tags: list[str] | None) -> ModelCardData:
+    """The Hub's YAML block. Its convention for models loaded with transformers' Auto classes, also through
+    remote code: library_name transformers (the "Use in Transformers" snippet), `custom_code` when the code
+    ships in the repo (auto_map)."""
+    remote_code = bool(config.get("auto_map"))
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag=PIPELINE_TAGS[task],
+        tags=["hf_mim", "masked-image-modeling", method, *(["custom_code"] if remote_code else []),
+              *(["image-tokenizer"] if kind == "tokenizer" else []), *(extra_tags or [])],
+        license=license,
+        datasets=[hub_id(dataset)] if hub_id(dataset) else None,  # local data sets have no Hub id
+        base_model=hub_id(base_model),
+        model_name=model_name,
+        eval_results=[
+            EvalResult(
+                task_type=PIPELINE_TAGS[task], task_name=TASK_NAMES[task],
+                dataset_type=hub_id(dataset) or dataset, dataset_name=dataset, dataset_config=dataset_config,
+                dataset_split=eval_split, metric_type=HUB_METRIC_TYPES.get(metric, metric), metric_name=metric,
+                metric_value=value,
+            )
+            for metric, value in results.items()
+        ] or None,
+    )
+
+
+def task_text(task: str, kind: str, name: str, config: dict, from_scratch: bool) -> tuple[str, str]:
+    """(the Task row of the model table, the one-paragraph summary under the title)."""
+    if task == "semantic-segmentation":
+        classes = config.get("num_labels") or "unknown number of"
+        if from_scratch:
+            return (f"semantic segmentation ({classes} classes), UperNet",
+                    f"A UperNet semantic segmenter on a ViT backbone ({name} architecture) trained from scratch.")
+        return (f"semantic segmentation ({classes} classes), UperNet",
+                f"A UperNet semantic segmenter on a ViT backbone fine-tuned with hf_mim, from a {name}-pre-trained "
+                "encoder.")
+    if task == "image-classification":
+        description = f"image classification ({config.get('num_labels', 'unknown number of')} classes)"
+        if from_scratch:  # no pre-trained weights: say so rather than name a pre-training
+            return description, f"A ViT ({name} architecture) trained from scratch for image classification with hf_mim."
+        return description, f"A ViT fine-tuned for image classification with hf_mim, from a {name}-pre-trained encoder."
+    if kind == "tokenizer":
+        return ("image tokenizer (discrete visual tokens)",
+                f"A {name} trained with hf_mim: it turns images into discrete visual tokens.")
+    return ("self-supervised pre-training (feature extraction)",
+            f"A ViT encoder pre-trained with {name} (masked image modeling) using hf_mim.")
+
+
+def architecture_rows(config: dict, task: str) -> list[tuple[str, str]]:
+    """The Model table's config fields; a fine-tuned model leaves out what only its pre-training used."""
+    shown = [key for key in ARCHITECTURE_FIELDS if key in config]
+    if task != "pretraining":
+        shown = [key for key in shown if key not in PRETRAINING_ONLY_FIELDS]
+    return [(key, format_value(config[key])) for key in shown]
 
 
 def make_model_card(
@@ -263,12 +338,10 @@ def make_model_card(
     `from_scratch`: a classifier trained from random weights (no pre-training to name)."""
     check_arguments(method, task, tokenizer, tokenizer_revision, results, dataset)
     config = config_dict(config)
-    remote_code = bool(config.get("auto_map"))  # the repository carries the model code (trust_remote_code)
     auto_class = auto_class_for(config, task)
     if task == "image-classification":
         config = with_num_labels(config)
-    if model_type is None:
-        model_type = config.get("model_type")
+    model_type = model_type or config.get("model_type")
     if not model_type:
         raise ValueError("model_type is unknown: pass model_type=... or config=...")
     if config.get("model_type") not in (None, model_type):
@@ -277,62 +350,23 @@ def make_model_card(
     name, kind = METHODS[method]
     repo_id = repo_id or f"<namespace>/{model_type}-{method}"
     model_name = repo_id.rsplit("/", 1)[-1]
-
-    # The Hub's convention for models loaded with transformers' Auto classes, also through remote code:
-    # library_name transformers (the "Use in Transformers" snippet), and `custom_code` when the code ships in the repo.
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag=PIPELINE_TAGS[task],
-        tags=["hf_mim", "masked-image-modeling", method, *(["custom_code"] if remote_code else []),
-              *(["image-tokenizer"] if kind == "tokenizer" else []), *(extra_tags or [])],
-        license=license,
-        datasets=[hub_id(dataset)] if hub_id(dataset) else None,  # local data sets have no Hub id
-        base_model=hub_id(base_model),
-        model_name=model_name,
-        eval_results=[
-            EvalResult(
-                task_type=PIPELINE_TAGS[task], task_name=TASK_NAMES[task],
-                dataset_type=hub_id(dataset) or dataset, dataset_name=dataset, dataset_config=dataset_config,
-                dataset_split=eval_split, metric_type=HUB_METRIC_TYPES.get(metric, metric), metric_name=metric,
-                metric_value=value,
-            )
-            for metric, value in results.items()
-        ] or None,
-    )
-    config = architecture_config(config, task)
-    if task == "semantic-segmentation":
-        task_description = f"semantic segmentation ({config.get('num_labels') or 'unknown number of'} classes), UperNet"
-        summary = (f"A UperNet semantic segmenter on a ViT backbone fine-tuned with hf_mim, from a {name}-pre-trained "
-                   "encoder.")
-        if from_scratch:
-            summary = f"A UperNet semantic segmenter on a ViT backbone ({name} architecture) trained from scratch."
-    elif task == "image-classification":
-        task_description = f"image classification ({config.get('num_labels', 'unknown number of')} classes)"
-        summary = f"A ViT fine-tuned for image classification with hf_mim, from a {name}-pre-trained encoder."
-        if from_scratch:  # no pre-trained weights: say so rather than name a pre-training
-            summary = f"A ViT ({name} architecture) trained from scratch for image classification with hf_mim."
-    elif kind == "tokenizer":
-        task_description = "image tokenizer (discrete visual tokens)"
-        summary = f"A {name} trained with hf_mim: it turns images into discrete visual tokens."
-    else:
-        task_description = "self-supervised pre-training (feature extraction)"
-        summary = f"A ViT encoder pre-trained with {name} (masked image modeling) using hf_mim."
-    if base_model:
-        summary += f" Initialised from `{base_model}`."
-    if dataset:
-        summary += f" Trained on `{dataset}`."
-
-    description, _ = method_text(method)
+    card_data = card_metadata(config, task, method, kind, model_name, license, dataset, dataset_config, eval_split,
+                              base_model, results, extra_tags)
+    network = architecture_config(config, task)  # a segmenter's backbone
+    task_description, summary = task_text(task, kind, name, network, from_scratch)
+    summary += f" Initialised from `{base_model}`." if base_model else ""
+    summary += f" Trained on `{dataset}`." if dataset else ""
     return ModelCard.from_template(
         card_data,
         template_str=template_text("model_card.md"),
         title=model_name,
         summary=summary,
-        method_description=description,
+        method_description=method_text(method)[0],
         model_type=model_type,
-        architecture=(config.get("architectures") or [None])[0],
+        registered_type=network.get("model_type") or model_type,  # what `import hf_mim` registers
+        architecture=(network.get("architectures") or [None])[0],
         task_description=task_description,
-        architecture_rows=[(key, format_value(config[key])) for key in ARCHITECTURE_FIELDS if key in config],
+        architecture_rows=architecture_rows(network, task),
         base_model=base_model,
         base_model_link=f"https://huggingface.co/{base_model}" if hub_id(base_model) else None,
         tokenizer=tokenizer,
@@ -343,14 +377,13 @@ def make_model_card(
         result_rows=[(metric, format_value(value)) for metric, value in results.items()],
         results_where=f"the `{eval_split}` split of `{dataset}`",
         auto_class=auto_class,
-        remote_code=task != "semantic-segmentation",  # hf_mim checkpoints ship their code; UperNet is transformers'
-
+        remote_code=bool(config.get("auto_map")) or not config,  # hf_mim checkpoints ship their code
         # Features from a pre-training checkpoint; a fine-tuned encoder may lack parts AutoModel expects.
         encoder_class="AutoModel" if task == "pretraining" and "AutoModel" in (config.get("auto_map") or {}) else None,
         repo_id=repo_id,
         revision_argument=f', revision="{revision}"' if revision else "",
         image_processor=image_processor,
-        limitations=limitations(method, config, results, dataset, demo),
+        limitations=limitations(method, task, network, results, dataset, demo),
         framework_versions=framework_versions(),
     )
 
@@ -361,6 +394,8 @@ def write_model_card(output_dir: str | os.PathLike, **card_kwargs) -> Path:
     path = Path(output_dir) / "README.md"
     make_model_card(**card_kwargs).save(path)
     kept = {key: card_kwargs[key] for key in KEPT_CARD_INPUTS if card_kwargs.get(key) is not None}
+    if "recipe" in kept:
+        kept["recipe"] = {key: plain_value(value) for key, value in kept["recipe"].items()}
     (Path(output_dir) / CARD_INPUTS_FILE).write_text(json.dumps(kept, indent=2, default=str) + "\n")
     return path
 

@@ -2,8 +2,9 @@
 into seeded PyTorch examples that survive unreadable images.
 
 Sources (one per run): a Hub data set (`dataset_name`), image folders (`train_dir`/`validation_dir`),
-parquet files (`train_file`/`validation_file`, globs allowed), or, when none is given, the embedded
-handwritten digits of scikit-learn (a dependency), upscaled to 32x32 RGB.
+parquet files or WebDataset tar shards (`train_file`/`validation_file`, globs allowed; tars are read by
+datasets' "webdataset" builder), or, when none is given, the embedded handwritten digits of
+scikit-learn (a dependency), upscaled to 32x32 RGB. Streamed training data: `hf_mim.streaming`.
 
 Images are read with `decode=False` and decoded in :class:`ImageExamples`, so a corrupt image
 surfaces at one place: it is skipped, logged and counted in the batch's `num_skipped`, and the
@@ -31,7 +32,8 @@ from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
-IMAGE_COLUMN_CANDIDATES = ("image", "img")
+# "jpg", "png", "webp": the image of a WebDataset sample, named after its file extension.
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp")
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "test")
 DIGITS_SOURCE = "sklearn-digits"
 DIGITS_IMAGE_SIZE = 32
@@ -92,17 +94,28 @@ def load_digits_dataset(image_size: int = DIGITS_IMAGE_SIZE) -> datasets.Dataset
     return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
 
 
+FILE_BUILDERS = {".parquet": "parquet", ".tar": "webdataset"}
+
+
 def expand_files(pattern: str, argument: str) -> list[str]:
     files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     if not files:
         raise FileNotFoundError(f"{argument} {pattern!r} matches no file. Check the path or the glob pattern.")
-    not_parquet = [f for f in files if not f.endswith(".parquet")]
-    if not_parquet:
+    other = [f for f in files if os.path.splitext(f)[1] not in FILE_BUILDERS]
+    if other:
         raise ValueError(
-            f"{argument} takes parquet files; {not_parquet[:3]} are not. Convert them (for example "
-            f"`datasets.load_dataset(...).to_parquet(...)`), or use --train_dir for folders of images."
+            f"{argument} takes parquet files or WebDataset .tar shards; {other[:3]} are not. Convert them (for "
+            f"example `datasets.load_dataset(...).to_parquet(...)`), or use --train_dir for folders of images."
         )
     return files
+
+
+def file_builder(data_files: dict[str, list[str]]) -> str:
+    """The datasets builder of the files: "parquet" or "webdataset" (tar shards); one kind per run."""
+    kinds = {FILE_BUILDERS[os.path.splitext(f)[1]] for files in data_files.values() for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"--train_file/--validation_file mix {' and '.join(sorted(kinds))} files: use one kind.")
+    return kinds.pop()
 
 
 def check_one_source(dataset_name, train_dir, validation_dir, train_file, validation_file) -> None:
@@ -141,8 +154,9 @@ def load_raw_datasets(
         ):
             if pattern:
                 data_files[split] = expand_files(pattern, argument)
-        source = f"parquet:{train_file or validation_file}"
-        return load_files("parquet", data_files, source, cache_dir=cache_dir, streaming=streaming), source
+        builder = file_builder(data_files)
+        source = f"{builder}:{train_file or validation_file}"
+        return load_files(builder, data_files, source, cache_dir=cache_dir, streaming=streaming), source
     digits = load_digits_dataset()
     raw = datasets.DatasetDict({"train": digits})
     return (raw.to_iterable_dataset() if streaming else raw), DIGITS_SOURCE
@@ -458,9 +472,10 @@ class FixedSampler(torch.utils.data.Sampler):
 
 
 class StreamingImageExamples(torch.utils.data.IterableDataset):
-    """Examples from a streamed data set: shuffled with a buffer (seed + epoch) when `shuffle`, split
-    between data-loader workers by position; an unreadable image is skipped and counted in the next
-    example. Without `shuffle` (evaluation) the order and seeds are the same on every pass."""
+    """Examples from a streamed data set, for evaluation (training streams: `hf_mim.streaming`, which
+    splits the shards between processes and resumes exactly): shuffled with a buffer (seed + epoch) when
+    `shuffle`, split between data-loader workers by position; an unreadable image is skipped and counted
+    in the next example. Without `shuffle` the order and seeds are the same on every pass."""
 
     def __init__(self, dataset: datasets.IterableDataset, image_column: str, transform: ExampleTransform,
                  seed: int, shuffle: bool = True, image_mode: str = "RGB", label_column: str | None = None,

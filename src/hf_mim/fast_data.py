@@ -47,7 +47,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
-from .data import ImageExamples, apply_seeded, decode_image, finish_decoding
+from .data import ImageExamples, UnreadableImageLog, apply_seeded, decode_image, finish_decoding
 from .device_decoding import (EncodedBatch, EncodedJpeg, crop_bounds, decodable_on_device, decode_files,
                               device_decoding_problem, pillow_or_error, place_in_canvas, uint8_tensor, upright_crop)
 from .resampling import color_jitter, resize_boxes
@@ -329,6 +329,29 @@ class FastImageExamples(ImageExamples):
                 if self.device_decoding else "images decoded in the data-loader workers")
 
 
+class FastRows:
+    """The fast path's examples for a stream (hf_mim.streaming makes the batches): row -> the HostSampler
+    example, as FastImageExamples.attempt makes it, or None when the image is unreadable (logged). Images
+    are decoded in the data-loader workers: a device decoder's replacement of an unreadable image needs
+    the map-style index that a stream has not."""
+
+    collate = staticmethod(collate)
+    decoding = "images decoded in the data-loader workers (a stream: no device decoding)"
+
+    def __init__(self, spec: FastViews, image_column: str, image_mode: str = "RGB"):
+        self.sampler, self.image_column = HostSampler(spec, image_mode), image_column
+        self.device_views = DeviceViews(spec)
+        self.unreadable = UnreadableImageLog()
+
+    def __call__(self, row: dict, sample_seed: int, where: str) -> dict[str, torch.Tensor] | None:
+        value = row[self.image_column]
+        try:
+            return apply_seeded(self.sampler, open_image(value), sample_seed)
+        except UnreadableImage as error:  # not other errors: a bug must not pass for unreadable images
+            self.unreadable.report(where, value, error.__cause__)
+            return None
+
+
 def file_bytes(value) -> bytes | None:
     """The encoded file of a `datasets.Image(decode=False)` value (its bytes, or a local file's), or None
     (remote files, decoded PIL images: the workers decode those). Raises UnreadableImage."""
@@ -344,9 +367,9 @@ def file_bytes(value) -> bytes | None:
 
 
 def fast_training_examples(args, method, processor, dataset, image_column: str,
-                           device: torch.device) -> FastImageExamples | None:
+                           device: torch.device) -> FastImageExamples | FastRows | None:
     """The training examples of `--data_pipeline fast` (`auto`: off the CPU), or None (logged) for the
-    reference path: when asked, when the method declares no FastViews, or for a streamed data set."""
+    reference path: when asked, or when the method declares no FastViews. A stream gets FastRows."""
     pipeline = args.data_pipeline
     if pipeline == "reference" or (pipeline == "auto" and device.type == "cpu"):
         return None
@@ -354,9 +377,11 @@ def fast_training_examples(args, method, processor, dataset, image_column: str,
     if spec is None:
         logger.info("--method %s declares no fast views: training examples take the reference data path.", method.name)
         return None
-    if isinstance(dataset, datasets.IterableDataset):
-        logger.warning("Streamed data sets take the reference data path (the fast path needs a map-style data set).")
-        return None
+    if isinstance(dataset, datasets.IterableDataset):  # hf_mim.streaming batches these examples
+        if args.jpeg_decoding == "device":
+            logger.warning("--jpeg_decoding device: a streamed data set's JPEGs are decoded in the data-loader "
+                           "workers (replacing an image the device finds unreadable needs a map-style data set).")
+        return FastRows(spec, image_column, image_mode=method.image_mode)
     return FastImageExamples(dataset, image_column, spec, image_mode=method.image_mode,
                              device_decoding=decode_jpegs_on_device(args.jpeg_decoding, device))
 
@@ -450,7 +475,7 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 __all__ = [
-    "DATA_PIPELINES", "DeviceViews", "FastImageExamples", "FastViews", "HostSampler", "PixelView", "UnreadableImage",
-    "collate",
+    "DATA_PIPELINES", "DeviceViews", "FastImageExamples", "FastRows", "FastViews", "HostSampler", "PixelView",
+    "UnreadableImage", "collate",
     "decode_reduced", "fast_training_examples", "open_image",
 ]

@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("src", help="hf_mim checkpoint folder (save_pretrained) or Hub id")
     parser.add_argument("out", help="output folder")
     parser.add_argument("--encoder_only", action="store_true",
-                        help="transformers: export the encoder alone (ViTMAEModel / BeitModel / ViTModel)")
+                        help="transformers: export the encoder alone (ViTModel / BeitModel): every token, computed as "
+                             "hf_mim computes it (an MAE encoder is never masked)")
     return parser
 
 

@@ -8,7 +8,12 @@ fused `qkv` is split into transformers' query / key / value.
 What transformers cannot represent, and the error says so: BEiT v2's CLS pre-training head, ViT-MPP's
 colour head (transformers' `ViTForMaskedImageModeling` is SimMIM), and a mean-pooling ViT classifier
 (transformers' `ViTForImageClassification` reads the CLS token). `encoder_only=True` exports the
-encoder of any of them (`ViTMAEModel`, `BeitModel`, `ViTModel`).
+encoder of any of them as `ViTModel` (MAE, ViT-MPP: every token, in order, never masked; `ViTMAEModel` would
+drop 75% at random) or `BeitModel`, computing hf_mim's `last_hidden_state` exactly. Their `pooler_output` is
+the final-normed CLS token (ViT's pooler set to the identity), which is hf_mim's when the model pools the CLS
+token (`use_mean_pooling=False`); hf_mim's default patch-mean pooling has no counterpart in transformers'
+classes (BEiT's mean pooler presumes an encoder without a final norm), so the export says so and names the
+one line that gives it: `last_hidden_state[:, 1:].mean(1)`.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from __future__ import annotations
 import re
 
 import torch
+import logging
+
 from transformers import (
     BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling, BeitModel, ViTConfig,
-    ViTForImageClassification, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel, ViTModel,
+    ViTForImageClassification, ViTMAEConfig, ViTMAEForPreTraining, ViTModel,
 )
 
 from ..convert import beit as beit_converter
@@ -33,6 +40,15 @@ VIT_TO_REFERENCE = [*mae_converter.TRANSFORMERS_TO_REFERENCE, (r"^classifier\.",
 EXPORT_FIX = ("Export the encoder alone (--encoder_only: {encoder}), or export to timm "
               "(`python -m hf_mim.export timm`), "
               "or load the hf_mim checkpoint itself with trust_remote_code=True.")
+
+
+logger = logging.getLogger(__name__)
+MEAN_POOLING_NOTE = (
+    "{target}'s pooler_output is the final-normed CLS token; this hf_mim model pools the mean of the patch tokens "
+    "(use_mean_pooling=True), which no transformers class computes after a final norm. Its tokens are exported "
+    "exactly: `outputs.last_hidden_state[:, 1:].mean(1)` is hf_mim's pooler_output (or export to timm, "
+    "`python -m hf_mim.export timm`, whose pooled features are)."
+)
 
 
 def shared_fields(config, fields=VIT_FIELDS) -> dict:
@@ -69,8 +85,9 @@ def mae_target(model, encoder_only: bool):
     if is_classifier(model):
         check_final_norm(model)
         vit_config = ViTConfig(**shared_fields(config), qkv_bias=config.qkv_bias, **labels(model))
-        return (ViTModel(vit_config, add_pooling_layer=False) if encoder_only
-                else ViTForImageClassification(vit_config)), VIT_TO_REFERENCE
+        return (encoder_vit(model) if encoder_only else ViTForImageClassification(vit_config)), VIT_TO_REFERENCE
+    if encoder_only or not hasattr(model, "decoder"):
+        return encoder_vit(model), VIT_TO_REFERENCE
     mae_config = ViTMAEConfig(
         **shared_fields(config), qkv_bias=config.qkv_bias, mask_ratio=config.mask_ratio,
         norm_pix_loss=config.norm_pix_loss, decoder_hidden_size=config.decoder_hidden_size,
@@ -78,9 +95,15 @@ def mae_target(model, encoder_only: bool):
         decoder_num_attention_heads=config.decoder_num_attention_heads,
         decoder_intermediate_size=config.decoder_intermediate_size,
     )
-    has_decoder = hasattr(model, "decoder")
-    target = ViTMAEForPreTraining(mae_config) if has_decoder and not encoder_only else ViTMAEModel(mae_config)
-    return target, mae_converter.TRANSFORMERS_TO_REFERENCE
+    return ViTMAEForPreTraining(mae_config), mae_converter.TRANSFORMERS_TO_REFERENCE
+
+
+def encoder_vit(model) -> ViTModel:
+    """ViTModel with an identity pooler: every token in order, pooler_output = the final-normed CLS token."""
+    config = model.config
+    check_final_norm(model)
+    vit_config = ViTConfig(**shared_fields(config), qkv_bias=config.qkv_bias, pooler_act="linear")
+    return ViTModel(vit_config, add_pooling_layer=True)
 
 
 def beit_target(model, encoder_only: bool):
@@ -93,7 +116,7 @@ def beit_target(model, encoder_only: bool):
     if encoder_only or not (is_classifier(model) or hasattr(model, "lm_head")):
         # BeitModel ends in a LayerNorm unless it mean-pools: the same as the encoder's final norm, or its absence
         beit_config.use_mean_pooling = model.base_model.norm is None
-        return BeitModel(beit_config, add_pooling_layer=False), beit_converter.TRANSFORMERS_TO_REFERENCE
+        return BeitModel(beit_config, add_pooling_layer=True), beit_converter.TRANSFORMERS_TO_REFERENCE
     if is_classifier(model):
         return BeitForImageClassification(beit_config), beit_converter.TRANSFORMERS_TO_REFERENCE
     if getattr(model, "cls_pt_layers", None) is not None:
@@ -109,7 +132,7 @@ def vit_mpp_target(model, encoder_only: bool):
     check_final_norm(model)
     vit_config = ViTConfig(**shared_fields(config), qkv_bias=config.qkv_bias, **labels(model))
     if encoder_only or not (is_classifier(model) or hasattr(model, "mpp_head")):
-        return ViTModel(vit_config, add_pooling_layer=False), VIT_TO_REFERENCE
+        return encoder_vit(model), VIT_TO_REFERENCE
     if not is_classifier(model):
         raise cannot("ViT masked patch prediction's colour head (ViTForMaskedImageModeling is SimMIM, pixel "
                      "regression)", "ViTModel")
@@ -148,13 +171,16 @@ def export_to_transformers(model, encoder_only: bool = False):
     config = model.config
     check_gelu(config, "transformers' ViT / BEiT")
     target, mapping = TARGETS[config.model_type](model, encoder_only)
-    if is_classifier(model) and isinstance(target, (ViTModel, ViTMAEModel, BeitModel)) and not encoder_only:
+    if is_classifier(model) and isinstance(target, (ViTModel, BeitModel)) and not encoder_only:
         raise cannot("this classifier's head", type(target).__name__)
     reference = reference_state_dict(model)
     weights, missing = {}, []
     for key, value in target.state_dict().items():
         if key.endswith(("relative_position_index", "num_batches_tracked")):
             weights[key] = value
+            continue
+        if key.startswith("pooler.dense."):  # encoder_vit's identity pooler
+            weights[key] = torch.eye(*value.shape) if key.endswith("weight") else torch.zeros_like(value)
             continue
         name = reference_name(key, mapping)
         try:
@@ -165,6 +191,8 @@ def export_to_transformers(model, encoder_only: bool = False):
         raise ExportError(f"No hf_mim weight for {missing[:5]} of {type(target).__name__}: this model does not fit "
                           "that class.")
     target.load_state_dict(weights, strict=True)
+    if encoder_only and getattr(model.base_model, "norm", None) is not None and config.use_mean_pooling:
+        logger.warning(MEAN_POOLING_NOTE.format(target=type(target).__name__))
     return target.eval()
 
 

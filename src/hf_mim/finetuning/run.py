@@ -212,10 +212,10 @@ def recipe(model, training_args, finetuning_args: FinetuningArguments, trainer) 
         training_args.gradient_accumulation_steps
     values = {
         "learning_rate": training_args.learning_rate, "base_learning_rate": finetuning_args.base_learning_rate,
-        "total_batch_size": total, "epochs": training_args.num_train_epochs,
-        "optimizer_steps": trainer.state.global_step, "optimizer": str(training_args.optim),
+        "total_batch_size": total, "epochs": round(trainer.state.epoch or 0.0, 2),
+        "optimizer_steps": trainer.state.global_step, "optimizer": training_args.optim,
         "layer_decay": finetuning_args.layer_decay, "weight_decay": training_args.weight_decay,
-        "warmup_steps": training_args.warmup_steps, "lr_scheduler_type": str(training_args.lr_scheduler_type),
+        "warmup_steps": training_args.warmup_steps, "lr_scheduler_type": training_args.lr_scheduler_type,
         "drop_path": model.config.drop_path_rate, "smoothing": finetuning_args.smoothing,
         "mixup": finetuning_args.mixup, "cutmix": finetuning_args.cutmix,
         "mixup_prob": finetuning_args.mixup_prob if mixing else None,

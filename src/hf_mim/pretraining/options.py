@@ -64,7 +64,9 @@ class DataArguments(DataSourceArguments):
     cache_dir: str | None = option(help="where datasets and models are cached")
     token: str | None = option(help="Hub token for private data sets and models (default: HF_TOKEN / login)")
     streaming: bool = option(False, help="stream the data set (needs --max_steps)")
-    shuffle_buffer_size: int = option(10_000, help="shuffle buffer when streaming")
+    shuffle_buffer_size: int = option(10_000, help="streaming: rows read and permuted together (per lane)")
+    stream_lanes: int | None = option(help="streaming: parts of each process's share read side by side, fixed for the "
+                                           "run; data-loader workers must divide it (default: the workers at start)")
     data_seed: int | None = option(help="seed of the split, the data order and augmentation (default: --seed)")
 
 

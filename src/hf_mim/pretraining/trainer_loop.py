@@ -3,7 +3,8 @@
 Exact resumption rests on three things: the data order and every augmentation and mask are a pure
 function of (seed, epoch, position) (see `hf_mim.data`); the model's own randomness (dropout, drop
 path) is reseeded at every micro-batch from (seed, epoch, position, process); and each checkpoint
-records the position inside the epoch, which is skipped with `skip_first_batches` on resume.
+records the position inside the epoch, which is skipped with `skip_first_batches` on resume. A
+streamed training set instead resumes from the stream's own state (see `hf_mim.streaming`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from tqdm.auto import tqdm
 from ..data import (
     EpochSampler, FixedSampler, ImageDatasets, ImageExamples, StreamingImageExamples, derive_seed, load_image_datasets,
 )
+from ..distributed import check_sharding_engaged
 from ..launch import check_one_run_per_launch, cpu_process_group_needed, warn_if_bf16_is_emulated
 from ..preemption import Preempted, PreemptionGuard, resume_hint
 from .arguments import resolve_mixed_precision
-from ..fast_data import FastImageExamples, fast_training_examples
+from ..fast_data import fast_training_examples
+from ..streaming import ReferenceRows, StreamCheckpoint, StreamedTrainingExamples, StreamLoader
 from .checkpoints import (
     TrainerState, load_checkpoint, prune_checkpoints, remove_incomplete_checkpoints, resolve_resume_path, save_checkpoint,
 )
@@ -98,11 +101,13 @@ def build_accelerator(args) -> Accelerator:
         log_with=resolve_trackers(args.report_to, args.output_dir),
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, "runs")),
-        # Each process reads its own share of a stream (IterableDatasetShard), nothing is broadcast.
+        # Each process reads its own share of a stream, nothing is broadcast (the training stream: hf_mim.streaming;
+        # a streamed evaluation set: accelerate's IterableDatasetShard).
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
         dynamo_plugin=dynamo,
     )
     check_one_run_per_launch(accelerator.num_processes)
+    check_sharding_engaged(accelerator)  # an FSDP / DeepSpeed config that accelerate would drop: refuse
     warn_if_bf16_is_emulated(accelerator.mixed_precision, accelerator.device)  # e.g. a shipped GPU config on a CPU
     return accelerator
 
@@ -142,8 +147,11 @@ def build_model(args, method: PretrainingMethod, data: ImageDatasets) -> torch.n
 
 def make_examples(run: Run, dataset, train: bool):
     args, method = run.args, run.method
-    if train and (fast := fast_training_examples(args, method, run.processor, dataset, run.data.image_column,
-                                                 run.accelerator.device)):
+    fast = train and fast_training_examples(args, method, run.processor, dataset, run.data.image_column,
+                                            run.accelerator.device)
+    if train and isinstance(dataset, datasets.IterableDataset):
+        return streamed_training_examples(run, dataset, fast)
+    if fast:
         return fast
     transform = (method.train_transform if train else method.eval_transform)(run.processor)
     if isinstance(dataset, datasets.IterableDataset):
@@ -152,9 +160,25 @@ def make_examples(run: Run, dataset, train: bool):
     return ImageExamples(dataset, run.data.image_column, transform, image_mode=method.image_mode)
 
 
+def streamed_training_examples(run: Run, dataset, fast) -> StreamedTrainingExamples:
+    """This process's share of the stream, in lanes (default: one per data-loader worker), in batches."""
+    args, accelerator = run.args, run.accelerator
+    rows = fast or ReferenceRows(run.method.train_transform(run.processor), run.data.image_column,
+                                 image_mode=run.method.image_mode)
+    lanes = args.stream_lanes if args.stream_lanes is not None else max(1, args.dataloader_num_workers)
+    examples = StreamedTrainingExamples(
+        dataset, rows, args.per_device_train_batch_size, seed=args.data_seed, rank=accelerator.process_index,
+        num_processes=accelerator.num_processes, lanes=lanes, block_size=args.shuffle_buffer_size)
+    run.checkpoint_extras["stream"] = StreamCheckpoint(examples)
+    return examples
+
+
 def make_loader(run: Run, examples, batch_size: int, train: bool) -> torch.utils.data.DataLoader:
     args = run.args
     workers = args.dataloader_num_workers
+    if isinstance(examples, StreamedTrainingExamples):
+        return StreamLoader(examples, workers, run.accelerator.device,
+                            pin_memory=args.dataloader_pin_memory and torch.cuda.is_available())
     sampler = None
     if isinstance(examples, ImageExamples):
         sampler = EpochSampler(len(examples), args.data_seed) if train else FixedSampler(len(examples), args.data_seed)
@@ -180,7 +204,7 @@ def build_loaders(run: Run) -> None:
 
 def make_plan(run: Run) -> Plan:
     args, accelerator = run.args, run.accelerator
-    batches = None if isinstance(run.train_examples, StreamingImageExamples) else len(run.train_loader)
+    batches = None if isinstance(run.train_examples, StreamedTrainingExamples) else len(run.train_loader)
     if batches is not None:
         # Per process: `prepare` shards the (drop_last) batches, and each process gets floor(n / processes).
         # Counting the unsharded ones made an epoch never end with several processes (the loop then spun).
@@ -214,7 +238,11 @@ def build_optimization(run: Run) -> None:
 def prepare(run: Run) -> None:
     accelerator = run.accelerator
     if run.optimizer is not None:
-        run.model, run.optimizer, run.train_loader = accelerator.prepare(run.model, run.optimizer, run.train_loader)
+        if isinstance(run.train_loader, StreamLoader):  # split by process already (hf_mim.streaming)
+            run.model, run.optimizer = accelerator.prepare(run.model, run.optimizer)
+        else:
+            run.model, run.optimizer, run.train_loader = accelerator.prepare(run.model, run.optimizer,
+                                                                             run.train_loader)
         run.checkpoint_extras["scheduler"] = run.scheduler  # saved without pickle (not register_for_checkpointing)
     else:
         run.model = accelerator.prepare(run.model)
@@ -296,6 +324,8 @@ def seed_micro_batch(run: Run) -> None:
 
 def epoch_batches(run: Run):
     """This epoch's loader: reseeded for the epoch, and past the batches a resumed run already did."""
+    if isinstance(run.train_loader, StreamLoader):  # endless; resumes from the stream's state, skips nothing
+        return run.train_loader
     set_epoch(run)
     if run.state.batch_in_epoch:
         return run.accelerator.skip_first_batches(run.train_loader, run.state.batch_in_epoch)
@@ -304,9 +334,7 @@ def epoch_batches(run: Run):
 
 def set_epoch(run: Run) -> None:
     epoch = run.state.epoch
-    run.train_loader.set_epoch(epoch)  # reaches our EpochSampler (map-style) or the stream (set_epoch)
-    if isinstance(run.train_examples, StreamingImageExamples):
-        run.train_examples.set_epoch(epoch)
+    run.train_loader.set_epoch(epoch)  # reaches our EpochSampler
 
 
 def train_micro_batch(run: Run, batch: dict) -> float | None:
@@ -314,8 +342,8 @@ def train_micro_batch(run: Run, batch: dict) -> float | None:
     when it was clipped at this step."""
     accelerator, args = run.accelerator, run.args
     batch.pop("labels", None)
-    if isinstance(run.train_examples, FastImageExamples):  # decode, crop, resize, flip, jitter, normalise on the device
-        batch = run.train_examples.device_views(batch)  # (an image found unreadable there adds to num_skipped)
+    if views := fast_views(run.train_examples):  # decode, crop, resize, flip, jitter, normalise on the device
+        batch = views(batch)  # (an image found unreadable there adds to num_skipped)
     skipped = batch.pop("num_skipped")
     grad_norm = None
     with accelerator.accumulate(run.model):
@@ -330,6 +358,13 @@ def train_micro_batch(run: Run, batch: dict) -> float | None:
     run.state.images_seen += args.per_device_train_batch_size * accelerator.num_processes
     run.state.batch_in_epoch += 1
     return None if grad_norm is None else float(grad_norm)
+
+
+def fast_views(examples):
+    """The fast path's DeviceViews of the training examples (map-style or streamed), or None."""
+    if isinstance(examples, StreamedTrainingExamples):
+        examples = examples.make_example
+    return getattr(examples, "device_views", None)
 
 
 def finish_optimizer_step(run: Run) -> float:
@@ -379,6 +414,8 @@ def checkpoint(run: Run) -> None:
     values = run.meter.flush(accelerator)  # fold the pending skipped-image count into the saved state
     run.state.skipped_images += values["skipped"]
     run.state.train_loss_sum, run.state.train_loss_batches = run.meter.total_loss, run.meter.total_batches
+    if "stream" in run.checkpoint_extras:
+        run.checkpoint_extras["stream"].collect(accelerator)  # every process's position, for the main one to save
     path = save_checkpoint(accelerator, args.output_dir, run.state, run.checkpoint_extras)
     run.last_checkpoint_step = run.state.global_step
     if accelerator.is_main_process:
@@ -583,9 +620,13 @@ def describe_run(run: Run) -> None:
         plan.learning_rate, "explicit" if args.learning_rate is not None else f"blr {args.base_learning_rate:g} x batch/256",
         plan.warmup_steps, args.lr_scheduler_type, state.global_step, state.epoch, state.batch_in_epoch,
     )
-    fast = isinstance(run.train_examples, FastImageExamples)
+    examples = run.train_examples
+    if isinstance(examples, StreamedTrainingExamples):
+        logger.info("Data: %s.", examples.describe(run.train_loader.fitted_workers()))
+        examples = examples.make_example
+    fast = fast_views(examples) is not None
     logger.info("Data: the %s pipeline, %s%s.", "fast" if fast else "reference", run.workers,
-                f"; {run.train_examples.decoding}" if fast else "")
+                f"; {examples.decoding}" if fast else "")
 
 
 __all__ = ["LossMeter", "Plan", "Run", "evaluate", "run_pretraining", "train"]

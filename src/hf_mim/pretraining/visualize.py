@@ -6,6 +6,8 @@ import torch
 
 from ..models.vit_core import grid_size_for, patchify, unpatchify
 
+# The loss covers the removed patches only: what the model outputs at visible ones was never trained.
+VISIBLE_PATCHES_NOTE = "the loss covers removed patches only: the reconstruction of visible patches is untrained"
 NORM_PIX_NOTE = ("norm_pix_loss: the model predicts per-patch normalised pixels; shown un-normalised with the TRUE "
                  "mean/std of each original patch (this leaks per-patch brightness and contrast)")
 
@@ -63,10 +65,11 @@ def save_mae_reconstructions(path, pixel_values, pred, mask, config, mean, std, 
             if row == 0:
                 axis.set_title(title, fontsize=9)
     ratio = float(mask[:count].float().mean())
-    title = f"MAE on held-out images, {ratio:.0%} of patches removed (fixed evaluation masks)"
+    title = (f"MAE on held-out images, {ratio:.0%} of patches removed (fixed evaluation masks)\n"
+             + VISIBLE_PATCHES_NOTE)
     if config.norm_pix_loss:
         title += "\n" + NORM_PIX_NOTE
-    figure.suptitle(title, fontsize=8 if config.norm_pix_loss else 10, wrap=True)
+    figure.suptitle(title, fontsize=8, wrap=True)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

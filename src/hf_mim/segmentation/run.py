@@ -18,9 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import (
-    AutoBackbone, AutoConfig, TrainingArguments, UperNetConfig, UperNetForSemanticSegmentation,
-)
+from transformers import AutoBackbone, AutoConfig, TrainingArguments
 from transformers.image_utils import PILImageResampling
 from transformers.trainer_utils import set_seed
 
@@ -32,6 +30,7 @@ from ..finetuning.transforms import default_mean_std
 from ..metrics import load_mean_iou
 from ..models.configuration_vit import default_pyramid_stages
 from ..models.image_processing_mim import MimImageProcessor
+from ..models.modeling_segmenter import MimUperNetConfig, MimUperNetForSemanticSegmentation
 from .data import (
     DIGIT_SCENES_DESCRIPTION, DIGIT_SCENES_SOURCE, SegmentationData, SegmentationExamples, check_mask_values,
     load_segmentation_data,
@@ -142,12 +141,12 @@ def build_segmenter(args: SegmentationArguments, id2label: dict[int, str], ignor
     if args.image_size is not None:
         check_image_size(args.image_size, config.patch_size, args.model_name_or_path or "the backbone")
         backbone = change_image_size(backbone, args.image_size)
-    segmenter_config = UperNetConfig(
+    segmenter_config = MimUperNetConfig(
         backbone_config=backbone.config, hidden_size=args.decoder_channels, auxiliary_channels=args.auxiliary_channels,
         use_auxiliary_head=args.auxiliary_loss_weight > 0, auxiliary_loss_weight=float(args.auxiliary_loss_weight),
         loss_ignore_index=ignore_index, id2label=id2label, label2id={name: i for i, name in id2label.items()},
     )
-    segmenter = UperNetForSemanticSegmentation(segmenter_config)
+    segmenter = MimUperNetForSemanticSegmentation(segmenter_config)  # ships its code: loads without hf_mim
     segmenter.backbone = backbone  # the loaded weights (UperNet builds a random one from the config)
     return segmenter
 
@@ -201,10 +200,10 @@ def recipe(args: SegmentationArguments, training_args, trainer, model) -> dict:
         training_args.gradient_accumulation_steps
     return {
         "learning_rate": training_args.learning_rate, "total_batch_size": total,
-        "epochs": training_args.num_train_epochs, "optimizer_steps": trainer.state.global_step,
-        "optimizer": str(training_args.optim), "layer_decay": args.layer_decay,
+        "epochs": round(trainer.state.epoch or 0.0, 2), "optimizer_steps": trainer.state.global_step,
+        "optimizer": training_args.optim, "layer_decay": args.layer_decay,
         "weight_decay": training_args.weight_decay, "warmup_steps": training_args.warmup_steps,
-        "lr_scheduler_type": str(training_args.lr_scheduler_type), "drop_path": args.drop_path,
+        "lr_scheduler_type": training_args.lr_scheduler_type, "drop_path": args.drop_path,
         "image_size": model.backbone.config.image_size, "out_indices": model.backbone.out_indices,
         "decoder_channels": args.decoder_channels, "auxiliary_loss_weight": args.auxiliary_loss_weight,
         "ignore_index": args.ignore_index, "balance_classes": args.balance_classes, "seed": training_args.seed,
