@@ -54,6 +54,9 @@ from hf_mim.pretraining import get_method, main as pretrain_main, parse_args
 from hf_mim.pretraining.optimization import build_optimizer
 from hf_mim.pretraining.tracking import LOG_FILE, read_log
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (the tests)
+from data_pipeline_tables import markdown  # noqa: E402
+
 METHODS = ("mae", "beit", "beitv2", "peco", "vit_mpp")
 # A ViT small enough to train on a CPU, at the recipes' 224 px / patch 16 (the data path's real sizes).
 CPU_MODEL = "hidden_size=192,num_hidden_layers=4,num_attention_heads=3,intermediate_size=768"
@@ -208,13 +211,13 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 # JPEG kinds whose decoding on the device is compared with Pillow's (re-encoded from the script's files).
 DECODE_VARIANTS = {"baseline 4:2:0": {}, "progressive": {"progressive": True}, "4:4:4": {"subsampling": 0},
-                   "4:2:2": {"subsampling": 1}, "grey": {"grey": True}}
+                   "4:2:2": {"subsampling": 1}, "grey": {"grey": True}, "q95": {"quality": 95}}
 
 
 def decode_figures(paths: list[str], batch_size: int, repeats: int, device: torch.device) -> dict:
     """The training process's part of device decoding: decode_jpeg of batches of the files on `device`
     (img/s; on a CPU, of one core), and how far its pixels are from Pillow's (uint8 levels) on the files
-    and on a few re-encoded kinds (progressive, 4:4:4, 4:2:2, grey)."""
+    and on a few re-encoded kinds (progressive, 4:4:4, 4:2:2, grey, quality 95)."""
     files = [Path(path).read_bytes() for path in paths]
     tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files]
     count = len(files)
@@ -234,7 +237,7 @@ def decode_figures(paths: list[str], batch_size: int, repeats: int, device: torc
 def reencoded(data: bytes, grey: bool = False, **options) -> bytes:
     image = Image.open(io.BytesIO(data))
     buffer = io.BytesIO()
-    (image.convert("L") if grey else image).save(buffer, format="JPEG", quality=90, **options)
+    (image.convert("L") if grey else image).save(buffer, format="JPEG", **{"quality": 90, **options})
     return buffer.getvalue()
 
 
@@ -345,44 +348,6 @@ def environment(device: torch.device) -> dict:
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
-def markdown(report: dict) -> str:
-    lines = []
-    if report.get("host"):
-        lines += ["| method | reference img/s/core | fast host img/s/core | host speed-up | fast device part img/s |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['reference_img_s']:.0f} | {r['fast_host_img_s']:.0f} | "
-                  f"{r['host_speedup']:.2f}x | {r['fast_device_img_s']:.0f} ({report['environment']['device']}) |"
-                  for r in report["host"]]
-        lines.append(f"| plain torchvision v2 (RandomResizedCrop + flip + normalise) | "
-                     f"{report['torchvision_plain_img_s']:.0f} | - | - | - |")
-        lines += ["", "Device decoding (`--jpeg_decoding device`): the workers ship JPEG bytes, the training process "
-                  "decodes.", "", "| method | worker img/s/core | vs reference |", "|---|---|---|"]
-        lines += [f"| {r['method']} | {r['device_decoding_host_img_s']:.0f} | {r['device_decoding_host_speedup']:.2f}x |"
-                  for r in report["host"]]
-    if report.get("decode"):
-        decode, agreement = report["decode"], report["decode"]["decode_agreement"]
-        lines += ["", f"decode_jpeg in the training process on {decode['decode_device']}: {decode['decode_img_s']:.0f} "
-                  f"img/s (batches of 32); pixels vs Pillow: max {agreement['max_levels']}, mean "
-                  f"{agreement['mean_levels']:.3f} uint8 levels"]
-        lines += [f"- {kind}: max {values['max_levels']}, mean {values['mean_levels']:.3f} levels"
-                  for kind, values in decode.get("decode_agreement_by_kind", {}).items() if kind != "files"]
-    if report.get("e2e"):
-        lines += ["", "| method | e2e img/s (real loader) | model only img/s (synthetic) | e2e / model | data wait |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['method']} ({r['pipeline']} path{e2e_decoding(r)}) | {r['e2e_img_s']:.1f} | "
-                  f"{r['model_only_img_s']:.1f} | {r['e2e_img_s'] / r['model_only_img_s']:.0%} | "
-                  f"{r['data_wait_fraction']:.0%} |" if "error" not in r else
-                  f"| {r['method']} ({r['pipeline']} path{e2e_decoding(r)}) | failed: {r['error'][:200]} | "
-                  f"{r['model_only_img_s']:.1f} | - | - |" for r in report["e2e"]]
-        if report.get("complete") is False:
-            lines.append("(partial: the e2e section stopped before its last row)")
-    return "\n".join(lines) + "\n"
-
-
-def e2e_decoding(row: dict) -> str:
-    return f", JPEG decoding: {row['jpeg_decoding']}" if row.get("jpeg_decoding") and row["pipeline"] != "reference" else ""
-
-
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -420,8 +385,10 @@ def main(argv=None) -> dict:
         tokenizers = save_tokenizers(root / "tokenizers", preset.image_size)
         if "host" in sections:
             batch, repeats = (2, 1) if args.smoke else (32, args.repeats)
-            report["host"] = [host_figures(name, preset, tokenizers, paths, batch, repeats, device)
-                              for name in args.methods.split(",")]
+            report["host"] = []
+            for name in args.methods.split(","):  # each row written when done: a part out of time keeps them
+                report["host"].append(host_figures(name, preset, tokenizers, paths, batch, repeats, device))
+                write(report, args)
             report["torchvision_plain_img_s"] = torchvision_plain_img_s(paths, preset.image_size, batch, repeats)
             report["decode"] = decode_figures(paths, batch, repeats, device)
         if "e2e" in sections:

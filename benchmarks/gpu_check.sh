@@ -1,64 +1,144 @@
 #!/usr/bin/env bash
-# One prepared GPU check: run it as is on one H100/H200 (under 8 minutes), then copy the table into
-# benchmarks/RESULTS.md with the device and date. Writes OUT/gpu_check.json and OUT/gpu_check.md:
-#   1. benchmarks/throughput.py (vit-b16: batch 256, bf16, TF32): MAE, BEiT MIM step, BEiT v2 full step,
-#      eager, then (last) torch.compile'd, ours vs transformers, peak GPU memory (10 timed steps x 2 repeats);
-#   2. the BEiT v2 VQ-KD tokenizer forward alone, bf16 autocast, eager;
-#   3. benchmarks/data_pipeline.py: per-core host cost of each method's example (device part on the GPU),
-#      with JPEGs decoded in the workers and on the GPU (the workers' part per core; nvJPEG's img/s and its
-#      pixels' difference to Pillow), and end-to-end pre-training img/s from JPEG files with the real loader
-#      (fast path, default workers; JPEGs decoded on the GPU, then in the workers) vs the same model on
-#      synthetic batches (ViT-B/16, batch 256, bf16; tiny random tokenizer for BEiT).
-# Each part has its own time limit; a part that fails or runs out of time is reported as missing.
+# One prepared GPU check, made to work first time on a bare device machine (library device README/KINDS.md:
+# `python3`, torch 2.11, transformers 5.17, an older huggingface_hub, NO datasets; at most 8 files come back
+# from $OUT; 15 minutes of device time a session, start-up included). The whole check takes at most
+# BUDGET seconds of parts (default 330) after a ~10 s install: about 6 minutes, room to rerun it once.
 #
-#   bash benchmarks/gpu_check.sh [OUT]          # default OUT: gpu_check
-#   SMOKE=1 bash benchmarks/gpu_check.sh OUT    # CPU, tiny: checks the script end to end in about a minute
+#   bash benchmarks/gpu_check_wheels.sh        # here, once: what the image lacks, as wheels, into .whl/ (ignored)
+#   device run (carry [".whl"], timeout_s 420): bash benchmarks/gpu_check.sh $OUT
+#   REHEARSE=1 bash benchmarks/gpu_check.sh OUT    # here: the same flow on the CPU, in a fresh venv that holds
+#                                                  # only the image's packages (gpu_check_image.txt) + the wheels
+#   SMOKE=1 bash benchmarks/gpu_check.sh OUT       # the CPU, tiny, in the current Python environment
+#
+# What comes back, 3 files: OUT/gpu_check.md and OUT/gpu_check.json (the merged report, gpu_check_report.py)
+# and OUT/gpu_check.tar.gz (each part's log and JSON, parts.tsv, console.log). Every part runs in its own
+# process under its own limit and writes its JSON row by row; the report and the archive are rewritten after
+# every part, so a check stopped anywhere returns what finished. The parts, most valuable first:
+#   preflight: imports, versions, the GPU (seconds; the check stops here if anything is missing);
+#   throughput.py (ViT-B/16, batch 256, bf16, TF32), ours vs transformers, peak memory, eager: MAE, BEiT MIM
+#     step, BEiT v2 full step (one part each), then the VQ-KD tokenizer forward;
+#   data_pipeline.py host (per-core host cost, the device part, nvJPEG's img/s and its pixels vs Pillow) and
+#     e2e (the real loader from JPEG files, decoded on the GPU then in the workers, vs synthetic batches);
+#   torch.compile'd pairs last (cold compiles are the slowest and least predictable): MAE, then BEiT and BEiT v2
+#     while the budget lasts. A part that fails, runs out of time or finds too little budget left is reported.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-PYTHON=${PYTHON:-python}
+OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # the parts' files; only the archive goes to OUT
+PYTHON=${PYTHON:-python3}
+WHEELS=${WHEELS:-.whl}
+MIN_PART_S=15  # a part that would get less is skipped
+
+if [ "${REHEARSE:-0}" = 1 ]; then  # a fresh venv of the image's packages, its own wheels, CPU sizes
+  VENV=${REHEARSE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/hf_mim/gpu_check_venv}
+  bash benchmarks/gpu_check_rehearsal_venv.sh "$VENV" || { echo "gpu_check: the rehearsal venv failed"; exit 1; }
+  PYTHON=$VENV/bin/python WHEELS=$VENV/wheels SMOKE=1
+fi
+if [ "${REHEARSE:-0}" = 1 ]; then
+  export PYTHONPATH="$PWD/src"  # the venv's packages and the carried wheels, nothing else of this machine
+else
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 if [ "${SMOKE:-0}" = 1 ]; then
+  REQUIRE_CUDA=()
   PAIRS=(--preset cpu-tiny --device cpu --batch_size 2 --steps 1 --warmup 0 --repeats 1)
   COMPILE=(--torch_compile_backend eager)  # dynamo tracing without code generation: seconds
   HOST=(--smoke --device cpu --methods mae,beit)
   E2E=(--smoke --device cpu --e2e_methods mae --jpeg_decodings device,host)
-  LIMITS=(180 180 180 240 180 180 180)  # generous: a busy CI machine; idle, each part takes seconds
+  LIMIT_PREFLIGHT=300 LIMIT_EAGER=180 LIMIT_TOKENIZER=180 LIMIT_HOST=180 LIMIT_E2E=240 LIMIT_COMPILED=180  # a busy CI machine
+  LIMIT_FSDP=240 LIMIT_TOKENS=180
+  BUDGET=${BUDGET:-3000}
 else
+  REQUIRE_CUDA=(--require_cuda)
   PAIRS=(--preset vit-b16 --steps 10 --warmup 3 --repeats 2)
   COMPILE=()
   HOST=(--preset gpu --repeats 3 --images 64)
-  # rows in this order, each written when done: a part out of time keeps the finished ones
-  E2E=(--preset gpu --e2e_methods mae,beit --images 4096 --jpeg_decodings device,host)
-  # seconds per part, in the order below (sum 460): the compiled pairs last, as compilation takes the
-  # longest and the least predictably; a part out of time loses only its own figures
-  LIMITS=(60 25 45 120 75 75 60)
+  E2E=(--preset gpu --e2e_methods mae,beit --images 2048 --jpeg_decodings device,host)
+  # Seconds per part (expected: build ~5 s, 2 x 2 x 13 steps of ~0.1-0.3 s, compile ~40-60 s per pair).
+  LIMIT_PREFLIGHT=60 LIMIT_EAGER=35 LIMIT_TOKENIZER=20 LIMIT_HOST=40 LIMIT_E2E=90 LIMIT_COMPILED=65
+  LIMIT_FSDP=90 LIMIT_TOKENS=45  # before the compiled pairs, which take what the budget has left
+  BUDGET=${BUDGET:-330}
 fi
 
-run_part() {  # name, limit (s), command...
-  local name=$1 limit=$2
-  shift 2
-  echo "== $name (limit ${limit}s): $*"
-  local start=$SECONDS
-  timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "$name: exit $? after $((SECONDS - start))s (log: $OUT/$name.log)"
+log() { echo "$*" | tee -a "$WORK/console.log"; }
+
+pack() {  # the report and the archive as they stand: what comes back if the check stops now
+  "$PYTHON" benchmarks/gpu_check_report.py "$WORK" "$OUT" > "$WORK/report.log" 2>&1 \
+    || log "gpu_check: the report failed (see report.log in the archive)"
+  tar -czf "$OUT/gpu_check.tar.gz.tmp" -C "$WORK" . && mv "$OUT/gpu_check.tar.gz.tmp" "$OUT/gpu_check.tar.gz"
 }
 
+skip_part() {  # name, reason
+  log "== $1: skipped ($2)"
+  printf '%s\t0\tskipped: %s\t-1\t0\n' "$1" "$2" >> "$WORK/parts.tsv"
+}
+
+run_part() {  # name, limit (s), command...: runs it within the budget left, records how it ended
+  local name=$1 limit=$2 start=$SECONDS status code
+  shift 2
+  local left=$((BUDGET - (SECONDS - CHECK_START)))
+  ((limit > left)) && limit=$left
+  if ((limit < MIN_PART_S)); then
+    skip_part "$name" budget
+    return 1
+  fi
+  log "== $name (limit ${limit}s): $*"
+  timeout --kill-after=5 "$limit" "$@" > "$WORK/$name.log" 2>&1
+  code=$?
+  LAST_CODE=$code
+  case $code in 0) status=ok ;; 124 | 137) status="out of time" ;; *) status=failed ;; esac
+  log "$name: $status (exit $code) after $((SECONDS - start))s"
+  [ "$status" = ok ] || tail -n 5 "$WORK/$name.log" | tee -a "$WORK/console.log"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$limit" "$status" "$code" "$((SECONDS - start))" >> "$WORK/parts.tsv"
+  pack
+  [ "$status" = ok ]
+}
+
+# Carried wheels (what the image lacks: datasets and its dill, multiprocess) go in front of its site-packages.
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+    "$WHEELS"/*.whl > "$WORK/wheels.log" 2>&1 || { log "gpu_check: installing $WHEELS/*.whl failed"; cat "$WORK/wheels.log"; }
+  export PYTHONPATH="$PYTHONPATH:$WORK/site"
+fi
+CHECK_START=$SECONDS
+DATA=1
+if ! run_part preflight "$LIMIT_PREFLIGHT" "$PYTHON" benchmarks/gpu_check_preflight.py "$WORK/preflight.json" \
+  ${REQUIRE_CUDA[@]+"${REQUIRE_CUDA[@]}"}; then
+  cat "$WORK/preflight.log"
+  if [ "$LAST_CODE" != 3 ]; then log "gpu_check: preflight failed, nothing else run"; exit 1; fi
+  log "gpu_check: the data parts cannot import (preflight's data_problems): they are skipped"
+  DATA=0
+fi
+
 THROUGHPUT=("$PYTHON" benchmarks/throughput.py "${PAIRS[@]}")
-run_part throughput_eager "${LIMITS[0]}" "${THROUGHPUT[@]}" --models mae,beit,beitv2 --no-compile \
-  --json "$OUT/throughput_eager.json"
-run_part throughput_tokenizer "${LIMITS[1]}" "${THROUGHPUT[@]}" --models beitv2-tokenizer --no-compile \
-  --json "$OUT/throughput_tokenizer.json"
-run_part data_host "${LIMITS[2]}" "$PYTHON" benchmarks/data_pipeline.py "${HOST[@]}" --sections host \
-  --json "$OUT/data_host.json"
-run_part data_e2e "${LIMITS[3]}" "$PYTHON" benchmarks/data_pipeline.py "${E2E[@]}" --sections e2e \
-  --json "$OUT/data_e2e.json"
-for part in "mae:${LIMITS[4]}" "beit:${LIMITS[5]}" "beitv2:${LIMITS[6]}"; do
-  pair=${part%%:*}
-  run_part "throughput_compiled_$pair" "${part##*:}" "${THROUGHPUT[@]}" --models "$pair" --compile_only \
-    ${COMPILE[@]+"${COMPILE[@]}"} --json "$OUT/throughput_compiled_$pair.json"
+for pair in mae beit beitv2; do
+  run_part "throughput_eager_$pair" "$LIMIT_EAGER" "${THROUGHPUT[@]}" --models "$pair" --no-compile \
+    --json "$WORK/throughput_eager_$pair.json"
 done
-run_part token_agreement 60 "$PYTHON" benchmarks/token_agreement.py $([ "${SMOKE:-0}" = 1 ] && echo --smoke --device cpu) --json "$OUT/token_agreement.json"  # tokens equal to fp32 per --tokenizer_precision
-"$PYTHON" benchmarks/gpu_check_report.py "$OUT"
+run_part throughput_tokenizer "$LIMIT_TOKENIZER" "${THROUGHPUT[@]}" --models beitv2-tokenizer --no-compile \
+  --json "$WORK/throughput_tokenizer.json"
+if ((DATA)); then
+  run_part data_host "$LIMIT_HOST" "$PYTHON" benchmarks/data_pipeline.py "${HOST[@]}" --sections host \
+    --json "$WORK/data_host.json"
+  run_part data_e2e "$LIMIT_E2E" "$PYTHON" benchmarks/data_pipeline.py "${E2E[@]}" --sections e2e \
+    --json "$WORK/data_e2e.json"
+else
+  skip_part data_host "preflight: imports"
+  skip_part data_e2e "preflight: imports"
+fi
+# FSDP2 through accelerate (4 steps, sharded checkpoint, resume to the same weights; on the CPU it must refuse),
+# and the tokens of each --tokenizer_precision against fp32 (issue 16: targets as the papers computed them).
+run_part fsdp_check "$LIMIT_FSDP" "$PYTHON" benchmarks/fsdp_check.py "$WORK" --timeout "$((LIMIT_FSDP / 2 - 5))" \
+  $([ "${SMOKE:-0}" = 1 ] && echo --expect_refusal)
+run_part token_agreement "$LIMIT_TOKENS" "$PYTHON" benchmarks/token_agreement.py \
+  $([ "${SMOKE:-0}" = 1 ] && echo --smoke --device cpu) --json "$WORK/token_agreement.json"
+for pair in mae beit beitv2; do
+  run_part "throughput_compiled_$pair" "$LIMIT_COMPILED" "${THROUGHPUT[@]}" --models "$pair" --compile_only \
+    ${COMPILE[@]+"${COMPILE[@]}"} --json "$WORK/throughput_compiled_$pair.json"
+done
+pack
+log "gpu_check: done in $((SECONDS - CHECK_START))s of a ${BUDGET}s budget; $OUT: $(ls "$OUT" | tr '\n' ' ')"
+cat "$OUT/gpu_check.md"

@@ -1,8 +1,10 @@
-"""Merge the parts of `benchmarks/gpu_check.sh` into OUT/gpu_check.json and OUT/gpu_check.md.
+"""Merge the parts of `benchmarks/gpu_check.sh` into gpu_check.json and gpu_check.md.
 
-    python benchmarks/gpu_check_report.py OUT
+    python3 benchmarks/gpu_check_report.py WORK [OUT]     # reads WORK/<part>.json and WORK/parts.tsv
 
-A part whose JSON is missing (it failed or ran out of time; see OUT/<part>.log) is listed as missing.
+Standard library only, so that the report is written whatever the device image lacks. Each part writes
+WORK/<part>.json (row by row); WORK/parts.tsv says how each part ended (ok, failed, out of time, skipped
+for lack of time). A part without JSON is listed as missing with that reason; its log is in the archive.
 """
 
 from __future__ import annotations
@@ -12,16 +14,49 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_pipeline import markdown as data_pipeline_tables  # noqa: E402
+from data_pipeline_tables import markdown as data_pipeline_tables  # noqa: E402
 
-THROUGHPUT_PARTS = ("throughput_eager", "throughput_compiled_mae", "throughput_compiled_beit",
-                    "throughput_compiled_beitv2", "throughput_tokenizer")
 DATA_PARTS = ("data_host", "data_e2e")
+DATA_KEYS = ("host", "torchvision_plain_img_s", "decode", "e2e", "complete", "jpeg_kb")
 
 
-def load(out: Path, part: str) -> dict | None:
-    path = out / f"{part}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def fsdp_section(row: dict) -> str:
+    """fsdp_check.py's row: FSDP2 through accelerate, a sharded checkpoint, and the resume's weights."""
+    if "refusal" in row:
+        return f"FSDP2 on this machine: refused as it must be without a GPU: {row.get('refusal')}\n"
+    verdict = "passed" if row.get("passed") else "FAILED"
+    return (f"FSDP2 ({row.get('processes', '?')} process(es), {row.get('steps', '?')} steps, sharded checkpoint at "
+            f"step 2): {verdict}; sharded files {len(row.get('sharded_files') or [])}, resumed vs uninterrupted "
+            f"weights relative L2 {row.get('resumed_vs_uninterrupted_relative_l2', 'n/a')}\n"
+            + (f"\n```\n{row['error'][-1500:]}\n```\n" if row.get("error") else ""))
+
+
+def token_agreement_section(report: dict) -> str:
+    """token_agreement.py's rows: the tokens each --tokenizer_precision gives, against fp32 tokens."""
+    lines = ["| tokenizer | --tokenizer_precision | in force | tokens equal to fp32 |", "|---|---|---|---|"]
+    lines += [f"| {r['tokenizer']} | {r['asked']} | {r['in_force']} | {r['agreement_with_fp32']:.4f} |"
+              for r in report.get("rows", [])]
+    return "Token agreement with fp32:\n\n" + "\n".join(lines) + "\n"
+
+
+# Parts whose JSON has its own section: name -> function(report) -> markdown.
+OTHER_SECTIONS: dict = {"fsdp_check": fsdp_section, "token_agreement": token_agreement_section}
+
+
+def read_parts(work: Path) -> list[dict]:
+    """parts.tsv rows: name, limit_s, status, exit code, seconds, in the order they ran (or were skipped)."""
+    path = work / "parts.tsv"
+    rows = [line.split("\t") for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [{"part": row[0], "limit_s": int(row[1]), "status": row[2], "exit_code": int(row[3]), "seconds": int(row[4])}
+            for row in rows]
+
+
+def load(work: Path, part: str) -> dict | None:
+    path = work / f"{part}.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:  # cut off mid-write by the part's time limit: the previous rows are lost too
+        return None
 
 
 def throughput_table(results: list[dict]) -> str:
@@ -42,24 +77,45 @@ def throughput_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(out: Path) -> dict:
-    parts = {part: load(out, part) for part in THROUGHPUT_PARTS + DATA_PARTS}
-    missing = [part for part, report in parts.items() if report is None]
-    throughput = [r for part in THROUGHPUT_PARTS if parts[part] for r in parts[part]["results"]]
-    environment = next((parts[p]["environment"] for p in THROUGHPUT_PARTS + DATA_PARTS if parts[p]), {})
-    data = {key: value for part in DATA_PARTS if parts[part] for key, value in parts[part].items()
-            if key in ("host", "torchvision_plain_img_s", "decode", "e2e", "complete", "jpeg_kb")}
-    if parts["data_host"] or parts["data_e2e"]:
-        data["environment"] = (parts["data_host"] or parts["data_e2e"])["environment"]
-    report = {"environment": environment, "throughput": throughput, "data_pipeline": data, "missing": missing}
+def parts_table(parts: list[dict]) -> str:
+    lines = ["| part | status | seconds | limit s |", "|---|---|---|---|"]
+    lines += [f"| {p['part']} | {p['status']} | {p['seconds']} | {p['limit_s']} |" for p in parts]
+    return "\n".join(lines) + "\n"
+
+
+def main(work: Path, out: Path | None = None) -> dict:
+    out = out or work
+    parts = read_parts(work)
+    names = [p["part"] for p in parts]
+    reports = {name: load(work, name) for name in names}
+    throughput = [row for name in names if name.startswith("throughput_") and reports[name]
+                  for row in reports[name]["results"]]
+    data = {key: value for name in DATA_PARTS if reports.get(name) for key, value in reports[name].items()
+            if key in DATA_KEYS}
+    environment = next((reports[name]["environment"] for name in names if reports[name]
+                        and "environment" in reports[name]), {})
+    if data:
+        data["environment"] = next(reports[name]["environment"] for name in DATA_PARTS if reports.get(name))
+    preflight = reports.get("preflight") or {}
+    missing = {p["part"]: p["status"] for p in parts if reports[p["part"]] is None or p["status"] != "ok"}
+    report = {"environment": environment, "packages": preflight.get("packages", {}), "parts": parts,
+              "throughput": throughput, "data_pipeline": data, "missing": missing,
+              "other": {name: reports[name] for name in OTHER_SECTIONS if reports.get(name)}}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    sections = [f"# GPU check: {environment.get('device', '?')}, {environment.get('date', '?')}\n"]
+    device = preflight.get("device") or environment.get("device", "?")
+    sections = [f"# GPU check: {device}, {environment.get('date', preflight.get('date', '?'))}\n"]
+    if report["packages"]:
+        sections.append("Packages: " + ", ".join(f"{name} {version}" for name, version in report["packages"].items())
+                        + "\n")
     if throughput:
         sections.append(throughput_table(throughput))
     if data:
         sections.append(data_pipeline_tables(data))
+    sections += [render(reports[name]) for name, render in OTHER_SECTIONS.items() if reports.get(name)]
+    sections.append(parts_table(parts))
     if missing:
-        sections.append(f"Missing parts (failed or out of time, see their logs): {', '.join(missing)}\n")
+        sections.append("Missing or partial: " + ", ".join(f"{name} ({status})" for name, status in missing.items())
+                        + "; their logs are in gpu_check.tar.gz\n")
     text = "\n".join(sections)
     (out / "gpu_check.md").write_text(text)
     print(text)
@@ -67,4 +123,4 @@ def main(out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_check"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_check"), Path(sys.argv[2]) if len(sys.argv) > 2 else None)

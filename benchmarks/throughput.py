@@ -297,8 +297,10 @@ def timed_block(runner: Runner, batches: list[dict], warmup: int, steps: int) ->
 
 
 def run_pair(name: str, preset: Preset, device: torch.device, modes=("eager", "compile"),
-             compile_options: dict | None = None, seed: int = 0) -> list[Result]:
-    """Time both sides of pair `name` in each mode; `compile_options` go to torch.compile."""
+             compile_options: dict | None = None, seed: int = 0,
+             record: Callable[[list[Result]], None] | None = None) -> list[Result]:
+    """Time both sides of pair `name` in each mode; `compile_options` go to torch.compile. `record(rows)`
+    gets each mode's rows as soon as they are timed (the GPU check saves them then)."""
     results = []
     for mode in modes:
         torch.manual_seed(seed)
@@ -324,12 +326,14 @@ def run_pair(name: str, preset: Preset, device: torch.device, modes=("eager", "c
                     # Both models are resident: take out what the other side keeps between its steps.
                     others = sum(runners[o].resident_bytes() for o in runners if o != side)
                     peaks[side] = max(peaks[side], torch.cuda.max_memory_allocated(device) - others)
-        for side, runner in runners.items():
-            results.append(Result(
-                pair=name, mode=mode, side=side, images_per_s=statistics.median(speeds[side]),
-                images_per_s_repeats=speeds[side], peak_memory_gb=peaks[side] / 1e9 if device.type == "cuda" else None,
-                trainable_params=sum(p.numel() for p in runner.params),
-            ))
+        rows = [Result(pair=name, mode=mode, side=side, images_per_s=statistics.median(speeds[side]),
+                       images_per_s_repeats=speeds[side],
+                       peak_memory_gb=peaks[side] / 1e9 if device.type == "cuda" else None,
+                       trainable_params=sum(p.numel() for p in runner.params))
+                for side, runner in runners.items()]
+        results += rows
+        if record is not None:
+            record(rows)
         del pair, batches, runners
         gc.collect()
         if device.type == "cuda":
@@ -429,21 +433,30 @@ def main(argv=None) -> list[Result]:
     print(f"{preset_name} on {env['device']} ({device}), torch {env['torch']}, transformers {env['transformers']}")
     print(preset)
     results = []
+
+    def record(rows: list[Result]) -> None:  # the JSON holds every finished row: a run out of time keeps them
+        results.extend(rows)
+        if args.json:
+            write_json(args.json, env, preset_name, preset, modes, compile_options, results)
+
     for name in args.models.split(","):
-        results += run_pair(name, preset, device, modes, compile_options, seed=args.seed)
+        run_pair(name, preset, device, modes, compile_options, seed=args.seed, record=record)
     for r in results:
         repeats = ", ".join(f"{speed:,.0f}" for speed in r.images_per_s_repeats)
         print(f"{r.pair} {r.mode} {r.side}: {r.trainable_params:,} trainable params, img/s per repeat [{repeats}], "
               f"best {max(r.images_per_s_repeats):,.0f}")
     print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({
-                "environment": env, "preset_name": preset_name, "preset": dataclasses.asdict(preset),
-                "modes": list(modes), "compile_options": compile_options,
-                "results": [dataclasses.asdict(r) for r in results],
-            }, handle, indent=2)
     return results
+
+
+def write_json(path: str, env: dict, preset_name: str, preset: Preset, modes, compile_options: dict,
+               results: list[Result]) -> None:
+    with open(path, "w") as handle:
+        json.dump({
+            "environment": env, "preset_name": preset_name, "preset": dataclasses.asdict(preset),
+            "modes": list(modes), "compile_options": compile_options,
+            "results": [dataclasses.asdict(r) for r in results],
+        }, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 import dataclasses
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -114,24 +117,69 @@ def test_data_pipeline_host_figures_of_every_method(tmp_path):
     assert "| beitv2 |" in (tmp_path / "r.md").read_text()
 
 
-def test_gpu_check_smoke_mode_writes_json_and_markdown(tmp_path):
-    """SMOKE=1: every part of benchmarks/gpu_check.sh on the CPU, tiny, then the merged report."""
-    import os
-    import subprocess
+def run_gpu_check(out: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), str(out)], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=3000)
 
-    out = tmp_path / "check"
-    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), str(out)], env={**os.environ, "SMOKE": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+
+def check_gpu_check_output(out: Path, done: subprocess.CompletedProcess) -> dict:
+    """What the device machine returns: at most 8 files, the report, and every part's log and JSON in one archive."""
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert sorted(path.name for path in out.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_check.tar.gz"]
     report = json.loads((out / "gpu_check.json").read_text())
-    assert report["missing"] == [], done.stdout
+    assert report["missing"] == {}, done.stdout[-6000:]
     assert {r["pair"] for r in report["throughput"]} == {"mae", "beit", "beitv2", "beitv2-tokenizer"}
+    assert {r["mode"] for r in report["throughput"]} == {"eager", "compile"}
     assert report["data_pipeline"]["e2e"][0]["e2e_img_s"] > 0 and report["data_pipeline"]["host"]
     assert [r["jpeg_decoding"] for r in report["data_pipeline"]["e2e"]] == ["device", "host"]
     assert all(row.get("e2e_img_s", 0) > 0 for row in report["data_pipeline"]["e2e"])  # no row failed
     assert report["data_pipeline"]["complete"] and report["data_pipeline"]["decode"]["decode_img_s"] > 0
     table = (out / "gpu_check.md").read_text()
     assert "| mae | eager |" in table and "e2e / model" in table
+    with tarfile.open(out / "gpu_check.tar.gz") as archive:
+        names = {Path(name).name for name in archive.getnames()}
+    parts = [part["part"] for part in report["parts"]]
+    assert {f"{part}.log" for part in parts} | {f"{part}.json" for part in parts} | {"parts.tsv"} <= names
+    return report
+
+
+def test_gpu_check_smoke_mode_returns_three_files(tmp_path):
+    """SMOKE=1: every part of benchmarks/gpu_check.sh on the CPU, tiny, then the merged report and the archive."""
+    check_gpu_check_output(tmp_path / "check", run_gpu_check(tmp_path / "check", SMOKE="1"))
+
+
+@pytest.mark.skipif(os.environ.get("HF_MIM_GPU_CHECK_REHEARSE") != "1",
+                    reason="minutes (builds a venv of the device image's packages): HF_MIM_GPU_CHECK_REHEARSE=1")
+def test_gpu_check_rehearsal_in_the_device_images_packages(tmp_path):
+    """REHEARSE=1: the whole check in a fresh venv holding only the device image's packages (transformers 5.17,
+    huggingface_hub 1.33, no datasets) plus the carried wheels."""
+    report = check_gpu_check_output(tmp_path / "check", run_gpu_check(tmp_path / "check", REHEARSE="1"))
+    packages = json.loads((tmp_path / "check" / "gpu_check.json").read_text())["packages"]
+    assert packages["transformers"] == "5.17.0" and packages["huggingface_hub"] == "1.33.0", packages
+    assert report["parts"][0]["part"] == "preflight"
+
+
+def test_gpu_check_report_needs_only_the_standard_library(tmp_path):
+    """The report is written without site-packages (python -I -S), a part out of time and a skipped one listed."""
+    (tmp_path / "parts.tsv").write_text("preflight\t60\tok\t0\t3\nthroughput_eager_mae\t35\tout of time\t124\t35\n"
+                                        "throughput_compiled_beit\t9\tskipped: budget\t-1\t0\n")
+    (tmp_path / "preflight.json").write_text(json.dumps({"packages": {"transformers": "5.17.0"}, "device": "H100"}))
+    row = {"pair": "mae", "mode": "eager", "side": "ours", "images_per_s": 900.0, "peak_memory_gb": 20.0}
+    (tmp_path / "throughput_eager_mae.json").write_text(json.dumps({"environment": {"date": "2026-12-07"},
+                                                                     "results": [row]}))
+    host_row = {"method": "mae", "reference_img_s": 100.0, "fast_host_img_s": 300.0, "host_speedup": 3.0,
+                "fast_device_img_s": 5000.0, "device_decoding_host_img_s": 900.0, "device_decoding_host_speedup": 9.0}
+    (tmp_path / "parts.tsv").write_text((tmp_path / "parts.tsv").read_text() + "data_host\t40\tout of time\t124\t40\n")
+    (tmp_path / "data_host.json").write_text(json.dumps({"environment": {"device": "cuda"}, "host": [host_row]}))
+    done = subprocess.run([sys.executable, "-I", "-S", str(BENCHMARKS / "gpu_check_report.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["missing"] == {"throughput_eager_mae": "out of time", "throughput_compiled_beit": "skipped: budget",
+                                 "data_host": "out of time"}
+    assert report["data_pipeline"]["host"] == [host_row]  # a partial host section: its first method's row
+    assert report["throughput"] == [row]  # the rows saved before the limit
+    assert "| mae | eager | 900 |" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_segmentation_transfer_compares_both_backbones_per_seed(tmp_path):

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_fast_data import IMAGES, assert_close_levels, build_method, fast_run, jpeg_bytes, levels, write_jpeg_parquet
+from test_fast_data import (IMAGES, assert_close_levels, build_method, fast_run, jpeg_bytes, levels, saturated_jpeg,
+                            write_jpeg_parquet)
 
 from hf_mim.data import ImageExamples, decode_image
 from hf_mim.device_decoding import ORIENTATIONS, decode_files, reaches_end_of_image
@@ -133,6 +134,22 @@ def test_beit_two_views_and_jitter_decoded_on_the_device_match_the_reference(tmp
     fast, reference, processor, _, _ = both_paths("beit", IMAGES, [(i % 4, i) for i in range(12)],
                                                "--tokenizer", str(tmp_path / "dvae"))
     torch.testing.assert_close(fast["bool_masked_pos"], reference["bool_masked_pos"], rtol=0, atol=0)
+    mean, std = processor.image_mean, processor.image_std
+    assert_close_levels(levels(fast["pixel_values"], mean, std), levels(reference["pixel_values"], mean, std),
+                        reduced=False)
+    assert_close_levels(levels(fast["tokenizer_pixel_values"]), levels(reference["tokenizer_pixel_values"]),
+                        reduced=False)
+
+
+def test_saturated_quality_95_photos_decoded_on_the_device_match_within_the_stated_levels(tmp_path):
+    """500x375 q95 JPEGs with saturated hard-edged shapes, BEiT's jitter and both views: within EXACT_MAX_LEVELS."""
+    torch.manual_seed(0)
+    DvaeTokenizer(DvaeConfig(hidden_size=8, vocab_size=32, num_groups=3, num_blocks_per_group=1, with_decoder=False,
+                             reference_fp16=False)).save_pretrained(tmp_path / "dvae")
+    files = [saturated_jpeg(3), saturated_jpeg(4, 375, 500)]
+    fast, reference, processor, shipped, _ = both_paths("beit", files, [(i % 2, i) for i in range(4)],
+                                                        "--tokenizer", str(tmp_path / "dvae"))
+    assert shipped["encoded"] == list(range(4))
     mean, std = processor.image_mean, processor.image_std
     assert_close_levels(levels(fast["pixel_values"], mean, std), levels(reference["pixel_values"], mean, std),
                         reduced=False)

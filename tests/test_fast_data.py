@@ -14,7 +14,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy.stats import kstest
 from torchvision.transforms import v2
 
@@ -54,6 +54,24 @@ def jpeg_bytes(seed: int, width: int, height: int, exif_orientation: int | None 
 IMAGES = [jpeg_bytes(0, 120, 90), jpeg_bytes(1, 90, 120), jpeg_bytes(2, 260, 200), jpeg_bytes(3, 40, 30)]
 
 
+def saturated_jpeg(seed: int, width: int = 500, height: int = 375) -> bytes:
+    """An ImageNet-sized quality-95 JPEG where bicubic and Lanczos overshoot most: flat shapes of saturated
+    colours (0 and 255 channels) with hard edges over a photo-like background clipped at 0 and 255."""
+    rng = np.random.default_rng(seed)
+    background = Image.open(io.BytesIO(jpeg_bytes(seed, width, height))).convert("RGB")
+    pixels = ((np.asarray(background, dtype=np.float32) - 128) * 2.5 + 128).clip(0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        left, top = int(rng.integers(0, width)), int(rng.integers(0, height))
+        box = (left, top, left + int(rng.integers(2, 120)), top + int(rng.integers(2, 90)))
+        colour = tuple(int(value) for value in rng.choice([0, 255], 3))
+        (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=colour)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
 pytestmark = pytest.mark.usefixtures("single_torch_thread")  # conftest.py
 
 
@@ -72,13 +90,13 @@ def dvae(tmp_path_factory) -> Path:
     return path
 
 
-def both_paths(method, processor, seeds, reduced: bool):
-    """(fast batch, reference batch) of IMAGES[seed % 4] with sample seed `seed`."""
+def both_paths(method, processor, seeds, reduced: bool, images=IMAGES):
+    """(fast batch, reference batch) of images[seed % len(images)] with sample seed `seed`."""
     spec = dataclasses.replace(method.fast_views(processor), reduced_decoding=reduced)
     host, reference = HostSampler(spec, method.image_mode), method.train_transform(processor)
     fast, slow = [], []
     for seed in seeds:
-        data = IMAGES[seed % len(IMAGES)]
+        data = images[seed % len(images)]
         fast.append(apply_seeded(host, Image.open(io.BytesIO(data)), seed))
         slow.append(apply_seeded(reference, decode_image({"bytes": data}), seed))
     return DeviceViews(spec)(collate(fast)), torch.utils.data.default_collate(slow)
@@ -126,6 +144,24 @@ def test_beit_two_views_and_jitter_match_the_reference(dvae, reduced):
     assert_close_levels(levels(fast["pixel_values"], mean, std), levels(reference["pixel_values"], mean, std), reduced)
     assert fast["tokenizer_pixel_values"].shape == reference["tokenizer_pixel_values"].shape
     assert_close_levels(levels(fast["tokenizer_pixel_values"]), levels(reference["tokenizer_pixel_values"]), reduced)
+
+
+@pytest.fixture(scope="module")
+def saturated_jpegs() -> list[bytes]:
+    return [saturated_jpeg(0), saturated_jpeg(1, 375, 500), saturated_jpeg(2)]
+
+
+@pytest.mark.parametrize("name", ["mae", "beit"])
+def test_saturated_quality_95_photos_match_within_the_stated_levels(name, dvae, saturated_jpegs):
+    """Full decodes of 500x375 q95 JPEGs with saturated, hard-edged shapes (where each resampling pass
+    overshoots past 0 and 255 and Pillow clips it): every view within EXACT_MAX_LEVELS of the reference's."""
+    method, processor = build_method(name, *(["--tokenizer", str(dvae)] if name == "beit" else []))
+    fast, reference = both_paths(method, processor, range(6), False, saturated_jpegs)
+    mean, std = processor.image_mean, processor.image_std
+    assert (levels(reference["pixel_values"], mean, std).round() == 255).float().mean() > 0.02  # saturated
+    assert_close_levels(levels(fast["pixel_values"], mean, std), levels(reference["pixel_values"], mean, std), False)
+    if name == "beit":
+        assert_close_levels(levels(fast["tokenizer_pixel_values"]), levels(reference["tokenizer_pixel_values"]), False)
 
 
 def test_vit_mpp_targets_and_masks_match_the_reference():

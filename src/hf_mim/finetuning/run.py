@@ -25,7 +25,7 @@ from ..checksums import write_model_manifest
 from ..data import DIGITS_SOURCE, ImageDatasets, ImageExamples, load_image_datasets
 from ..data_fingerprint import data_fingerprint
 from ..files import apply_umask
-from ..launch import check_one_run_per_launch
+from ..launch import check_one_run_per_launch, warn_if_bf16_is_emulated
 from ..metrics import load_top_k_accuracy
 from ..preemption import Preempted, PreemptionGuard, resume_hint
 from ..pretraining.checkpoints import latest_checkpoint, refused_pickle_error, resolve_resume_path
@@ -273,6 +273,7 @@ def finetune_locked(model_args: ModelArguments, data_args: DataArguments, finetu
                     training_args) -> dict:
     limit_cpu_threads(training_args)
     check_one_run_per_launch(training_args.world_size)  # --use_cpu (the default without a GPU) joins a gloo group
+    warn_if_bf16_is_emulated("bf16" if training_args.bf16 else None, training_args.device)
     set_seed(training_args.seed)
     data = load_data(data_args, model_args, training_args)
     logger.info(resolve_finetuning_recipe(finetuning_args, training_args, train_image_count(data)))  # and why

@@ -27,7 +27,7 @@ from ..data import (
 )
 from ..data_fingerprint import data_fingerprint, warn_if_data_changed
 from ..distributed import check_sharding_engaged
-from ..launch import check_one_run_per_launch, cpu_process_group_needed
+from ..launch import check_one_run_per_launch, cpu_process_group_needed, warn_if_bf16_is_emulated
 from ..preemption import Preempted, PreemptionGuard, resume_hint
 from ..run_lock import OutputDirLock
 from .arguments import apply_data_size_rule, resolve_mixed_precision
@@ -110,6 +110,7 @@ def build_accelerator(args) -> Accelerator:
     )
     check_one_run_per_launch(accelerator.num_processes)
     check_sharding_engaged(accelerator)  # an FSDP / DeepSpeed config that accelerate would drop: refuse
+    warn_if_bf16_is_emulated(accelerator.mixed_precision, accelerator.device)  # e.g. a shipped GPU config on a CPU
     return accelerator
 
 
