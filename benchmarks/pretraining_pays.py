@@ -11,15 +11,17 @@
 4. top-1 on held-out test images (test.parquet, never trained on); each row is appended to
    OUTPUT_DIR/rows.jsonl as it completes, and a finished row is not run again.
 
-    # CPU (2 cores): 64-wide ViT, 32 px, patch 4, lengths 0-2000, 1,000 labels, 2 seeds
+    # CPU: 64-wide ViT, 32 px, patch 4, lengths 0 / 250 / 1000, 1,000 labels, 2 seeds (RESULTS.md)
     OMP_NUM_THREADS=1 python benchmarks/pretraining_pays.py --output_dir outputs/pays
-    # the same rows in three processes (pre-trained side; random side per seed), then the table
-    python benchmarks/pretraining_pays.py --output_dir outputs/pays --only pretrained &
+    # the same rows in processes sharing --output_dir: give each its own rows (a row already in rows.jsonl
+    # is skipped, one being run elsewhere is not); --only pretrained reuses a running run's checkpoints
+    python benchmarks/pretraining_pays.py --output_dir outputs/pays --only pretrained --seeds 0 &
     python benchmarks/pretraining_pays.py --output_dir outputs/pays --only random --seeds 0 &
-    python benchmarks/pretraining_pays.py --output_dir outputs/pays --only random --seeds 1
+    python benchmarks/pretraining_pays.py --output_dir outputs/pays --only random --seeds 1 &
+    python benchmarks/pretraining_pays.py --output_dir outputs/pays --only random --seeds 1 --pretrain_steps 1000
     python benchmarks/pretraining_pays.py --output_dir outputs/pays --json pays.json
     # larger, for a GPU (not run yet)
-    python benchmarks/pretraining_pays.py --preset mae-demo --pretrain_steps 0,2000,10000,40000 \\
+    python benchmarks/pretraining_pays.py --preset mae-demo --pretrain_steps 0,1000,5000,20000 \\
         --pretrain_batch_size 256 --finetune_steps 2000 --labels 2500 --seeds 0,1,2 --output_dir outputs/pays-gpu
 
 The pre-training sweep is one run at a constant learning rate after warm-up, so the run's
