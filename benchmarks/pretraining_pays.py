@@ -19,7 +19,7 @@
     python benchmarks/pretraining_pays.py --output_dir outputs/pays --only random --seeds 0 &
     python benchmarks/pretraining_pays.py --output_dir outputs/pays --only random --seeds 1 &
     python benchmarks/pretraining_pays.py --output_dir outputs/pays --only random --seeds 1 --pretrain_steps 1000
-    python benchmarks/pretraining_pays.py --output_dir outputs/pays --json pays.json
+    python benchmarks/pretraining_pays.py --output_dir outputs/pays --only report --json pays.json
     # larger, for a GPU (not run yet)
     python benchmarks/pretraining_pays.py --preset mae-demo --pretrain_steps 0,1000,5000,20000 \\
         --pretrain_batch_size 256 --finetune_steps 2000 --labels 2500 --seeds 0,1,2 --output_dir outputs/pays-gpu
@@ -84,8 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layer_decay", type=float, default=0.75, help="pre-trained starts (random init: 1.0)")
     parser.add_argument("--eval_samples", type=int, default=2000, help="test images scored")
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--only", default="all", choices=["all", "pretrained", "random"],
-                        help="run only one side's rows (several processes share --output_dir)")
+    parser.add_argument("--only", default="all", choices=["all", "pretrained", "random", "report"],
+                        help="run only one side's rows (several processes share --output_dir); report: none, "
+                             "the table of the rows so far")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu"], help="auto: a GPU when there is one")
     parser.add_argument("--output_dir", required=True, help="runs, checkpoints and rows.jsonl")
     parser.add_argument("--json", help="write the summary here")
@@ -265,8 +266,25 @@ def mean_of(rows: list[dict], metric: str, **key) -> float | None:
     return round(statistics.fmean(values), 4) if values else None
 
 
-def difference(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else round(a - b, 4)
+def paired_gain(rows: list[dict], start: dict, random_steps: int) -> float | None:
+    """Mean over the seeds that have both runs of top-1 (start) - top-1 (random init, `random_steps`)."""
+    def top1_by_seed(**key):
+        return {row["seed"]: row["top1"] for row in rows
+                if row["kind"] == "finetune" and all(row.get(name) == value for name, value in key.items())}
+
+    ours, random = top1_by_seed(**start), top1_by_seed(start="random", finetune_steps=random_steps)
+    gains = [ours[seed] - random[seed] for seed in ours.keys() & random.keys()]
+    return round(statistics.fmean(gains), 4) if gains else None
+
+
+def pretraining_losses(args, length: int) -> float | None:
+    """The MAE loss at step L (mean of the run's last 5 logged values up to L): still falling or not."""
+    log = Path(args.output_dir) / "pretraining" / "run" / "log.jsonl"
+    if not length or not log.is_file():
+        return None
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    losses = [entry["loss"] for entry in entries if "loss" in entry and entry.get("step", 0) <= length]
+    return round(statistics.fmean(losses[-5:]), 4) if losses else None
 
 
 def summarise(args, flops: dict[str, int]) -> dict:
@@ -274,21 +292,24 @@ def summarise(args, flops: dict[str, int]) -> dict:
     table = []
     for length in args.lengths:
         compute_steps = equal_compute_steps(length, flops, args.finetune_steps)
-        pre = mean_of(rows, "top1", kind="finetune", start="pretrained" if length else "random",
-                      **({"pretrain_steps": length} if length else {}), finetune_steps=args.finetune_steps)
+        start = ({"start": "pretrained", "pretrain_steps": length} if length else {"start": "random"})
+        start = {**start, "finetune_steps": args.finetune_steps}
+        pre = mean_of(rows, "top1", kind="finetune", **start)
         same_steps = mean_of(rows, "top1", kind="finetune", start="random", finetune_steps=args.finetune_steps)
         same_compute = mean_of(rows, "top1", kind="finetune", start="random", finetune_steps=compute_steps)
-        probe_key = {"start": "pretrained", "pretrain_steps": length} if length else {"start": "random"}
+        probe_key = {key: value for key, value in start.items() if key != "finetune_steps"}
         table.append({
-            "pretrain_steps": length, "equal_compute_random_steps": compute_steps,
+            "pretrain_steps": length, "mae_loss": pretraining_losses(args, length),
+            "equal_compute_random_steps": compute_steps,
             "total_tflops": round((length * flops["pretrain_step"] + args.finetune_steps * flops["finetune_step"])
                                   / 1e12, 2),
             "pretrained_top1": pre, "random_equal_steps_top1": same_steps, "random_equal_compute_top1": same_compute,
-            "gain_equal_steps": difference(pre, same_steps), "gain_equal_compute": difference(pre, same_compute),
+            "gain_equal_steps": paired_gain(rows, start, args.finetune_steps),
+            "gain_equal_compute": paired_gain(rows, start, compute_steps),
             "linear_top1": mean_of(rows, "linear_top1", kind="probe", **probe_key),
             "knn_top1": mean_of(rows, "knn_top1", kind="probe", **probe_key),
             "seeds": sorted({row["seed"] for row in rows if row["kind"] == "finetune"
-                             and row.get("pretrain_steps", 0) == length and row["start"] == "pretrained"}),
+                             and all(row.get(name) == value for name, value in start.items())}),
         })
     wins = [row["pretrain_steps"] for row in table if row["pretrain_steps"] and (row["gain_equal_compute"] or 0) > 0]
     return {"settings": {key: value for key, value in vars(args).items() if key != "seed_list"},
@@ -297,13 +318,13 @@ def summarise(args, flops: dict[str, int]) -> dict:
 
 
 def print_table(summary: dict) -> None:
-    print("L (pre-train steps) | TFLOPs | FT top-1 | random, equal steps | random, equal compute (steps) | "
-          "gain equal compute | linear | k-NN")
+    print("L (pre-train steps) | MAE loss | TFLOPs | FT top-1 | random, equal steps | random, equal compute (steps) | "
+          "gain equal steps | gain equal compute | linear | k-NN | seeds")
     for row in summary["table"]:
         print(" | ".join(str(value) for value in (
-            row["pretrain_steps"], row["total_tflops"], row["pretrained_top1"], row["random_equal_steps_top1"],
-            f"{row['random_equal_compute_top1']} ({row['equal_compute_random_steps']})", row["gain_equal_compute"],
-            row["linear_top1"], row["knn_top1"])))
+            row["pretrain_steps"], row["mae_loss"], row["total_tflops"], row["pretrained_top1"], row["random_equal_steps_top1"],
+            f"{row['random_equal_compute_top1']} ({row['equal_compute_random_steps']})", row["gain_equal_steps"],
+            row["gain_equal_compute"], row["linear_top1"], row["knn_top1"], row["seeds"])))
 
 
 def main(argv=None) -> dict:
