@@ -211,3 +211,70 @@ def test_token_agreement_smoke_writes_a_row_per_precision(tmp_path):
     assert all(0.0 <= row["agreement_with_fp32"] <= 1.0 for row in report["rows"])
     assert json.loads((tmp_path / "token_agreement.json").read_text())["rows"] == report["rows"]
     assert "| dvae | reference | reference_fp16 |" in (tmp_path / "token_agreement.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Does pre-training pay off? (pretraining_pays.py)
+# ---------------------------------------------------------------------------------------------
+
+def write_tiny_cifar(folder: Path, count: int, seed: int) -> Path:
+    """A CIFAR-shaped parquet (32 px RGB images, 10 classes): each class its own colour, plus noise."""
+    import datasets
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    labels = [index % 10 for index in range(count)]
+    images = []
+    for label in labels:
+        colour = torch.tensor([label * 25, 255 - label * 25, (label * 70) % 256], dtype=torch.float32)
+        pixels = (colour[None, None] + 40 * torch.randn(32, 32, 3, generator=generator)).clamp(0, 255)
+        images.append(Image.fromarray(pixels.to(torch.uint8).numpy()))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    path = folder / f"cifar-{seed}.parquet"
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(str(path))
+    return path
+
+
+def test_pretraining_pays_rows_at_both_compute_budgets(tmp_path):
+    """Real pre-training (one run, its checkpoints the lengths), fine-tuning and probes, micro scale."""
+    pays = load_script("pretraining_pays")
+    argv = ["--train_file", str(write_tiny_cifar(tmp_path, 48, seed=0)),
+            "--test_file", str(write_tiny_cifar(tmp_path, 20, seed=1)), "--preset", "micro",
+            "--pretrain_steps", "0,2,4", "--pretrain_batch_size", "8", "--pretrain_warmup", "1", "--labels", "20",
+            "--finetune_steps", "2", "--finetune_batch_size", "8", "--eval_samples", "20", "--seeds", "0",
+            "--device", "cpu", "--output_dir", str(tmp_path / "out"), "--json", str(tmp_path / "s.json")]
+    summary = pays.main(argv)
+    flops = summary["flops_per_step"]
+    assert 0 < flops["pretrain_step"] and 0 < flops["finetune_step"]
+    by_length = {row["pretrain_steps"]: row for row in summary["table"]}
+    assert sorted(by_length) == [0, 2, 4]
+    for length, row in by_length.items():
+        assert row["equal_compute_random_steps"] == 2 + round(length * flops["pretrain_step"] / flops["finetune_step"])
+        assert 0 <= row["pretrained_top1"] <= 1 and 0 <= row["random_equal_compute_top1"] <= 1
+        assert row["gain_equal_compute"] == round(row["pretrained_top1"] - row["random_equal_compute_top1"], 4)
+        assert row["linear_top1"] is not None and row["knn_top1"] is not None
+    assert by_length[0]["gain_equal_steps"] == by_length[0]["gain_equal_compute"] == 0  # random vs itself
+    assert by_length[4]["equal_compute_random_steps"] > by_length[2]["equal_compute_random_steps"] > 2
+    # the 4-step model is the run's last step: the checkpoint turned model holds the run's final weights
+    from safetensors.torch import load_file
+
+    pretraining = tmp_path / "out" / "pretraining"
+    final, checkpoint = (load_file(folder / "model.safetensors") for folder in (pretraining / "run", pretraining / "mae-4"))
+    assert final.keys() == checkpoint.keys() and all(torch.equal(final[k], checkpoint[k]) for k in final)
+    earlier = load_file(pretraining / "mae-2" / "model.safetensors")
+    assert not all(torch.equal(final[k], earlier[k]) for k in final)  # 2 steps earlier: other weights
+    rows = (tmp_path / "out" / "rows.jsonl").read_text().splitlines()
+    assert len(rows) == 2 * 2 + 1 + 3  # fine-tune + probe per length > 0, the random probe, 3 random fine-tunes
+    assert pays.main(argv)["table"] == summary["table"]  # a second call runs nothing again
+    assert (tmp_path / "out" / "rows.jsonl").read_text().splitlines() == rows
+    assert json.loads((tmp_path / "s.json").read_text())["table"] == summary["table"]
+
+
+def test_pretraining_pays_counts_flops_per_image(tmp_path):
+    pays = load_script("pretraining_pays")
+    from hf_mim import MaeConfig, MaeForPreTraining
+
+    model = MaeForPreTraining(MaeConfig(**pays.ARCHITECTURES["micro"]))
+    assert pays.step_flops(model, 4) == 2 * pays.step_flops(model, 2) > 0
+    flops = {"pretrain_step": 3, "finetune_step": 4}
+    assert pays.equal_compute_steps(0, flops, 10) == 10 and pays.equal_compute_steps(100, flops, 10) == 85
