@@ -118,6 +118,8 @@ def test_data_pipeline_host_figures_of_every_method(tmp_path):
 
 
 def run_gpu_check(out: Path, **env) -> subprocess.CompletedProcess:
+    """gpu_check.sh runs `python3` as on the device; here, this interpreter (a venv need not be activated)."""
+    env = {"PYTHON": sys.executable, **env}
     return subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), str(out)], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=3000)
 
