@@ -10,7 +10,11 @@ temperature-weighted k-NN (DINO: k=20, T=0.07) votes. Results: printed and writt
 --output_dir/probe_results.json. The code lives in `hf_mim.finetuning.probe`.
 """
 
+from hf_mim.data import DataSourceUnreachableError
 from hf_mim.finetuning.probe import main
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataSourceUnreachableError as error:  # one sentence: the traceback adds nothing to it
+        raise SystemExit(f"error: {error}") from None

@@ -17,7 +17,11 @@
 The code lives in `hf_mim.segmentation` (run.py, data.py).
 """
 
+from hf_mim.data import DataSourceUnreachableError
 from hf_mim.segmentation.run import main
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataSourceUnreachableError as error:  # one sentence: the traceback adds nothing to it
+        raise SystemExit(f"error: {error}") from None

@@ -119,11 +119,13 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_an_unreachable_dataset_name_is_one_sentence(tmp_path):
+@pytest.mark.parametrize("script,arguments", [("pretrain", PRETRAIN), ("segment", []),
+                                              ("probe", ["--config_name", "mae-demo"])])
+def test_an_unreachable_dataset_name_is_one_sentence(script, arguments, tmp_path):
     env = {**ENV, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
            "HF_HOME": str(tmp_path / "hf_home")}  # port 9 (discard): nothing listens, connections are refused
-    finished = subprocess.run([sys.executable, "-c", UNREACHABLE, str(ROOT / "examples" / "pretrain.py"),
-                               "--output_dir", str(tmp_path / "run"), "--dataset_name", "someone/cats", *PRETRAIN],
+    finished = subprocess.run([sys.executable, "-c", UNREACHABLE, str(ROOT / "examples" / f"{script}.py"),
+                               "--output_dir", str(tmp_path / "run"), "--dataset_name", "someone/cats", *arguments],
                               env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 1
     output = finished.stdout + finished.stderr
