@@ -17,7 +17,7 @@ import os
 
 from safetensors.torch import save_file
 
-from .common import ExportError, check_gelu, is_classifier, reference_state_dict
+from .common import check_gelu, is_classifier, reference_state_dict
 
 logger = logging.getLogger(__name__)
 
