@@ -187,8 +187,8 @@ def test_a_segmenter_card_describes_the_segmenter_not_the_pre_training():
                 "norm_pix_loss": True}
     config = {"model_type": "upernet", "architectures": ["MimUperNetForSemanticSegmentation"],
               "backbone_config": backbone, "id2label": {"0": "background", "1": "ink"},
-              "auto_map": {"AutoConfig": "modeling_segmenter.MimUperNetConfig",
-                           "AutoModelForSemanticSegmentation": "modeling_segmenter.MimUperNetForSemanticSegmentation"}}
+              "auto_map": {"AutoConfig": "segmenter.MimUperNetConfig",
+                           "AutoModelForSemanticSegmentation": "segmenter.MimUperNetForSemanticSegmentation"}}
     text = str(card_for("mae", model_type="upernet", task="semantic-segmentation", config=config))
     for pretraining_field in ("decoder_hidden_size", "mask_ratio", "norm_pix_loss"):
         assert f"| `{pretraining_field}` |" not in text  # no row in the Model table

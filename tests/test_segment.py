@@ -249,6 +249,19 @@ torch.save({"logits": logits, "relabelled_classes": relabelled.config.num_labels
 """
 
 
+def test_import_hf_mim_leaves_transformers_upernet_as_it_is():
+    """The segmenter ships its own classes; `import hf_mim` registers only hf_mim's model types, so every other
+    UperNet (a ConvNeXt backbone, say) still loads as transformers' own, with its own image processor."""
+    from transformers import CONFIG_MAPPING, UperNetConfig
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+
+    import hf_mim  # noqa: F401
+    from hf_mim.models.segmenter import MimUperNetConfig
+
+    assert CONFIG_MAPPING["upernet"] is UperNetConfig
+    assert MimUperNetConfig not in IMAGE_PROCESSOR_MAPPING._extra_content
+
+
 @pytest.mark.parametrize("family", ["mae", "beit"])
 def test_a_saved_segmenter_loads_without_hf_mim(family, tmp_path):
     """AutoModelForSemanticSegmentation(trust_remote_code=True) where hf_mim cannot be imported: transformers'
@@ -285,7 +298,8 @@ def test_a_saved_segmenter_loads_without_hf_mim(family, tmp_path):
     assert remote["class"].startswith("transformers_modules.") and remote["backbone"].startswith("transformers_modules.")
     with torch.no_grad():
         torch.testing.assert_close(remote["logits"], model(pixels).logits, atol=1e-6, rtol=0)
-    # with hf_mim installed, transformers' own UperNet class still loads the folder
+    # with hf_mim installed, transformers' own UperNet class loads the folder
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "segmenter").eval()
+    assert type(reloaded).__name__ == "UperNetForSemanticSegmentation"
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixels).logits, model(pixels).logits, atol=1e-6, rtol=0)

@@ -143,8 +143,6 @@ FAMILIES_NOT_RUN = {
     "hf_mim_vqkd": "a visual tokenizer (VQ-KD): its forward needs the teacher's features and returns codes and losses, "
                    "not a transformers encoder output (tests/test_vqkd.py; its ViTs are the shared encoder)",
     "hf_mim_peco": "a visual tokenizer (PeCo VQ-VAE): convolutional, returns codes (tests/test_peco.py)",
-    "upernet": "transformers' own UperNetForSemanticSegmentation on an hf_mim backbone (saved to load without "
-               "hf_mim): its code is transformers'; the backbones run BackboneTesterMixin (tests/test_segment.py)",
 }
 
 

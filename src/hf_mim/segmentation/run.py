@@ -30,7 +30,7 @@ from ..finetuning.transforms import default_mean_std
 from ..metrics import load_mean_iou
 from ..models.configuration_vit import default_pyramid_stages
 from ..models.image_processing_mim import MimImageProcessor
-from ..models.modeling_segmenter import MimUperNetConfig, MimUperNetForSemanticSegmentation
+from ..models.segmenter import MimUperNetConfig, MimUperNetForSemanticSegmentation
 from .data import (
     DIGIT_SCENES_DESCRIPTION, DIGIT_SCENES_SOURCE, SegmentationData, SegmentationExamples, check_mask_values,
     load_segmentation_data,
