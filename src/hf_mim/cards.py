@@ -251,17 +251,16 @@ def plain_value(value: Any) -> Any:
     return value
 
 
-def card_metadata(config: dict, task: str, method: str, kind: str, model_name: str, license: str,
+def card_metadata(ships_code: bool, task: str, method: str, kind: str, model_name: str, license: str,
                   dataset: str | None, dataset_config: str | None, eval_split: str, base_model: str | None,
                   results: dict, extra_tags: list[str] | None) -> ModelCardData:
     """The Hub's YAML block. Its convention for models loaded with transformers' Auto classes, also through
     remote code: library_name transformers (the "Use in Transformers" snippet), `custom_code` when the code
-    ships in the repo (auto_map)."""
-    remote_code = bool(config.get("auto_map"))
+    ships in the repo."""
     return ModelCardData(
         library_name="transformers",
         pipeline_tag=PIPELINE_TAGS[task],
-        tags=["hf_mim", "masked-image-modeling", method, *(["custom_code"] if remote_code else []),
+        tags=["hf_mim", "masked-image-modeling", method, *(["custom_code"] if ships_code else []),
               *(["image-tokenizer"] if kind == "tokenizer" else []), *(extra_tags or [])],
         license=license,
         datasets=[hub_id(dataset)] if hub_id(dataset) else None,  # local data sets have no Hub id
@@ -350,7 +349,8 @@ def make_model_card(
     name, kind = METHODS[method]
     repo_id = repo_id or f"<namespace>/{model_type}-{method}"
     model_name = repo_id.rsplit("/", 1)[-1]
-    card_data = card_metadata(config, task, method, kind, model_name, license, dataset, dataset_config, eval_split,
+    ships_code = bool(config.get("auto_map"))  # the config names the code saved beside it (trust_remote_code)
+    card_data = card_metadata(ships_code, task, method, kind, model_name, license, dataset, dataset_config, eval_split,
                               base_model, results, extra_tags)
     network = architecture_config(config, task)  # a segmenter's backbone
     task_description, summary = task_text(task, kind, name, network, from_scratch)
@@ -377,7 +377,8 @@ def make_model_card(
         result_rows=[(metric, format_value(value)) for metric, value in results.items()],
         results_where=f"the `{eval_split}` split of `{dataset}`",
         auto_class=auto_class,
-        remote_code=bool(config.get("auto_map")) or not config,  # hf_mim checkpoints ship their code
+        # without a config to read, the snippet assumes what every hf_mim save does: the code ships
+        remote_code=ships_code or not config,
         # Features from a pre-training checkpoint; a fine-tuned encoder may lack parts AutoModel expects.
         encoder_class="AutoModel" if task == "pretraining" and "AutoModel" in (config.get("auto_map") or {}) else None,
         repo_id=repo_id,

@@ -18,11 +18,10 @@ one line that gives it: `last_hidden_state[:, 1:].mean(1)`.
 
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
-import logging
-
 from transformers import (
     BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling, BeitModel, ViTConfig,
     ViTForImageClassification, ViTMAEConfig, ViTMAEForPreTraining, ViTModel,
