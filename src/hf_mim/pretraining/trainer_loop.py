@@ -503,8 +503,6 @@ def train(run: Run) -> dict:
         else:  # the loader ran dry
             if batches == 0 and not resumed_inside_epoch:
                 raise RuntimeError(f"Epoch {state.epoch} produced no batch: the training data is empty or exhausted.")
-            if plan.batches_per_epoch is None:  # a stream: its epoch is over
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     progress.close()
     if args.checkpointing_steps is not None and run.last_checkpoint_step != state.global_step:
         checkpoint(run)  # the final state, so that re-running the command finds the run complete
