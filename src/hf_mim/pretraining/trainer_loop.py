@@ -151,16 +151,17 @@ def build_model(args, method: PretrainingMethod, data: ImageDatasets) -> torch.n
 
 def make_examples(run: Run, dataset, train: bool):
     args, method = run.args, run.method
+    streamed = isinstance(dataset, datasets.IterableDataset)
     fast = train and fast_training_examples(args, method, run.processor, dataset, run.data.image_column,
                                             run.accelerator.device)
-    if train and isinstance(dataset, datasets.IterableDataset):
+    if train and streamed:
         return streamed_training_examples(run, dataset, fast)
     if fast:
         return fast
     transform = (method.train_transform if train else method.eval_transform)(run.processor)
-    if isinstance(dataset, datasets.IterableDataset):
-        return StreamingImageExamples(dataset, run.data.image_column, transform, seed=args.data_seed, shuffle=train,
-                                      image_mode=method.image_mode, shuffle_buffer_size=args.shuffle_buffer_size)
+    if streamed:  # an evaluation stream (training streams: above): the same order and masks on every pass
+        return StreamingImageExamples(dataset, run.data.image_column, transform, seed=args.data_seed, shuffle=False,
+                                      image_mode=method.image_mode)
     return ImageExamples(dataset, run.data.image_column, transform, image_mode=method.image_mode)
 
 
