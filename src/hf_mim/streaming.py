@@ -67,10 +67,8 @@ class ReferenceRows:
     collate = staticmethod(default_collate)
     device_views = None  # the reference path ships finished tensors
 
-    def __init__(self, transform: ExampleTransform, image_column: str, image_mode: str = "RGB",
-                 label_column: str | None = None):
+    def __init__(self, transform: ExampleTransform, image_column: str, image_mode: str = "RGB"):
         self.transform, self.image_column, self.image_mode = transform, image_column, image_mode
-        self.label_column = label_column
         self.unreadable = UnreadableImageLog()
 
     def __call__(self, row: dict, sample_seed: int, where: str) -> dict | None:
@@ -79,13 +77,7 @@ class ReferenceRows:
         except Exception as error:  # any decoder error, see ImageExamples.read
             self.unreadable.report(where, row[self.image_column], error)
             return None
-        return with_label(apply_seeded(self.transform, image, sample_seed), row, self.label_column)
-
-
-def with_label(example: dict, row: dict, label_column: str | None) -> dict:
-    if label_column is not None:
-        example["labels"] = torch.tensor(row[label_column])
-    return example
+        return apply_seeded(self.transform, image, sample_seed)
 
 
 # ---------------------------------------------------------------------------------------------
