@@ -159,16 +159,14 @@ class StreamedTrainingExamples(torch.utils.data.IterableDataset):
             part = self.lane_dataset(lane, position.epoch)
             if position.source_state is not None:
                 part.load_state_dict(position.source_state)
-            rows_this_epoch = 0
             for block in part.iter(batch_size=self.block_size):
                 rows = [dict(zip(block, values)) for values in zip(*block.values())]
                 next_state = copy.deepcopy(part.state_dict())  # where the next block starts
                 for index in self.block_order(lane, position, len(rows))[position.used:]:
                     position.used += 1
                     yield dataclasses.replace(position), rows[index]
-                rows_this_epoch += len(rows)
                 position = LanePosition(position.epoch, position.block + 1, next_state, 0)
-            if rows_this_epoch == 0 and position.block == 0:
+            if position.block == 0:  # not one block in an epoch read from its start
                 raise ValueError(f"Lane {lane} of process {self.rank} received no rows from the stream: it is empty, "
                                  "or too small to split into processes x lanes. Add data or lower --stream_lanes.")
             position = LanePosition(position.epoch + 1)
