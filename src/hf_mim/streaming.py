@@ -136,9 +136,13 @@ class StreamedTrainingExamples(torch.utils.data.IterableDataset):
                              f"{block_size}.")
         self.dataset, self.make_example, self.batch_size, self.seed = dataset, make_example, batch_size, seed
         self.rank, self.num_processes, self.block_size, self.shuffle = rank, num_processes, block_size, shuffle
-        self.lanes = fit_lanes(dataset.num_shards, num_processes, lanes)
-        self.positions = [LanePosition() for _ in range(self.lanes)]
+        self.positions = [LanePosition() for _ in range(fit_lanes(dataset.num_shards, num_processes, lanes))]
         self.next_lane = 0  # the lane of the next batch
+
+    @property
+    def lanes(self) -> int:
+        """The lanes of this process (one position each)."""
+        return len(self.positions)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -225,8 +229,8 @@ class StreamedTrainingExamples(torch.utils.data.IterableDataset):
         self.next_lane = (lane + 1) % self.lanes
 
     def state_dict(self) -> dict:
-        return {"rank": self.rank, "num_processes": self.num_processes, "lanes": self.lanes,
-                "next_lane": self.next_lane, "positions": [dataclasses.asdict(p) for p in self.positions]}
+        return {"rank": self.rank, "num_processes": self.num_processes, "next_lane": self.next_lane,
+                "positions": [dataclasses.asdict(p) for p in self.positions]}
 
     def load_state_dict(self, state: dict) -> None:
         if (state["num_processes"], state["rank"]) != (self.num_processes, self.rank):
@@ -234,8 +238,8 @@ class StreamedTrainingExamples(torch.utils.data.IterableDataset):
                 f"This streamed run was split into {state['num_processes']} processes (its checkpoint holds where "
                 f"each process's share of the stream stands); it cannot resume on {self.num_processes}. Resume "
                 f"with {state['num_processes']} processes, or start afresh with --resume_from_checkpoint none.")
-        self.lanes, self.next_lane = state["lanes"], state["next_lane"]
-        self.positions = [LanePosition(**position) for position in state["positions"]]
+        self.next_lane = state["next_lane"]
+        self.positions = [LanePosition(**position) for position in state["positions"]]  # their count: the lanes
 
     def describe(self, workers: int) -> str:
         return (f"a stream of {self.dataset.num_shards} shard(s) split into {self.num_processes} process(es) x "
