@@ -253,7 +253,7 @@ class StreamCheckpoint:
     def __init__(self, examples: StreamedTrainingExamples):
         self.examples, self.collected = examples, None
 
-    def collect(self, accelerator) -> None:
+    def collect(self) -> None:
         from accelerate.utils import gather_object
 
         self.collected = gather_object([self.examples.state_dict()])
@@ -264,10 +264,9 @@ class StreamCheckpoint:
 
     def load_state_dict(self, state: dict) -> None:
         states = state["processes"]
-        mine = next((entry for entry in states if entry["rank"] == self.examples.rank), states[0])
-        if len(states) != self.examples.num_processes:
-            mine = {**mine, "num_processes": len(states)}  # refused below, with the counts
-        self.examples.load_state_dict(mine)
+        # each entry holds the process count it was written with: another count is refused there
+        self.examples.load_state_dict(next((entry for entry in states if entry["rank"] == self.examples.rank),
+                                           states[0]))
 
 
 class StreamLoader:

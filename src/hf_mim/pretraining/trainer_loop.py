@@ -424,7 +424,7 @@ def checkpoint(run: Run) -> None:
     run.state.skipped_images += values["skipped"]
     run.state.train_loss_sum, run.state.train_loss_batches = run.meter.total_loss, run.meter.total_batches
     if "stream" in run.checkpoint_extras:
-        run.checkpoint_extras["stream"].collect(accelerator)  # every process's position, for the main one to save
+        run.checkpoint_extras["stream"].collect()  # every process's position, for the main one to save
     path = save_checkpoint(accelerator, args.output_dir, run.state, run.checkpoint_extras,
                            save_model_files=lambda folder: save_model_files(run, folder))
     run.last_checkpoint_step = run.state.global_step
