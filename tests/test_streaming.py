@@ -122,8 +122,10 @@ def test_resume_continues_with_the_same_batches_and_decodes_only_the_rest(shards
     expected = take_ids(StreamLoader(examples(shards), 0, torch.device("cpu")), 14)
     first = examples(shards)
     assert take_ids(StreamLoader(first, 0, torch.device("cpu")), stop_after) == expected[:stop_after]
-    saved = StreamCheckpoint(first).state_dict()
-    torch.save(saved, io.BytesIO())  # plain data: the checkpoint loads it with weights_only=True
+    buffer = io.BytesIO()
+    torch.save(StreamCheckpoint(first).state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # plain data: the checkpoint loads it with weights_only=True
 
     resumed = examples(shards)
     StreamCheckpoint(resumed).load_state_dict(saved)
