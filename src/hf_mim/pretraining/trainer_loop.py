@@ -263,10 +263,11 @@ def resume(run: Run) -> None:
         remove_incomplete_checkpoints(args.output_dir)
     accelerator.wait_for_everyone()
     path = None if fresh else resolve_resume_path(args.resume_from_checkpoint, args.output_dir, auto_resume=True)
+    # the fingerprint lists and stats every training file: only the main process, which saves and compares it
+    fingerprint = data_fingerprint(run.data, args.train_dir, args.train_file) if accelerator.is_main_process else {}
     run.state = TrainerState(num_processes=accelerator.num_processes,
                              per_device_train_batch_size=args.per_device_train_batch_size,
-                             gradient_accumulation_steps=args.gradient_accumulation_steps,
-                             data_fingerprint=data_fingerprint(run.data, args.train_dir, args.train_file))
+                             gradient_accumulation_steps=args.gradient_accumulation_steps, data_fingerprint=fingerprint)
     if path is None:
         return
     logger.info("Resuming from %s", path)
