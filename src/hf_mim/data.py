@@ -432,18 +432,20 @@ class ImageExamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def read(self, index: int) -> tuple[Image.Image | None, dict]:
-        row = self.dataset[index]
-        try:
-            return decode_image(row[self.image_column], self.image_mode), row
-        except Exception as error:  # any decoder error (PIL raises OSError, ValueError, SyntaxError ...)
-            self.unreadable.report(index, row[self.image_column], error)
-            return None, row
-
     def attempt(self, index: int, sample_seed: int) -> tuple[dict | None, dict]:
         """(the transform's tensors, or None when the image is unreadable; the row)."""
-        image, row = self.read(index)
-        return (None if image is None else apply_seeded(self.transform, image, sample_seed)), row
+        row = self.dataset[index]
+        return self.from_row(row, sample_seed, index), row
+
+    def from_row(self, row: dict, sample_seed: int, where) -> dict | None:
+        """The transform's tensors of the row's image, or None when it is unreadable (logged as image `where`;
+        a stream's rows come here too, see hf_mim.streaming)."""
+        try:
+            image = decode_image(row[self.image_column], self.image_mode)
+        except Exception as error:  # any decoder error (PIL raises OSError, ValueError, SyntaxError ...)
+            self.unreadable.report(where, row[self.image_column], error)
+            return None
+        return apply_seeded(self.transform, image, sample_seed)
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
         index, sample_seed = key if isinstance(key, tuple) else (key, derive_seed(key))
@@ -525,7 +527,7 @@ class StreamingImageExamples(torch.utils.data.IterableDataset):
                 continue
             try:
                 image = decode_image(row[self.image_column], self.image_mode)
-            except Exception as error:  # any decoder error, see ImageExamples.read
+            except Exception as error:  # any decoder error, see ImageExamples.from_row
                 self.unreadable.report(position, row[self.image_column], error)
                 skipped += 1
                 continue

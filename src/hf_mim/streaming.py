@@ -36,8 +36,7 @@ import datasets.distributed
 import torch
 from torch.utils.data import default_collate
 
-from .data import (MAX_CONSECUTIVE_UNREADABLE, ExampleTransform, UnreadableImageLog, apply_seeded, decode_image,
-                   derive_seed)
+from .data import MAX_CONSECUTIVE_UNREADABLE, ExampleTransform, ImageExamples, derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -61,23 +60,17 @@ class LanePosition:
 
 
 class ReferenceRows:
-    """Row -> the method's transformed example (a full decode, as ImageExamples does), or None when
-    the image is unreadable (logged)."""
+    """Row -> the method's transformed example (ImageExamples.from_row: a full decode), or None when the
+    image is unreadable (logged)."""
 
     collate = staticmethod(default_collate)
     device_views = None  # the reference path ships finished tensors
 
     def __init__(self, transform: ExampleTransform, image_column: str, image_mode: str = "RGB"):
-        self.transform, self.image_column, self.image_mode = transform, image_column, image_mode
-        self.unreadable = UnreadableImageLog()
+        self.examples = ImageExamples(None, image_column, transform, image_mode=image_mode)  # rows: the stream's
 
     def __call__(self, row: dict, sample_seed: int, where: str) -> dict | None:
-        try:
-            image = decode_image(row[self.image_column], self.image_mode)
-        except Exception as error:  # any decoder error, see ImageExamples.read
-            self.unreadable.report(where, row[self.image_column], error)
-            return None
-        return apply_seeded(self.transform, image, sample_seed)
+        return self.examples.from_row(row, sample_seed, where)
 
 
 # ---------------------------------------------------------------------------------------------
