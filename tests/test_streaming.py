@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from hf_mim.data import decode_image, load_image_datasets
+from hf_mim.data import StreamingImageExamples, decode_image, load_image_datasets
 from hf_mim.pretraining import main
 from hf_mim.streaming import ReferenceRows, StreamCheckpoint, StreamedTrainingExamples, StreamLoader, fit_workers
 from test_finetune import hub_datasets  # noqa: F401 (a fixture: the local Hub, for datasets too)
@@ -174,6 +174,18 @@ def test_an_unreadable_image_is_skipped_and_counted_in_the_next_example(tmp_path
     share = StreamedTrainingExamples(stream(str(tmp_path / "*.parquet")), rows, 3, seed=0, shuffle=False)
     batch = next(iter(StreamLoader(share, 0, torch.device("cpu"))))
     assert batch["id"].tolist() == [0, 2, 3] and batch["num_skipped"].tolist() == [0, 1, 0]
+
+
+def test_an_evaluation_stream_keeps_its_order_on_every_pass(shards):
+    """accelerate's prepared loader calls set_epoch with its pass count; datasets would then shuffle the shard
+    order, and the fixed per-position seeds (masks) would fall on other images at each evaluation."""
+    ids = StreamingImageExamples(stream(shards), "image", lambda image, generator: {"id": torch.tensor(image_id(image))},
+                                 seed=0, shuffle=False)
+    first = [int(example["id"]) for example in ids]
+    assert sorted(first) == list(range(48))
+    for epoch in (1, 2, 3):
+        ids.set_epoch(epoch)
+        assert [int(example["id"]) for example in ids] == first, epoch
 
 
 # ---------------------------------------------------------------------------------------------

@@ -514,13 +514,15 @@ class StreamingImageExamples(torch.utils.data.IterableDataset):
         self.unreadable = UnreadableImageLog()
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.dataset.set_epoch(epoch)
+        # Without `shuffle` (evaluation) one order and one set of seeds, as FixedSampler (no set_epoch): accelerate
+        # calls this with its pass count, and datasets shuffles the shard order of any epoch but 0.
+        if self.shuffle:
+            self.epoch = epoch
+            self.dataset.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = torch.utils.data.get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        epoch = self.epoch if self.shuffle else 0  # evaluation: the same seeds (masks) on every pass
         skipped = 0
         for position, row in enumerate(self.dataset):
             if position % num_workers != worker_id:
@@ -531,7 +533,7 @@ class StreamingImageExamples(torch.utils.data.IterableDataset):
                 self.unreadable.report(position, row[self.image_column], error)
                 skipped += 1
                 continue
-            example = apply_seeded(self.transform, image, derive_seed(self.seed, epoch, position))
+            example = apply_seeded(self.transform, image, derive_seed(self.seed, self.epoch, position))
             example["num_skipped"] = torch.tensor(skipped)
             if self.label_column is not None:
                 example["labels"] = torch.tensor(row[self.label_column])
