@@ -163,6 +163,13 @@ def test_fewer_shards_than_parts_says_so_and_still_decodes_each_image_once(tmp_p
     with caplog.at_level(logging.WARNING):
         assert examples(three, lanes=4).lanes == 3
     assert "3 lane(s) per process instead of 4" in caplog.text
+    assert "do not split evenly" not in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        uneven = examples(three, lanes=2)
+    assert [sum(1 for _ in uneven.lane_dataset(lane, 0)) for lane in (0, 1)] == [8, 4]  # 2 shards and 1
+    assert "some lanes read 2 shards, others 1" in caplog.text and "up to 2.0x as often" in caplog.text
 
 
 def test_an_unreadable_image_is_skipped_and_counted_in_the_next_example(tmp_path):

@@ -80,7 +80,8 @@ class ReferenceRows:
 
 def fit_lanes(num_shards: int, num_processes: int, lanes: int) -> int:
     """The lanes per process: `lanes`, lowered (with a warning) so that each part gets a whole shard;
-    with fewer shards than processes, one lane, and every process reads the whole stream (warned)."""
+    with fewer shards than processes, one lane, and every process reads the whole stream (warned). Parts
+    with unequal shard counts are warned about: their lanes' images are not sampled equally often."""
     if num_shards < num_processes:
         logger.warning(
             "The stream has %d shard(s) for %d processes: each process reads the whole stream and keeps every "
@@ -94,6 +95,14 @@ def fit_lanes(num_shards: int, num_processes: int, lanes: int) -> int:
             "The stream has %d shard(s): %d lane(s) per process instead of %d (each lane reads whole shards; "
             "%d processes x %d lanes need that many shards). Fewer data-loader workers can then read in parallel: "
             "store the data in more files to use more.", num_shards, fitted, lanes, num_processes, lanes)
+    parts = num_processes * fitted
+    if num_shards % parts:
+        logger.warning(
+            "The stream's %d shards do not split evenly into %d process(es) x %d lane(s): some lanes read %d shards, "
+            "others %d, and every lane yields batches at the same pace, so the images of the smaller lanes are "
+            "trained on up to %.1fx as often. Store a multiple of %d shards (of similar sizes).", num_shards,
+            num_processes, fitted, -(-num_shards // parts), num_shards // parts,
+            -(-num_shards // parts) / (num_shards // parts), parts)
     return fitted
 
 
