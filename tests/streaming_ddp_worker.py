@@ -8,10 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-import hf_mim.streaming
+import hf_mim.data
 from hf_mim.pretraining import main
 
-real_decode_image = hf_mim.streaming.decode_image
+real_decode_image = hf_mim.data.decode_image
 
 
 def image_id(image) -> int:
@@ -28,5 +28,5 @@ def recording_decode_image(value, mode: str = "RGB"):
 
 
 if __name__ == "__main__":
-    hf_mim.streaming.decode_image = recording_decode_image
+    hf_mim.data.decode_image = recording_decode_image  # the one ImageExamples.from_row calls for a stream's rows
     main(sys.argv[1:])

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from hf_mim.data import decode_image, load_image_datasets
+from hf_mim.data import StreamingImageExamples, decode_image, load_image_datasets
 from hf_mim.pretraining import main
 from hf_mim.streaming import ReferenceRows, StreamCheckpoint, StreamedTrainingExamples, StreamLoader, fit_workers
 from test_finetune import hub_datasets  # noqa: F401 (a fixture: the local Hub, for datasets too)
@@ -122,8 +122,10 @@ def test_resume_continues_with_the_same_batches_and_decodes_only_the_rest(shards
     expected = take_ids(StreamLoader(examples(shards), 0, torch.device("cpu")), 14)
     first = examples(shards)
     assert take_ids(StreamLoader(first, 0, torch.device("cpu")), stop_after) == expected[:stop_after]
-    saved = StreamCheckpoint(first).state_dict()
-    torch.save(saved, io.BytesIO())  # plain data: the checkpoint loads it with weights_only=True
+    buffer = io.BytesIO()
+    torch.save(StreamCheckpoint(first).state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # plain data: the checkpoint loads it with weights_only=True
 
     resumed = examples(shards)
     StreamCheckpoint(resumed).load_state_dict(saved)
@@ -161,6 +163,13 @@ def test_fewer_shards_than_parts_says_so_and_still_decodes_each_image_once(tmp_p
     with caplog.at_level(logging.WARNING):
         assert examples(three, lanes=4).lanes == 3
     assert "3 lane(s) per process instead of 4" in caplog.text
+    assert "do not split evenly" not in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        uneven = examples(three, lanes=2)
+    assert [sum(1 for _ in uneven.lane_dataset(lane, 0)) for lane in (0, 1)] == [8, 4]  # 2 shards and 1
+    assert "some lanes read 2 shards, others 1" in caplog.text and "up to 2.0x as often" in caplog.text
 
 
 def test_an_unreadable_image_is_skipped_and_counted_in_the_next_example(tmp_path):
@@ -172,6 +181,18 @@ def test_an_unreadable_image_is_skipped_and_counted_in_the_next_example(tmp_path
     share = StreamedTrainingExamples(stream(str(tmp_path / "*.parquet")), rows, 3, seed=0, shuffle=False)
     batch = next(iter(StreamLoader(share, 0, torch.device("cpu"))))
     assert batch["id"].tolist() == [0, 2, 3] and batch["num_skipped"].tolist() == [0, 1, 0]
+
+
+def test_an_evaluation_stream_keeps_its_order_on_every_pass(shards):
+    """accelerate's prepared loader calls set_epoch with its pass count; datasets would then shuffle the shard
+    order, and the fixed per-position seeds (masks) would fall on other images at each evaluation."""
+    ids = StreamingImageExamples(stream(shards), "image", lambda image, generator: {"id": torch.tensor(image_id(image))},
+                                 seed=0, shuffle=False)
+    first = [int(example["id"]) for example in ids]
+    assert sorted(first) == list(range(48))
+    for epoch in (1, 2, 3):
+        ids.set_epoch(epoch)
+        assert [int(example["id"]) for example in ids] == first, epoch
 
 
 # ---------------------------------------------------------------------------------------------

@@ -432,18 +432,20 @@ class ImageExamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def read(self, index: int) -> tuple[Image.Image | None, dict]:
-        row = self.dataset[index]
-        try:
-            return decode_image(row[self.image_column], self.image_mode), row
-        except Exception as error:  # any decoder error (PIL raises OSError, ValueError, SyntaxError ...)
-            self.unreadable.report(index, row[self.image_column], error)
-            return None, row
-
     def attempt(self, index: int, sample_seed: int) -> tuple[dict | None, dict]:
         """(the transform's tensors, or None when the image is unreadable; the row)."""
-        image, row = self.read(index)
-        return (None if image is None else apply_seeded(self.transform, image, sample_seed)), row
+        row = self.dataset[index]
+        return self.from_row(row, sample_seed, index), row
+
+    def from_row(self, row: dict, sample_seed: int, where) -> dict | None:
+        """The transform's tensors of the row's image, or None when it is unreadable (logged as image `where`;
+        a stream's rows come here too, see hf_mim.streaming)."""
+        try:
+            image = decode_image(row[self.image_column], self.image_mode)
+        except Exception as error:  # any decoder error (PIL raises OSError, ValueError, SyntaxError ...)
+            self.unreadable.report(where, row[self.image_column], error)
+            return None
+        return apply_seeded(self.transform, image, sample_seed)
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
         index, sample_seed = key if isinstance(key, tuple) else (key, derive_seed(key))
@@ -512,24 +514,26 @@ class StreamingImageExamples(torch.utils.data.IterableDataset):
         self.unreadable = UnreadableImageLog()
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.dataset.set_epoch(epoch)
+        # Without `shuffle` (evaluation) one order and one set of seeds, as FixedSampler (no set_epoch): accelerate
+        # calls this with its pass count, and datasets shuffles the shard order of any epoch but 0.
+        if self.shuffle:
+            self.epoch = epoch
+            self.dataset.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = torch.utils.data.get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        epoch = self.epoch if self.shuffle else 0  # evaluation: the same seeds (masks) on every pass
         skipped = 0
         for position, row in enumerate(self.dataset):
             if position % num_workers != worker_id:
                 continue
             try:
                 image = decode_image(row[self.image_column], self.image_mode)
-            except Exception as error:  # any decoder error, see ImageExamples.read
+            except Exception as error:  # any decoder error, see ImageExamples.from_row
                 self.unreadable.report(position, row[self.image_column], error)
                 skipped += 1
                 continue
-            example = apply_seeded(self.transform, image, derive_seed(self.seed, epoch, position))
+            example = apply_seeded(self.transform, image, derive_seed(self.seed, self.epoch, position))
             example["num_skipped"] = torch.tensor(skipped)
             if self.label_column is not None:
                 example["labels"] = torch.tensor(row[self.label_column])

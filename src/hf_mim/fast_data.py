@@ -47,7 +47,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
-from .data import ImageExamples, UnreadableImageLog, apply_seeded, decode_image, finish_decoding
+from .data import ImageExamples, apply_seeded, decode_image, finish_decoding
 from .device_decoding import (EncodedBatch, EncodedJpeg, crop_bounds, decodable_on_device, decode_files,
                               device_decoding_problem, pillow_or_error, place_in_canvas, uint8_tensor, upright_crop)
 from .resampling import color_jitter, resize_boxes
@@ -299,19 +299,19 @@ class FastImageExamples(ImageExamples):
         self.device_views = DeviceViews(spec, replacement=self.replacement)
         self.collate = collate
 
-    def attempt(self, index: int, sample_seed: int):
-        row = self.dataset[index]
+    def from_row(self, row: dict, sample_seed: int, where):
+        """`where`: the row's index (a map-style data set, where device decoding needs it), or a stream's label."""
         value = row[self.image_column]
         try:  # the lazy open reads the header; the decode inside the transform (or on the device) the rest
             data = file_bytes(value) if self.device_decoding else None
             transform = functools.partial(self.transform, encoded=data) if data else self.transform
             example = apply_seeded(transform, open_image({"bytes": data} if data else value), sample_seed)
         except UnreadableImage as error:  # not other errors: a bug must not pass for unreadable images
-            self.unreadable.report(index, value, error.__cause__)
-            return None, row
+            self.unreadable.report(where, value, error.__cause__)
+            return None
         if ENCODED in example:  # to find the example that replaces it, should the device find it unreadable
-            example[ENCODED] = replace(example[ENCODED], index=index, sample_seed=sample_seed)
-        return example, row
+            example[ENCODED] = replace(example[ENCODED], index=where, sample_seed=sample_seed)
+        return example
 
     def replacement(self, index: int, sample_seed: int, error: Exception) -> dict[str, torch.Tensor]:
         """For image `index`, found unreadable in the main process (hf_mim.device_decoding): logged and
@@ -331,25 +331,19 @@ class FastImageExamples(ImageExamples):
 
 class FastRows:
     """The fast path's examples for a stream (hf_mim.streaming makes the batches): row -> the HostSampler
-    example, as FastImageExamples.attempt makes it, or None when the image is unreadable (logged). Images
-    are decoded in the data-loader workers: a device decoder's replacement of an unreadable image needs
-    the map-style index that a stream has not."""
+    example (FastImageExamples.from_row), or None when the image is unreadable (logged). Images are decoded
+    in the data-loader workers: a device decoder's replacement of an unreadable image needs the map-style
+    index that a stream has not."""
 
     collate = staticmethod(collate)
     decoding = "images decoded in the data-loader workers (a stream: no device decoding)"
 
     def __init__(self, spec: FastViews, image_column: str, image_mode: str = "RGB"):
-        self.sampler, self.image_column = HostSampler(spec, image_mode), image_column
-        self.device_views = DeviceViews(spec)
-        self.unreadable = UnreadableImageLog()
+        self.examples = FastImageExamples(None, image_column, spec, image_mode=image_mode)  # rows: the stream's
+        self.device_views = self.examples.device_views
 
     def __call__(self, row: dict, sample_seed: int, where: str) -> dict[str, torch.Tensor] | None:
-        value = row[self.image_column]
-        try:
-            return apply_seeded(self.sampler, open_image(value), sample_seed)
-        except UnreadableImage as error:  # not other errors: a bug must not pass for unreadable images
-            self.unreadable.report(where, value, error.__cause__)
-            return None
+        return self.examples.from_row(row, sample_seed, where)
 
 
 def file_bytes(value) -> bytes | None:

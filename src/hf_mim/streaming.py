@@ -36,8 +36,7 @@ import datasets.distributed
 import torch
 from torch.utils.data import default_collate
 
-from .data import (MAX_CONSECUTIVE_UNREADABLE, ExampleTransform, UnreadableImageLog, apply_seeded, decode_image,
-                   derive_seed)
+from .data import MAX_CONSECUTIVE_UNREADABLE, ExampleTransform, ImageExamples, derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -61,31 +60,17 @@ class LanePosition:
 
 
 class ReferenceRows:
-    """Row -> the method's transformed example (a full decode, as ImageExamples does), or None when
-    the image is unreadable (logged)."""
+    """Row -> the method's transformed example (ImageExamples.from_row: a full decode), or None when the
+    image is unreadable (logged)."""
 
     collate = staticmethod(default_collate)
     device_views = None  # the reference path ships finished tensors
 
-    def __init__(self, transform: ExampleTransform, image_column: str, image_mode: str = "RGB",
-                 label_column: str | None = None):
-        self.transform, self.image_column, self.image_mode = transform, image_column, image_mode
-        self.label_column = label_column
-        self.unreadable = UnreadableImageLog()
+    def __init__(self, transform: ExampleTransform, image_column: str, image_mode: str = "RGB"):
+        self.examples = ImageExamples(None, image_column, transform, image_mode=image_mode)  # rows: the stream's
 
     def __call__(self, row: dict, sample_seed: int, where: str) -> dict | None:
-        try:
-            image = decode_image(row[self.image_column], self.image_mode)
-        except Exception as error:  # any decoder error, see ImageExamples.read
-            self.unreadable.report(where, row[self.image_column], error)
-            return None
-        return with_label(apply_seeded(self.transform, image, sample_seed), row, self.label_column)
-
-
-def with_label(example: dict, row: dict, label_column: str | None) -> dict:
-    if label_column is not None:
-        example["labels"] = torch.tensor(row[label_column])
-    return example
+        return self.examples.from_row(row, sample_seed, where)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +80,8 @@ def with_label(example: dict, row: dict, label_column: str | None) -> dict:
 
 def fit_lanes(num_shards: int, num_processes: int, lanes: int) -> int:
     """The lanes per process: `lanes`, lowered (with a warning) so that each part gets a whole shard;
-    with fewer shards than processes, one lane, and every process reads the whole stream (warned)."""
+    with fewer shards than processes, one lane, and every process reads the whole stream (warned). Parts
+    with unequal shard counts are warned about: their lanes' images are not sampled equally often."""
     if num_shards < num_processes:
         logger.warning(
             "The stream has %d shard(s) for %d processes: each process reads the whole stream and keeps every "
@@ -109,6 +95,14 @@ def fit_lanes(num_shards: int, num_processes: int, lanes: int) -> int:
             "The stream has %d shard(s): %d lane(s) per process instead of %d (each lane reads whole shards; "
             "%d processes x %d lanes need that many shards). Fewer data-loader workers can then read in parallel: "
             "store the data in more files to use more.", num_shards, fitted, lanes, num_processes, lanes)
+    parts = num_processes * fitted
+    if num_shards % parts:
+        logger.warning(
+            "The stream's %d shards do not split evenly into %d process(es) x %d lane(s): some lanes read %d shards, "
+            "others %d, and every lane yields batches at the same pace, so the images of the smaller lanes are "
+            "trained on up to %.1fx as often. Store a multiple of %d shards (of similar sizes).", num_shards,
+            num_processes, fitted, -(-num_shards // parts), num_shards // parts,
+            -(-num_shards // parts) / (num_shards // parts), parts)
     return fitted
 
 
@@ -144,9 +138,13 @@ class StreamedTrainingExamples(torch.utils.data.IterableDataset):
                              f"{block_size}.")
         self.dataset, self.make_example, self.batch_size, self.seed = dataset, make_example, batch_size, seed
         self.rank, self.num_processes, self.block_size, self.shuffle = rank, num_processes, block_size, shuffle
-        self.lanes = fit_lanes(dataset.num_shards, num_processes, lanes)
-        self.positions = [LanePosition() for _ in range(self.lanes)]
+        self.positions = [LanePosition() for _ in range(fit_lanes(dataset.num_shards, num_processes, lanes))]
         self.next_lane = 0  # the lane of the next batch
+
+    @property
+    def lanes(self) -> int:
+        """The lanes of this process (one position each)."""
+        return len(self.positions)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -167,16 +165,14 @@ class StreamedTrainingExamples(torch.utils.data.IterableDataset):
             part = self.lane_dataset(lane, position.epoch)
             if position.source_state is not None:
                 part.load_state_dict(position.source_state)
-            rows_this_epoch = 0
             for block in part.iter(batch_size=self.block_size):
                 rows = [dict(zip(block, values)) for values in zip(*block.values())]
                 next_state = copy.deepcopy(part.state_dict())  # where the next block starts
                 for index in self.block_order(lane, position, len(rows))[position.used:]:
                     position.used += 1
                     yield dataclasses.replace(position), rows[index]
-                rows_this_epoch += len(rows)
                 position = LanePosition(position.epoch, position.block + 1, next_state, 0)
-            if rows_this_epoch == 0 and position.block == 0:
+            if position.block == 0:  # not one block in an epoch read from its start
                 raise ValueError(f"Lane {lane} of process {self.rank} received no rows from the stream: it is empty, "
                                  "or too small to split into processes x lanes. Add data or lower --stream_lanes.")
             position = LanePosition(position.epoch + 1)
@@ -235,8 +231,8 @@ class StreamedTrainingExamples(torch.utils.data.IterableDataset):
         self.next_lane = (lane + 1) % self.lanes
 
     def state_dict(self) -> dict:
-        return {"rank": self.rank, "num_processes": self.num_processes, "lanes": self.lanes,
-                "next_lane": self.next_lane, "positions": [dataclasses.asdict(p) for p in self.positions]}
+        return {"rank": self.rank, "num_processes": self.num_processes, "next_lane": self.next_lane,
+                "positions": [dataclasses.asdict(p) for p in self.positions]}
 
     def load_state_dict(self, state: dict) -> None:
         if (state["num_processes"], state["rank"]) != (self.num_processes, self.rank):
@@ -244,8 +240,8 @@ class StreamedTrainingExamples(torch.utils.data.IterableDataset):
                 f"This streamed run was split into {state['num_processes']} processes (its checkpoint holds where "
                 f"each process's share of the stream stands); it cannot resume on {self.num_processes}. Resume "
                 f"with {state['num_processes']} processes, or start afresh with --resume_from_checkpoint none.")
-        self.lanes, self.next_lane = state["lanes"], state["next_lane"]
-        self.positions = [LanePosition(**position) for position in state["positions"]]
+        self.next_lane = state["next_lane"]
+        self.positions = [LanePosition(**position) for position in state["positions"]]  # their count: the lanes
 
     def describe(self, workers: int) -> str:
         return (f"a stream of {self.dataset.num_shards} shard(s) split into {self.num_processes} process(es) x "
@@ -259,7 +255,7 @@ class StreamCheckpoint:
     def __init__(self, examples: StreamedTrainingExamples):
         self.examples, self.collected = examples, None
 
-    def collect(self, accelerator) -> None:
+    def collect(self) -> None:
         from accelerate.utils import gather_object
 
         self.collected = gather_object([self.examples.state_dict()])
@@ -270,10 +266,9 @@ class StreamCheckpoint:
 
     def load_state_dict(self, state: dict) -> None:
         states = state["processes"]
-        mine = next((entry for entry in states if entry["rank"] == self.examples.rank), states[0])
-        if len(states) != self.examples.num_processes:
-            mine = {**mine, "num_processes": len(states)}  # refused below, with the counts
-        self.examples.load_state_dict(mine)
+        # each entry holds the process count it was written with: another count is refused there
+        self.examples.load_state_dict(next((entry for entry in states if entry["rank"] == self.examples.rank),
+                                           states[0]))
 
 
 class StreamLoader:

@@ -151,16 +151,17 @@ def build_model(args, method: PretrainingMethod, data: ImageDatasets) -> torch.n
 
 def make_examples(run: Run, dataset, train: bool):
     args, method = run.args, run.method
+    streamed = isinstance(dataset, datasets.IterableDataset)
     fast = train and fast_training_examples(args, method, run.processor, dataset, run.data.image_column,
                                             run.accelerator.device)
-    if train and isinstance(dataset, datasets.IterableDataset):
+    if train and streamed:
         return streamed_training_examples(run, dataset, fast)
     if fast:
         return fast
     transform = (method.train_transform if train else method.eval_transform)(run.processor)
-    if isinstance(dataset, datasets.IterableDataset):
-        return StreamingImageExamples(dataset, run.data.image_column, transform, seed=args.data_seed, shuffle=train,
-                                      image_mode=method.image_mode, shuffle_buffer_size=args.shuffle_buffer_size)
+    if streamed:  # an evaluation stream (training streams: above): the same order and masks on every pass
+        return StreamingImageExamples(dataset, run.data.image_column, transform, seed=args.data_seed, shuffle=False,
+                                      image_mode=method.image_mode)
     return ImageExamples(dataset, run.data.image_column, transform, image_mode=method.image_mode)
 
 
@@ -262,10 +263,11 @@ def resume(run: Run) -> None:
         remove_incomplete_checkpoints(args.output_dir)
     accelerator.wait_for_everyone()
     path = None if fresh else resolve_resume_path(args.resume_from_checkpoint, args.output_dir, auto_resume=True)
+    # the fingerprint lists and stats every training file: only the main process, which saves and compares it
+    fingerprint = data_fingerprint(run.data, args.train_dir, args.train_file) if accelerator.is_main_process else {}
     run.state = TrainerState(num_processes=accelerator.num_processes,
                              per_device_train_batch_size=args.per_device_train_batch_size,
-                             gradient_accumulation_steps=args.gradient_accumulation_steps,
-                             data_fingerprint=data_fingerprint(run.data, args.train_dir, args.train_file))
+                             gradient_accumulation_steps=args.gradient_accumulation_steps, data_fingerprint=fingerprint)
     if path is None:
         return
     logger.info("Resuming from %s", path)
@@ -423,7 +425,7 @@ def checkpoint(run: Run) -> None:
     run.state.skipped_images += values["skipped"]
     run.state.train_loss_sum, run.state.train_loss_batches = run.meter.total_loss, run.meter.total_batches
     if "stream" in run.checkpoint_extras:
-        run.checkpoint_extras["stream"].collect(accelerator)  # every process's position, for the main one to save
+        run.checkpoint_extras["stream"].collect()  # every process's position, for the main one to save
     path = save_checkpoint(accelerator, args.output_dir, run.state, run.checkpoint_extras,
                            save_model_files=lambda folder: save_model_files(run, folder))
     run.last_checkpoint_step = run.state.global_step
@@ -503,8 +505,6 @@ def train(run: Run) -> dict:
         else:  # the loader ran dry
             if batches == 0 and not resumed_inside_epoch:
                 raise RuntimeError(f"Epoch {state.epoch} produced no batch: the training data is empty or exhausted.")
-            if plan.batches_per_epoch is None:  # a stream: its epoch is over
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     progress.close()
     if args.checkpointing_steps is not None and run.last_checkpoint_step != state.global_step:
         checkpoint(run)  # the final state, so that re-running the command finds the run complete
