@@ -108,6 +108,21 @@ def test_base_models_refuse_unknown_keywords_and_classifiers_take_the_trainers()
         classifier(inputs["pixel_values"], lables=inputs["labels"])
 
 
+def test_a_plain_trainer_scales_the_classifiers_batch_mean_loss_for_gradient_accumulation(tmp_path):
+    """The classifiers take **kwargs (the Trainer's `num_items_in_batch`) but return a batch-mean loss: a plain
+    transformers Trainer must not read the **kwargs as a loss normalised by `num_items_in_batch`, or it leaves
+    the loss undivided by the gradient-accumulation steps (gradients G times too large)."""
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                          gradient_accumulation_steps=4)
+    classifiers = [(config_class, heads["AutoModelForImageClassification"])
+                   for config_class, heads in encoder_families().items() if "AutoModelForImageClassification" in heads]
+    assert classifiers
+    for config_class, model_class in classifiers:
+        classifier, _, _ = tiny_head(config_class, model_class)
+        trainer = transformers.Trainer(model=classifier, args=args)
+        assert trainer.model_accepts_loss_kwargs is False, model_class.__name__
+
+
 def test_the_shared_encoder_refuses_a_masking_input_it_would_ignore_and_unknown_choices():
     mae, inputs, _ = tiny_head(models.MaeConfig, models.MaeModel)
     mask = torch.zeros(2, 16, dtype=torch.bool)
