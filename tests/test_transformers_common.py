@@ -34,10 +34,7 @@ modeling_common, backbone_common = common_test_modules()  # anything else wrong 
 class HfMimModelTests(modeling_common.ModelTesterMixin):
     """The adapter: transformers' mixin with hf_mim's inputs per head; deliberate differences skipped."""
 
-    has_attentions = True
-    test_resize_embeddings = False
-    test_pruning = False
-    test_torchscript = False
+    test_resize_embeddings = False  # (has_attentions: the mixin's default, True)
 
     def setUp(self):
         self.model_tester = FamilyModelTester(self, self.config_class, self.all_model_classes[0], self.config_overrides)
