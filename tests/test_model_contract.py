@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
 
 import hf_mim.models as models
 from hf_mim.models import masking, presets
@@ -250,6 +252,11 @@ def throwaway_method(tmp_path, monkeypatch):
     (package / "modeling_toymim.py").write_text(textwrap.dedent(TOY_MODEL))
     monkeypatch.setattr(models, "__path__", [str(package)])
     monkeypatch.setattr(masking, "MASK_GENERATORS", dict(masking.MASK_GENERATORS))
+    # transformers' Auto registrations (`register_auto_classes` in the test), restored afterwards too
+    autos = set(HEADS) | {auto for heads in model_families().values() for auto in heads}
+    for mapping in (CONFIG_MAPPING, IMAGE_PROCESSOR_MAPPING, *(getattr(transformers, auto)._model_mapping
+                                                               for auto in autos)):
+        monkeypatch.setattr(mapping, "_extra_content", dict(mapping._extra_content))
     presets.all_presets.cache_clear()
     yield package
     presets.all_presets.cache_clear()
