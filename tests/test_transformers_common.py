@@ -53,6 +53,7 @@ class HfMimModelTests(modeling_common.ModelTesterMixin):
         for model_class in self.all_model_classes:
             model = model_class(config)
             self.assertIsInstance(model.get_input_embeddings(), torch.nn.Module)
+            self.assertIs(model.get_input_embeddings(), model.base_model.patch_embed)  # not just any module
             output = model.get_output_embeddings()
             self.assertTrue(output is None or isinstance(output, torch.nn.Linear))
 
