@@ -139,6 +139,7 @@ def test_auto_backbone_builds_each_family_from_its_config():
 def test_backbones_return_attention_maps_and_tuples_on_request():
     backbone = MaeBackbone(MaeConfig(**TINY)).eval()
     pixels = torch.randn(1, 3, 32, 32)
+    assert backbone.has_attentions  # else BackboneMixin.forward_with_filtered_kwargs drops output_attentions
     plain = backbone(pixels, output_attentions=False)  # what UperNet and DPT pass
     assert plain.feature_maps and plain.attentions is None
     with torch.no_grad():

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
 
 import hf_mim.models as models
 from hf_mim.models import masking, presets
@@ -106,6 +108,21 @@ def test_base_models_refuse_unknown_keywords_and_classifiers_take_the_trainers()
     assert classifier(**inputs, num_items_in_batch=torch.tensor(2)).loss is not None  # what Trainer passes
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['lables'\]"):
         classifier(inputs["pixel_values"], lables=inputs["labels"])
+
+
+def test_a_plain_trainer_scales_the_classifiers_batch_mean_loss_for_gradient_accumulation(tmp_path):
+    """The classifiers take **kwargs (the Trainer's `num_items_in_batch`) but return a batch-mean loss: a plain
+    transformers Trainer must not read the **kwargs as a loss normalised by `num_items_in_batch`, or it leaves
+    the loss undivided by the gradient-accumulation steps (gradients G times too large)."""
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                          gradient_accumulation_steps=4)
+    classifiers = [(config_class, heads["AutoModelForImageClassification"])
+                   for config_class, heads in encoder_families().items() if "AutoModelForImageClassification" in heads]
+    assert classifiers
+    for config_class, model_class in classifiers:
+        classifier, _, _ = tiny_head(config_class, model_class)
+        trainer = transformers.Trainer(model=classifier, args=args)
+        assert trainer.model_accepts_loss_kwargs is False, model_class.__name__
 
 
 def test_the_shared_encoder_refuses_a_masking_input_it_would_ignore_and_unknown_choices():
@@ -235,6 +252,11 @@ def throwaway_method(tmp_path, monkeypatch):
     (package / "modeling_toymim.py").write_text(textwrap.dedent(TOY_MODEL))
     monkeypatch.setattr(models, "__path__", [str(package)])
     monkeypatch.setattr(masking, "MASK_GENERATORS", dict(masking.MASK_GENERATORS))
+    # transformers' Auto registrations (`register_auto_classes` in the test), restored afterwards too
+    autos = set(HEADS) | {auto for heads in model_families().values() for auto in heads}
+    for mapping in (CONFIG_MAPPING, IMAGE_PROCESSOR_MAPPING, *(getattr(transformers, auto)._model_mapping
+                                                               for auto in autos)):
+        monkeypatch.setattr(mapping, "_extra_content", dict(mapping._extra_content))
     presets.all_presets.cache_clear()
     yield package
     presets.all_presets.cache_clear()

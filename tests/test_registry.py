@@ -55,6 +55,8 @@ def test_auto_classes_come_from_the_models_hub_auto_map():
 def test_cli_choices_and_card_names_come_from_the_method_registries():
     choices = next(action.choices for action in build_parser()._actions if action.dest == "method")
     assert sorted(choices) == sorted(METHODS) and all(method.name == name for name, method in METHODS.items())
+    # The shipped methods are all found (a method module that stopped registering would leave both lists short).
+    assert {"beit", "beitv2", "mae", "peco", "vit_mpp"} <= set(METHODS)
     names = {method.card_name or method.name for registry in (METHODS, TOKENIZER_METHODS) for method in registry.values()}
     assert set(CARD_METHODS) == names and CARD_METHODS["peco_tokenizer"] == ("PeCo tokenizer", "tokenizer")
     assert set(NEEDS_TOKENIZER) == {"beit", "beitv2", "peco"}

@@ -34,10 +34,7 @@ modeling_common, backbone_common = common_test_modules()  # anything else wrong 
 class HfMimModelTests(modeling_common.ModelTesterMixin):
     """The adapter: transformers' mixin with hf_mim's inputs per head; deliberate differences skipped."""
 
-    has_attentions = True
-    test_resize_embeddings = False
-    test_pruning = False
-    test_torchscript = False
+    test_resize_embeddings = False  # (has_attentions: the mixin's default, True)
 
     def setUp(self):
         self.model_tester = FamilyModelTester(self, self.config_class, self.all_model_classes[0], self.config_overrides)
@@ -56,6 +53,7 @@ class HfMimModelTests(modeling_common.ModelTesterMixin):
         for model_class in self.all_model_classes:
             model = model_class(config)
             self.assertIsInstance(model.get_input_embeddings(), torch.nn.Module)
+            self.assertIs(model.get_input_embeddings(), model.base_model.patch_embed)  # not just any module
             output = model.get_output_embeddings()
             self.assertTrue(output is None or isinstance(output, torch.nn.Linear))
 

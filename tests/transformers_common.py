@@ -31,7 +31,7 @@ from hf_mim.registry import model_families
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("HF_MIM_TRANSFORMERS_TESTS", REPO / ".ci" / "cache"))
 PACKAGE = "transformers_tests"
-COMMON_FILES = ("test_modeling_common.py", "test_backbone_common.py", "test_configuration_common.py")
+COMMON_FILES = ("test_modeling_common.py", "test_backbone_common.py")
 
 # test_modeling_common.py imports two mixins from folders the source distribution does not ship (tests/exporters,
 # tests/generation): they test torch.export and text generation, not part of this run (see DELIBERATE_DIFFERENCES).
@@ -59,11 +59,11 @@ def fetch_common_tests(version: str = transformers.__version__) -> Path:
                 member = sdist.extractfile(f"transformers-{version}/tests/{name}")
                 (package / name).parent.mkdir(parents=True, exist_ok=True)
                 (package / name).write_bytes(member.read())
-    for folder in ("", "exporters", "generation"):
-        (package / folder).mkdir(parents=True, exist_ok=True)
-        (package / folder / "__init__.py").touch()
     for path, source in ABSENT_MIXINS.items():
+        (package / path).parent.mkdir(parents=True, exist_ok=True)
         (package / path).write_text(source)
+    for folder in {package, *((package / path).parent for path in ABSENT_MIXINS)}:
+        (folder / "__init__.py").touch()
     (package / "COMPLETE").write_text(f"transformers {version}: {', '.join(COMMON_FILES)}\n")
     return root
 
@@ -109,7 +109,7 @@ class FamilyModelTester:
         self.num_patches = num_patches
         # MAE pre-training drops the masked patches from the encoder's sequence (the reference's shape).
         kept = num_patches - int(num_patches * self.get_config().mask_ratio) if self.drops_patches else num_patches
-        self.seq_length = self.encoder_seq_length = 1 + kept
+        self.seq_length = 1 + kept  # the encoder's too (transformers' testers fall back on seq_length)
         # the eager-vs-sdpa test masks the first `num_masks` of `mask_length` patches
         self.num_masks, self.mask_length = num_patches // 4, num_patches
         # the bare encoder has no loss to train (transformers skips its own base models by name)

@@ -50,6 +50,10 @@ class ImageClassificationMixin:
     :meth:`build_classification_head` in ``__init__``; ``forward`` and the head's init are here.
     """
 
+    # The loss is a batch mean that ignores `num_items_in_batch`: without this, transformers' Trainer would read
+    # the forward's **kwargs as "normalises by num_items_in_batch" and skip its gradient-accumulation scaling.
+    accepts_loss_kwargs = False
+
     def build_classification_head(self, config) -> None:
         self.num_labels = config.num_labels
         self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_mean_pooling else None
@@ -77,7 +81,8 @@ class ImageClassificationMixin:
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         """`labels`: class ids [B], or soft targets [B, num_labels] (mixup / cutmix). Other keywords are
-        the Trainer's loss keywords (`num_items_in_batch`), which a batch-mean loss does not need."""
+        the Trainer's loss keywords (`num_items_in_batch`), accepted and unused: the loss is a batch mean
+        (`accepts_loss_kwargs = False` tells the Trainer so, which then scales it for gradient accumulation)."""
         check_loss_kwargs(type(self).__name__, kwargs)
         encoded = self.base_model(pixel_values, output_hidden_states=output_hidden_states,
                                   output_attentions=output_attentions, return_dict=True)

@@ -114,18 +114,25 @@ class VitEncoderMixin:
         return tokens, branch
 
     def embed(self, pixel_values: torch.Tensor, mask: torch.Tensor | None = None,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[B, 1+N, D]: patch tokens (masked ones replaced or corrupted), CLS prepended, positions added,
-        dropout; and the corruption branch [B, N] when corrupting."""
+              generator: torch.Generator | None = None,
+              ids_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, 1+K, D]: patch tokens (masked ones replaced or corrupted), positions added, only the
+        `ids_keep` ones kept ("drop"; K = N without), CLS prepended, dropout; and the corruption branch
+        [B, N] when corrupting. The patches are dropped before the CLS is prepended: no copy of the whole
+        sequence is made only to be gathered from."""
         grid = self.patch_embed.grid_size(pixel_values)
         tokens = self.patch_embed(pixel_values)  # [B, N, D]
         branch = None
         if mask is not None:
             tokens, branch = self.mask_patch_embeddings(tokens, mask, generator)  # [B, N, D]
-        cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)  # [B, 1, D]
-        x = torch.cat([cls, tokens], dim=1)  # [B, 1+N, D]
-        positions = self.position_table(grid, x)  # [1, 1+N, D] or None
-        return self.pos_drop(x if positions is None else x + positions), branch
+        cls = self.cls_token.to(tokens.dtype)  # [1, 1, D]
+        positions = self.position_table(grid, tokens)  # [1, 1+N, D] or None
+        if positions is not None:
+            cls, tokens = cls + positions[:, :1], tokens + positions[:, 1:]
+        if ids_keep is not None:
+            tokens = gather_tokens(tokens, ids_keep)  # [B, K, D]
+        x = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # [B, 1+K, D]
+        return self.pos_drop(x), branch
 
     def check_masking_inputs(self, mask: torch.Tensor | None, ids_keep: torch.Tensor | None) -> None:
         """The masking input of this encoder's mode, never one it would ignore."""
@@ -147,9 +154,7 @@ class VitEncoderMixin:
         config = self.config
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        x, branch = self.embed(pixel_values, mask, generator)
-        if ids_keep is not None:
-            x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], ids_keep)], dim=1)  # [B, 1+K, D]
+        x, branch = self.embed(pixel_values, mask, generator, ids_keep)  # [B, 1+K, D]
         trunk: BlockOutputs = run_blocks(
             self.blocks, x, self.norm, output_hidden_states, *block_args, output_attentions=output_attentions)
         return EncodedTokens(*trunk, corruption_branch=branch)

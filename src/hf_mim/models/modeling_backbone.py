@@ -74,9 +74,9 @@ class FeaturePyramidNeck(nn.Module):
 class VitBackboneMixin(BackboneMixin):
     """The backbone logic for every hf_mim encoder family; a family's class builds its encoder
     (under the family's ``base_model_prefix``, without mask token or final norm) and calls
-    :meth:`build_backbone`."""
+    :meth:`build_backbone`. Attention maps come on request (``output_attentions`` runs the eager kernel for
+    that call), so ``BackboneMixin.has_attentions`` keeps its default, True."""
 
-    has_attentions = True  # attention maps on request (output_attentions runs the eager kernel)
     _keys_to_ignore_on_load_unexpected = UNUSED_BY_BACKBONES
 
     def build_backbone(self, config) -> None:

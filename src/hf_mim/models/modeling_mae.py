@@ -25,7 +25,7 @@ from .losses import masked_mse_losses, normalize_patches
 from .masking import gather_tokens, masking_from_mask, random_masking
 from .encoder import VitEncoderMixin
 from .remote_code import HubCodeMixin
-from .vit_core import Block, drop_path_rates, patchify, sincos_2d_table, to_2tuple, unpatchify
+from .vit_core import patchify, sincos_2d_table, to_2tuple, unpatchify, vit_blocks
 
 
 @dataclass
@@ -54,17 +54,6 @@ class MaeForPreTrainingOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     per_sample_loss: torch.FloatTensor | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None  # the encoder's, per block [B, H, 1+K, 1+K]
-
-
-def build_blocks(config: MaeConfig, width: int, depth: int, heads: int, mlp_dim: int, drop_path: float):
-    return nn.ModuleList(
-        Block(
-            config, width, heads, mlp_dim, qkv_bias=config.qkv_bias, drop_path=rate,
-            drop=config.hidden_dropout_prob, attn_drop=config.attention_probs_dropout_prob,
-            act=config.hidden_act, eps=config.layer_norm_eps,
-        )
-        for rate in drop_path_rates(drop_path, depth)
-    )
 
 
 class MaePreTrainedModel(HubCodeMixin, PreTrainedModel):
@@ -125,8 +114,8 @@ class MaeModel(VitEncoderMixin, MaePreTrainedModel):
         self.build_embeddings(config, position_scheme="sincos", masking_mode="drop",
                               learned=config.learned_position_embeddings)
         self.build_trunk(
-            build_blocks(config, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-                         config.intermediate_size, config.drop_path_rate),
+            vit_blocks(config, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+                       config.intermediate_size, config.drop_path_rate),
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_final_norm else None,
         )
         self.post_init()
@@ -181,7 +170,7 @@ class MaeDecoder(nn.Module):
         self.embed = nn.Linear(config.hidden_size, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.register_buffer("pos_embed", sincos_2d_table(grid_size, width).unsqueeze(0), persistent=False)
-        self.blocks = build_blocks(
+        self.blocks = vit_blocks(
             config, width, config.decoder_num_hidden_layers, config.decoder_num_attention_heads,
             config.decoder_intermediate_size, 0.0,
         )

@@ -29,7 +29,7 @@ from .losses import masked_token_losses, mean_color_targets
 from .encoder import VitEncoderMixin
 from .masking import random_patch_selection
 from .remote_code import HubCodeMixin
-from .vit_core import Block, drop_path_rates
+from .vit_core import vit_blocks
 
 
 @dataclass
@@ -124,14 +124,8 @@ class VitMppModel(VitEncoderMixin, VitMppPreTrainedModel):
         super().__init__(config)
         self.build_embeddings(config, position_scheme="learned", masking_mode="corrupt", use_mask_token=use_mask_token,
                               embedding_dropout=config.hidden_dropout_prob)
-        blocks = nn.ModuleList(
-            Block(
-                config, config.hidden_size, config.num_attention_heads, config.intermediate_size,
-                qkv_bias=config.qkv_bias, drop_path=rate, drop=config.hidden_dropout_prob,
-                attn_drop=config.attention_probs_dropout_prob, act=config.hidden_act, eps=config.layer_norm_eps,
-            )
-            for rate in drop_path_rates(config.drop_path_rate, config.num_hidden_layers)
-        )
+        blocks = vit_blocks(config, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+                            config.intermediate_size, config.drop_path_rate)
         self.build_trunk(blocks, nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_final_norm else None)
         self.post_init()
 

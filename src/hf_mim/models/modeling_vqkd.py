@@ -33,7 +33,7 @@ from .quantizer import EmaVectorQuantizer
 from .remote_code import HubCodeMixin
 from .visual_tokenizer import VisualTokenizerMixin, check_token_ids
 from .encoder import VitEncoderMixin
-from .vit_core import Attention, Block, drop_path_rates, grid_size_for
+from .vit_core import Attention, grid_size_for, vit_blocks
 
 
 @dataclass
@@ -95,14 +95,7 @@ class VqkdViT(VitEncoderMixin, nn.Module):
         self.build_embeddings(config, width=width, patch_size=patch_size, num_channels=in_channels,
                               grid_size=grid_size, position_scheme="learned", masking_mode=None,
                               embedding_dropout=config.hidden_dropout_prob)
-        blocks = nn.ModuleList(
-            Block(
-                config, width, heads, mlp_dim, qkv_bias=config.qkv_bias, qv_bias=config.qkv_bias, drop_path=rate,
-                drop=config.hidden_dropout_prob, attn_drop=config.attention_probs_dropout_prob,
-                act=config.hidden_act, eps=config.layer_norm_eps,
-            )
-            for rate in drop_path_rates(drop_path, depth)
-        )
+        blocks = vit_blocks(config, width, depth, heads, mlp_dim, drop_path, qv_bias=config.qkv_bias)
         # The reference init divides the residual output projections of block i (1-based) by sqrt(2 i).
         for layer_id, block in enumerate(blocks, start=1):
             block.attn.proj.residual_layer_id = layer_id

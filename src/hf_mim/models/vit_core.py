@@ -308,7 +308,22 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
     return [rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
 
 
+def vit_blocks(config, width: int, depth: int, heads: int, mlp_dim: int, drop_path: float,
+               **block_options) -> nn.ModuleList:
+    """`depth` plain ViT blocks (MAE's encoder and decoder, ViT-MPP, VQ-KD's ViTs) with the config's
+    qkv_bias, dropouts, activation and LayerNorm eps, the drop-path rate rising from 0 to `drop_path`;
+    `block_options` go to every :class:`Block` as well (VQ-KD: ``qv_bias``)."""
+    return nn.ModuleList(
+        Block(
+            config, width, heads, mlp_dim, qkv_bias=config.qkv_bias, drop_path=rate,
+            drop=config.hidden_dropout_prob, attn_drop=config.attention_probs_dropout_prob,
+            act=config.hidden_act, eps=config.layer_norm_eps, **block_options,
+        )
+        for rate in drop_path_rates(drop_path, depth)
+    )
+
+
 __all__ = [
     "Attention", "Block", "BlockOutputs", "DropPath", "Mlp", "PatchEmbed", "drop_path_rates", "grid_size_for", "patchify",
-    "resize_pos_embed", "run_blocks", "sincos_2d_table", "to_2tuple", "unpatchify",
+    "resize_pos_embed", "run_blocks", "sincos_2d_table", "to_2tuple", "unpatchify", "vit_blocks",
 ]
