@@ -297,7 +297,9 @@ def finetune_locked(model_args: ModelArguments, data_args: DataArguments, finetu
         processing_class=processor, data_collator=ClassificationCollator(model.config.num_labels),
         compute_metrics=metrics_function(model.config.num_labels) if eval_examples is not None else None,
         layer_decay=finetuning_args.layer_decay, soft_targets=soft_targets, callbacks=callbacks,
-        data_fingerprint=data_fingerprint(data, data_args.train_dir, data_args.train_file),
+        # Written and compared by the saving process only (a listing of every training file: not on every rank).
+        data_fingerprint=data_fingerprint(data, data_args.train_dir, data_args.train_file)
+        if training_args.should_save else None,
     )
     metrics = {}
     if training_args.do_train:
