@@ -62,6 +62,17 @@ def test_checkpoints_carry_checksums_and_the_data_fingerprint(uninterrupted):
     assert json.loads((folder / DATA_FINGERPRINT_FILE).read_text()) == {"source": "sklearn-digits", "rows": 64}
 
 
+def test_checksums_cover_the_model_ema_written_on_save(tmp_path):
+    """--model_ema writes ema.safetensors in the callbacks' on_save, after the Trainer's own files:
+    checksums.json is written after it, and lists it."""
+    output_dir = tmp_path / "ema"
+    args = [arg if arg != "8" else "4" for arg in ARGS]
+    run.main(["--output_dir", str(output_dir), *args, "--model_ema"])
+    listed = json.loads((output_dir / "checkpoint-4" / "checksums.json").read_text())["files"]
+    assert {"ema.safetensors", "model.safetensors", "trainer_state.json"} <= set(listed)
+    assert verify([str(output_dir)]) == 0
+
+
 def test_a_sigkilled_finetune_resumes_to_identical_weights(uninterrupted, tmp_path):
     """SIGKILL (no handler runs) right after the first checkpoint, then the same command: the weights and the
     whole run's train_loss equal those of the uninterrupted run."""
