@@ -364,9 +364,10 @@ def load_checkpoint(accelerator, path: str | os.PathLike, extras: dict[str, obje
 
 def refused_pickle_error(folder: Path, error: pickle.UnpicklingError) -> ValueError:
     """A clear error for a state file holding pickled objects that a safe load (weights_only=True) refuses."""
-    name, detail = refused_file(folder) or ("a state file", unsupported_global(error))
+    found = refused_file(folder)
+    where, detail = (folder / found[0], found[1]) if found else (folder, unsupported_global(error))
     return ValueError(
-        f"Refused to load {folder / name if name != 'a state file' else folder}: it holds pickled objects that a "
+        f"Refused to load {where}: it holds pickled objects that a "
         f"safe load does not allow{f' ({detail})' if detail else ''}; loading them would run code from the folder. "
         "Nothing of it ran. This library never writes such files (an altered or foreign checkpoint): resume from "
         "another checkpoint, or start afresh in another --output_dir."
