@@ -137,8 +137,8 @@ def finish(script: str, output_dir: Path, args: list[str]) -> tuple[int, str]:
     return process.returncode, output
 
 
-def wait_for(process: subprocess.Popen, ready, timeout: float | None = None) -> bool:
-    deadline = time.monotonic() + (timeout or TIMEOUT)
+def wait_for(process: subprocess.Popen, ready) -> bool:
+    deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline and process.poll() is None:
         if ready():
             return True
@@ -295,7 +295,7 @@ def planted_case(tally: Tally, work: Path, references: dict[str, Path], script: 
         ok, detail = same_run(output_dir, references[script], check_losses=script != "finetune.py")
         ok = ok and (name in NOT_READ or (name.startswith("random_states") and "Refused" in output))
     else:
-        ok = any(words in output for words in ("Refused to load", "pickles that run code", "is damaged", "damaged"))
+        ok = any(words in output for words in ("Refused to load", "pickles that run code", "damaged"))
         detail = output.strip().splitlines()[-1][:300] if output.strip() else ""
     ok = ok and not marker.exists() and not unsafe_advice
     tally.case(f"{script}: pickle planted in {name} ({'with' if with_checksums else 'without'} checksums.json)",

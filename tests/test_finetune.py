@@ -323,6 +323,25 @@ def test_finetune_push_to_hub_publishes_through_hf_mim(local_hub, digits_files, 
         torch.testing.assert_close(pushed(images).logits, local(images).logits, rtol=0, atol=0)
 
 
+def test_a_published_models_checksums_match_the_uploaded_files(local_hub, tmp_path):
+    """The upload is a redacted copy (hf_mim.redaction): a config.json naming a local folder is uploaded with
+    the folder's name only, and the uploaded checksums.json must describe that copy, not the local files."""
+    from hf_mim.checksums import write_model_manifest
+    from hf_mim.hub import publish
+    from hf_mim.verify import main as verify
+
+    model_dir = save(mae_pretraining(), tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "teacher_name_or_path": str(tmp_path / "teacher")}))
+    write_model_manifest(model_dir)
+    repo_id = f"{local_hub.user}/redacted-checksums"
+    publish(model_dir, repo_id)
+    snapshot = Path(snapshot_download(repo_id))
+    uploaded = json.loads((snapshot / "config.json").read_text())["teacher_name_or_path"]
+    assert uploaded == "teacher" and str(tmp_path) in (model_dir / "config.json").read_text()  # redacted copy only
+    assert verify([str(snapshot)]) == 0 and verify([str(model_dir)]) == 0
+
+
 @pytest.fixture
 def hub_datasets(local_hub, monkeypatch):
     """`local_hub` for `datasets` too, which reads its endpoint into `datasets.config` at import."""

@@ -62,7 +62,18 @@ def test_checkpoints_carry_checksums_and_the_data_fingerprint(uninterrupted):
     assert json.loads((folder / DATA_FINGERPRINT_FILE).read_text()) == {"source": "sklearn-digits", "rows": 64}
 
 
-def test_a_sigkilled_finetune_resumes_to_identical_weights(uninterrupted, tmp_path):
+def test_checksums_cover_the_model_ema_written_on_save(tmp_path):
+    """--model_ema writes ema.safetensors in the callbacks' on_save, after the Trainer's own files:
+    checksums.json is written after it, and lists it."""
+    output_dir = tmp_path / "ema"
+    args = [arg if arg != "8" else "4" for arg in ARGS]
+    run.main(["--output_dir", str(output_dir), *args, "--model_ema"])
+    listed = json.loads((output_dir / "checkpoint-4" / "checksums.json").read_text())["files"]
+    assert {"ema.safetensors", "model.safetensors", "trainer_state.json"} <= set(listed)
+    assert verify([str(output_dir)]) == 0
+
+
+def test_a_sigkilled_finetune_resumes_to_identical_weights(uninterrupted, tmp_path, capsys):
     """SIGKILL (no handler runs) right after the first checkpoint, then the same command: the weights and the
     whole run's train_loss equal those of the uninterrupted run."""
     output_dir = tmp_path / "run"
@@ -75,6 +86,8 @@ def test_a_sigkilled_finetune_resumes_to_identical_weights(uninterrupted, tmp_pa
     process.communicate(timeout=60)
     assert not (output_dir / "all_results.json").exists()  # killed mid-run, not after it
     run.main(["--output_dir", str(output_dir), *ARGS])  # the same command again
+    # Resumed (a fresh start would end at the same weights too: the runs are deterministic).
+    assert f"Resuming from {output_dir / 'checkpoint-'}" in capsys.readouterr().out
     assert train_loss(output_dir) == pytest.approx(train_loss(uninterrupted), rel=1e-5)
     ours, theirs = load_file(output_dir / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
     for name in theirs:

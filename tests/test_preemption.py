@@ -249,6 +249,10 @@ def test_a_saved_model_carries_checksums_that_verify_checks(uninterrupted, tmp_p
     assert f"DAMAGED    {model}: model.safetensors: changed since it was written" in capsys.readouterr().out
     (model / "checksums.json").unlink()
     assert verify([str(model)]) == 0 and "unverified" in capsys.readouterr().out
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # without checksums.json still checked for truncation
+    assert verify([str(model)]) == 1
+    assert f"DAMAGED    {model}: model.safetensors: truncated" in capsys.readouterr().out
 
 
 def test_every_checkpoint_is_a_model_for_the_auto_classes_finetune_and_probe(uninterrupted, tmp_path):

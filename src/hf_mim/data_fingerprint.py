@@ -8,24 +8,24 @@ The embedded digits and streams get their source and size only.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import logging
 import os
 
 import datasets
 
-from .data import DIGITS_SOURCE, ImageDatasets
+from .data import DIGITS_SOURCE, ImageDatasets, expand_files
 
 logger = logging.getLogger(__name__)
 
 
 def local_files(train_dir=None, train_file=None) -> list[str]:
-    """The training files of a local source, sorted (the same expansion `hf_mim.data` does)."""
+    """The training files of a local source, sorted: every file under `train_dir`, or the files `train_file`
+    expands to (`hf_mim.data.expand_files`, as the data were loaded)."""
     if train_dir:
         return sorted(os.path.join(folder, name) for folder, _, names in os.walk(train_dir) for name in names)
     if train_file:
-        return sorted(glob.glob(os.path.expanduser(train_file), recursive=True))
+        return expand_files(train_file, "--train_file")
     return []
 
 
@@ -45,7 +45,8 @@ def data_fingerprint(data: ImageDatasets, train_dir=None, train_file=None) -> di
         fingerprint["rows"] = len(data.train)
         if not (train_dir or train_file) and data.source != DIGITS_SOURCE:  # a Hub data set (a local one: files)
             fingerprint["dataset_fingerprint"] = data.train._fingerprint
-    fingerprint.update(listing_fingerprint(local_files(train_dir, train_file)) if (train_dir or train_file) else {})
+    if train_dir or train_file:
+        fingerprint.update(listing_fingerprint(local_files(train_dir, train_file)))
     return fingerprint
 
 

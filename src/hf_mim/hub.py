@@ -19,6 +19,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 from .cards import METHODS, saved_card_inputs, write_model_card
+from .checksums import MANIFEST_FILE, write_model_manifest
 from .redaction import staged_upload
 
 try:  # the HTTP client under huggingface_hub: httpx2 from 2.x, httpx in 1.x
@@ -188,6 +189,8 @@ def publish(
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         with staged_upload(model_dir, [name for name in local_files if name not in skipped]) as staged:
+            if (staged / MANIFEST_FILE).is_file():  # of the copy: redaction may have rewritten a listed file
+                write_model_manifest(staged)
             commit = api.upload_folder(repo_id=repo_id, folder_path=staged, commit_message=commit_message,
                                        revision=revision)  # no local paths or host name (see redaction.py)
     except HfHubHTTPError as error:

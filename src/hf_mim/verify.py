@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checksums import MANIFEST_FILE, manifest_problems, read_manifest
+from .checksums import MANIFEST_FILE, read_manifest
 from .pretraining.checkpoints import STATE_FILE, find_damage, list_checkpoints
 
 
@@ -30,10 +30,8 @@ def check_folder(folder: Path) -> tuple[str, str]:
         listed = read_manifest(folder)
     except ValueError as error:
         return "DAMAGED", str(error)
-    if is_checkpoint:
-        damage = find_damage(folder)
-    else:  # a saved model: only its own files (the checkpoints below are checked one by one)
-        damage = "; ".join(manifest_problems(folder) or []) or None
+    # A saved model: only its own files (the checkpoints below are checked one by one).
+    damage = find_damage(folder, recursive=is_checkpoint)
     if damage:
         return "DAMAGED", damage
     if listed is None:

@@ -28,7 +28,7 @@ from ..files import apply_umask
 from ..launch import check_one_run_per_launch, warn_if_bf16_is_emulated
 from ..metrics import load_top_k_accuracy
 from ..preemption import Preempted, PreemptionGuard, resume_hint
-from ..pretraining.checkpoints import latest_checkpoint, refused_pickle_error, resolve_resume_path
+from ..pretraining.checkpoints import refused_pickle_error, resolve_resume_path
 from ..pretraining.data_loading import cores_per_process
 from ..pretraining.model_choice import train_image_count
 from ..run_lock import OutputDirLock
@@ -195,25 +195,20 @@ def check_can_push(training_args) -> None:
 
 
 def resume_checkpoint(training_args) -> str | None:
-    """--resume_from_checkpoint PATH | latest | none; not given: the newest checkpoint in --output_dir."""
+    """--resume_from_checkpoint PATH | latest | none; not given: the newest checkpoint in --output_dir
+    (`resolve_resume_path`: complete and intact; a damaged newest one gives way to an older one, and when
+    every checkpoint is damaged an error, never a fresh start over them)."""
     value = training_args.resume_from_checkpoint
-    output_dir = training_args.output_dir
     if value is not None and value.lower() in ("none", "no", "false"):
         return None
-    if value is not None and value.lower() not in ("latest", "last", "true"):  # a path
-        if not os.path.isdir(value):
-            raise FileNotFoundError(f"--resume_from_checkpoint {value} is not a checkpoint folder.")
-        return str(resolve_resume_path(value, output_dir, auto_resume=False))  # complete and intact, or an error
-    # The newest complete (trainer_state.json written last) and intact one: a save cut off by a kill is skipped;
-    # when every checkpoint is damaged, an error (never a fresh start over them).
-    last = latest_checkpoint(output_dir)
-    if value is None:
-        if last:
-            logger.info("Resuming from %s (pass --resume_from_checkpoint none to start afresh).", last)
-        return None if last is None else str(last)
-    if last is None:
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-<step> folder in {output_dir}.")
-    return str(last)
+    if value is not None and value.lower() in ("latest", "last", "true"):
+        value = "latest"
+    elif value is not None and not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value} is not a checkpoint folder.")
+    path = resolve_resume_path(value, training_args.output_dir, auto_resume=True)
+    if path is not None and value is None:
+        logger.info("Resuming from %s (pass --resume_from_checkpoint none to start afresh).", path)
+    return None if path is None else str(path)
 
 
 def recipe(model, training_args, finetuning_args: FinetuningArguments, trainer) -> dict:
@@ -297,7 +292,9 @@ def finetune_locked(model_args: ModelArguments, data_args: DataArguments, finetu
         processing_class=processor, data_collator=ClassificationCollator(model.config.num_labels),
         compute_metrics=metrics_function(model.config.num_labels) if eval_examples is not None else None,
         layer_decay=finetuning_args.layer_decay, soft_targets=soft_targets, callbacks=callbacks,
-        data_fingerprint=data_fingerprint(data, data_args.train_dir, data_args.train_file),
+        # Written and compared by the saving process only (a listing of every training file: not on every rank).
+        data_fingerprint=data_fingerprint(data, data_args.train_dir, data_args.train_file)
+        if training_args.should_save else None,
     )
     metrics = {}
     if training_args.do_train:

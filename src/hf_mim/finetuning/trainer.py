@@ -1,6 +1,6 @@
 """`transformers.Trainer` for fine-tuning hf_mim classifiers.
 
-Three changes to the stock Trainer:
+Its changes to the stock Trainer:
 
 - `create_optimizer`: the optimizer chosen by `--optim` (AdamW by default) over layer-wise lr decay
   groups (`layer_decay.py`); each group's `lr` is scaled, so the Trainer's own scheduler applies the
@@ -20,7 +20,7 @@ import json
 import os
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.trainer_optimizer import is_optimizer_factory
@@ -42,6 +42,7 @@ class FinetuningTrainer(Trainer):
         self.layer_decay = layer_decay
         self.soft_targets = soft_targets
         self.data_fingerprint = data_fingerprint or {}
+        self.add_callback(ChecksumsCallback(self))  # after the callbacks given: their on_save files are listed
         # hf_mim models return a batch-mean loss and ignore `num_items_in_batch`; their forward's
         # **kwargs would make the Trainer assume otherwise and skip the gradient-accumulation scaling.
         self.model_accepts_loss_kwargs = False
@@ -104,10 +105,7 @@ class FinetuningTrainer(Trainer):
                 json.dump({"loss_sum": loss_sum, "steps": self.state.global_step}, handle)
             with open(os.path.join(folder, DATA_FINGERPRINT_FILE), "w") as handle:
                 json.dump(self.data_fingerprint, handle)
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()  # every process's RNG file is written
-        if self.args.should_save and os.path.isdir(folder):
-            write_manifest(folder)  # last: a kill before it leaves a complete checkpoint that is only unverified
+        super()._save_checkpoint(model, trial)  # checksums.json: ChecksumsCallback, once the callbacks saved too
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -115,6 +113,21 @@ class FinetuningTrainer(Trainer):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return EpochSampler(len(dataset), seed)
         return super()._get_train_sampler(train_dataset)
+
+
+class ChecksumsCallback(TrainerCallback):
+    """`checkpoint-<step>/checksums.json`, written on save after the Trainer's files and the on_save files of
+    the callbacks before it (the model EMA's ema.safetensors), so that it lists them all; last, so that a kill
+    before it leaves a complete checkpoint that is only unverified."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer.accelerator.wait_for_everyone()  # every process's RNG file is written
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if args.should_save and os.path.isdir(folder):
+            write_manifest(folder)
 
 
 def read_run_loss(checkpoint: str) -> dict | None:
@@ -130,4 +143,4 @@ def read_json(checkpoint: str, name: str) -> dict | None:
         return json.load(handle)
 
 
-__all__ = ["DATA_FINGERPRINT_FILE", "FinetuningTrainer", "RUN_LOSS_FILE"]
+__all__ = ["ChecksumsCallback", "DATA_FINGERPRINT_FILE", "FinetuningTrainer", "RUN_LOSS_FILE"]

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checksums import manifest_problems, write_manifest
+from ..checksums import manifest_problems, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -146,25 +146,31 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str, aut
 # ---------------------------------------------------------------------------------------------
 
 
-def find_damage(folder: str | os.PathLike) -> str | None:
-    """What is wrong with the first damaged file of a checkpoint folder, or None. Reads the sizes that
-    safetensors headers promise, the CRCs of torch.save archives and the JSON files (nothing is unpickled),
-    then the SHA-256 of every file its checksums.json lists (a flipped bit, a replaced file)."""
-    for path in sorted(Path(folder).rglob("*")):
+def find_damage(folder: str | os.PathLike, recursive: bool = True) -> str | None:
+    """What is wrong with the first damaged file of a checkpoint folder (`recursive=False`: of its top level
+    only, a saved model), or None. Reads the sizes that safetensors headers promise, the CRCs of torch.save
+    archives and the JSON files (nothing is unpickled), then the SHA-256 of every file its checksums.json
+    lists (a flipped bit, a replaced file). A listed archive's CRCs are not read: its SHA-256 covers every byte."""
+    folder = Path(folder)
+    try:
+        listed = read_manifest(folder) or {}
+    except ValueError:
+        listed = {}  # said by manifest_problems below
+    for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
         if path.is_file():
-            problem = file_damage(path)
+            problem = file_damage(path, check_crc=path.relative_to(folder).as_posix() not in listed)
             if problem is not None:
                 return f"{path.name}: {problem}"
     problems = manifest_problems(folder)
     return "; ".join(problems) if problems else None
 
 
-def file_damage(path: Path) -> str | None:
+def file_damage(path: Path, check_crc: bool = True) -> str | None:
     try:
         if path.suffix == ".safetensors":
             return safetensors_damage(path)
         if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
-            return torch_archive_damage(path)
+            return torch_archive_damage(path, check_crc)
         if path.suffix == ".json":
             json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError) as error:
@@ -188,10 +194,12 @@ def safetensors_damage(path: Path) -> str | None:
     return None
 
 
-def torch_archive_damage(path: Path) -> str | None:
-    """torch.save writes a zip archive with a CRC per entry."""
+def torch_archive_damage(path: Path, check_crc: bool = True) -> str | None:
+    """torch.save writes a zip archive with a CRC per entry (`check_crc`: read them all, the whole file)."""
     if not zipfile.is_zipfile(path):
         return "truncated or not a torch.save archive"
+    if not check_crc:
+        return None
     with zipfile.ZipFile(path) as archive:
         corrupt = archive.testzip()
     return None if corrupt is None else f"corrupt entry {corrupt}"
@@ -356,9 +364,10 @@ def load_checkpoint(accelerator, path: str | os.PathLike, extras: dict[str, obje
 
 def refused_pickle_error(folder: Path, error: pickle.UnpicklingError) -> ValueError:
     """A clear error for a state file holding pickled objects that a safe load (weights_only=True) refuses."""
-    name, detail = refused_file(folder) or ("a state file", unsupported_global(error))
+    found = refused_file(folder)
+    where, detail = (folder / found[0], found[1]) if found else (folder, unsupported_global(error))
     return ValueError(
-        f"Refused to load {folder / name if name != 'a state file' else folder}: it holds pickled objects that a "
+        f"Refused to load {where}: it holds pickled objects that a "
         f"safe load does not allow{f' ({detail})' if detail else ''}; loading them would run code from the folder. "
         "Nothing of it ran. This library never writes such files (an altered or foreign checkpoint): resume from "
         "another checkpoint, or start afresh in another --output_dir."

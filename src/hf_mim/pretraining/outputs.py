@@ -12,8 +12,8 @@ import datasets
 import torch
 from torch.utils.data import default_collate
 
-from ..data import DIGITS_SOURCE, FixedSampler, ImageExamples
 from ..checksums import write_model_manifest
+from ..data import DIGITS_SOURCE, FixedSampler, ImageExamples
 from ..files import apply_umask
 from .tracking import plain
 
