@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .cards import plain_value
+
 # Below this many training images a from-scratch run is "small data" (the size from which
 # pretraining.model_choice picks the base presets).
 SMALL_DATA_MAX_IMAGES = 50_000
@@ -75,6 +77,8 @@ def recipe_line(recipe: Mapping[str, Setting]) -> str:
 
 
 def format_value(value: object) -> str:
+    """As the model card shows a recipe value (`cards.plain_value`: an enum's value, not its name)."""
+    value = plain_value(value)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
