@@ -9,7 +9,6 @@ import sys
 
 from ..cli import option, peek_method, set_help
 from ..pretraining.arguments import check_arguments, fill_defaults, parse_into_namespace, script_parser
-from ..recipe import DEMO
 from .methods import TOKENIZER_METHODS, get_tokenizer_method
 
 DESCRIPTION = """\
@@ -87,9 +86,8 @@ def build_parser(method_name: str = "vqkd") -> argparse.ArgumentParser:
 
 def fill_tokenizer_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """The pre-training recipe resolution with the tokenizer's recipe as the paper's, and its demo settings
-    (digits) over the pre-training demo's."""
-    method_cls = get_tokenizer_method(args.method)
-    return fill_defaults(args, method_cls, demo_layers=[(DEMO, method_cls.demo_defaults)])
+    (digits, its `demo_defaults`) over the pre-training demo's."""
+    return fill_defaults(args, get_tokenizer_method(args.method))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
