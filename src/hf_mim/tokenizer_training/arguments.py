@@ -9,6 +9,7 @@ import sys
 
 from ..cli import option, peek_method, set_help
 from ..pretraining.arguments import check_arguments, fill_defaults, parse_into_namespace, script_parser
+from ..recipe import SMALL_DATA_MAX_IMAGES
 from .methods import TOKENIZER_METHODS, get_tokenizer_method
 
 DESCRIPTION = """\
@@ -52,7 +53,9 @@ examples:
 # Help texts of shared options whose pre-training wording would mislead here.
 HELP_OVERRIDES = {
     "base_learning_rate": "lr = blr * (batch per device * processes * accumulation) / 256 (default: the method's "
-                          "recipe, see --method NAME --help; a higher one for the digits demo)",
+                          "recipe, see --method NAME --help; a higher one, its digits demo's, for the demo and from "
+                          f"scratch on fewer than {SMALL_DATA_MAX_IMAGES:,} images: the start of a run prints the "
+                          "recipe in force and where each value came from)",
     "num_train_epochs": "(default: the method's recipe; 10 for the digits demo)",
     "logging_steps": "log the loss terms and codebook health every N optimiser steps (default: 1)",
     "do_eval": "distillation / reconstruction loss and codebook usage on held-out images (default: when there are "
