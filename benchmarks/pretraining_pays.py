@@ -128,10 +128,9 @@ def equal_compute_steps(length: int, flops: dict[str, int], finetune_steps: int)
 # Pre-training: one model folder per length
 # ---------------------------------------------------------------------------------------------
 
-def device_argv(args, script: str) -> list[str]:
-    if args.device != "cpu":
-        return []
-    return ["--use_cpu", "true"] if script == "finetune" else []
+def cpu_argv(args) -> list[str]:
+    """fine-tuning's and probing's switch to the CPU (pre-training takes ACCELERATE_USE_CPU)."""
+    return ["--use_cpu", "true"] if args.device == "cpu" else []
 
 
 def pretrain_run(args, config_dir: Path, folder: Path, steps: int, checkpoint_every: int) -> None:
@@ -189,11 +188,12 @@ def finetune_top1(args, start: list[str], seed: int, steps: int, layer_decay: fl
             "--seed", str(seed), "--max_steps", str(steps), "--per_device_train_batch_size",
             str(args.finetune_batch_size), "--base_learning_rate", str(args.finetune_base_lr),
             "--layer_decay", str(layer_decay), "--drop_path", "0.1", "--warmup_steps", "0.1",
-            # RandAugment is off: timm's asks Pillow 13 for 0-bit posterize and crashes (issue 16, part 1)
+            # RandAugment off, as in the rows of RESULTS.md (chosen when timm's 0-bit posterize still crashed
+            # under Pillow 13; finetuning.transforms.posterize_any_bits has fixed that since)
             "--aa", "none", "--reprob", "0.25", "--crop_min_scale", "0.35", "--crop_pct", "1.0",
             "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
             "--dataloader_num_workers", "0", "--logging_steps", str(max(1, steps // 4)), "--output_dir", str(folder),
-            *device_argv(args, "finetune"), *start]
+            *cpu_argv(args), *start]
     return round(finetune(argv)["eval_top1"], 4)
 
 
@@ -201,7 +201,7 @@ def probe_scores(args, start: list[str], seed: int, folder: Path) -> dict[str, f
     argv = ["--train_file", args.train_file, "--validation_file", args.test_file,
             "--max_train_samples", str(args.labels), "--max_eval_samples", str(args.eval_samples),
             "--seed", str(seed), "--pooling", "mean", "--crop_pct", "1.0", "--dataloader_num_workers", "0",
-            "--output_dir", str(folder), *(["--use_cpu", "true"] if args.device == "cpu" else []), *start]
+            "--output_dir", str(folder), *cpu_argv(args), *start]
     results = probe(argv)
     return {key: round(results[key], 4) for key in ("linear_top1", "knn_top1")}
 
@@ -227,7 +227,7 @@ class Rows:
         print(f"row: {row}", flush=True)
 
 
-def run_rows(args, key: dict, rows: Rows, score) -> None:
+def run_rows(key: dict, rows: Rows, score) -> None:
     if not rows.has(key):
         rows.add({**key, **score()})
 
@@ -238,22 +238,22 @@ def pretrained_side(args, config_dir: Path, rows: Rows) -> None:
     for seed in args.seed_list:
         for length, model in models.items():
             start = ["--model_name_or_path", str(model)]
-            run_rows(args, {"kind": "finetune", "start": "pretrained", "pretrain_steps": length, "seed": seed,
-                            "finetune_steps": args.finetune_steps}, rows,
+            run_rows({"kind": "finetune", "start": "pretrained", "pretrain_steps": length, "seed": seed,
+                      "finetune_steps": args.finetune_steps}, rows,
                      lambda: {"top1": finetune_top1(args, start, seed, args.finetune_steps, args.layer_decay,
                                                     runs / f"ft-pre{length}-s{seed}")})
-            run_rows(args, {"kind": "probe", "start": "pretrained", "pretrain_steps": length, "seed": seed}, rows,
+            run_rows({"kind": "probe", "start": "pretrained", "pretrain_steps": length, "seed": seed}, rows,
                      lambda: probe_scores(args, start, seed, runs / f"probe-pre{length}-s{seed}"))
 
 
 def random_side(args, config_dir: Path, flops: dict[str, int], rows: Rows) -> None:
     runs, start = Path(args.output_dir) / "runs", ["--config_name", str(config_dir)]
     for seed in args.seed_list:
-        run_rows(args, {"kind": "probe", "start": "random", "pretrain_steps": 0, "seed": seed}, rows,
+        run_rows({"kind": "probe", "start": "random", "pretrain_steps": 0, "seed": seed}, rows,
                  lambda: probe_scores(args, start, seed, runs / f"probe-random-s{seed}"))
         # equal steps first (L = 0), then equal compute for each length, cheapest first
         for steps in sorted({equal_compute_steps(length, flops, args.finetune_steps) for length in args.lengths}):
-            run_rows(args, {"kind": "finetune", "start": "random", "seed": seed, "finetune_steps": steps}, rows,
+            run_rows({"kind": "finetune", "start": "random", "seed": seed, "finetune_steps": steps}, rows,
                      lambda: {"top1": finetune_top1(args, start, seed, steps, 1.0, runs / f"ft-random{steps}-s{seed}")})
 
 

@@ -248,8 +248,12 @@ class Recipe:
 
 
 def load_data_pipeline():
-    """benchmarks/data_pipeline.py: its tiny method set-up (smoke preset, tokenizers) is reused here."""
-    spec = importlib.util.spec_from_file_location("hf_mim_benchmark_data_pipeline", BENCHMARKS / "data_pipeline.py")
+    """benchmarks/data_pipeline.py (loaded once): its tiny method set-up (smoke preset, tokenizers) and its
+    `path_dataset` are reused here."""
+    name = "hf_mim_benchmark_data_pipeline"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / "data_pipeline.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -322,8 +326,7 @@ def finetuning_recipes(corpus: Corpus, image_size: int) -> list[Recipe]:
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     paths = corpus.image_paths()
-    load_data_pipeline()
-    dataset = sys.modules["hf_mim_benchmark_data_pipeline"].path_dataset(paths)
+    dataset = load_data_pipeline().path_dataset(paths)
     dataset = dataset.add_column("label", [index % NUM_CLASSES for index in range(len(paths))])
     collator = ClassificationCollator(NUM_CLASSES)
     soft_targets = SoftTargets(NUM_CLASSES, MIXUP, CUTMIX, SMOOTHING)

@@ -337,6 +337,9 @@ def test_reference_precision_resolves_per_tokenizer(model_type, saved_fp16, aske
     assert precision == expected and why
     with pytest.raises(ValueError, match="choose one of reference, fp32"):
         resolve_precision("fp8", config)
+    if model_type != "hf_mim_dvae":  # the dVAE's own fp16 mode, refused for any other tokenizer
+        with pytest.raises(ValueError, match=f"reference_fp16 is the DALL-E dVAE's fp16 mode, but tok is a '{model_type}'"):
+            resolve_precision("reference_fp16", config, "tok")
 
 
 def test_default_precision_keeps_the_converted_dvae_fp16_and_logs_it(tokenizers, tmp_path, caplog):

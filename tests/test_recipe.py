@@ -43,6 +43,11 @@ def test_the_line_groups_values_by_origin_paper_first_user_last():
     recipe = resolve_recipe([(PAPER, PAPER_VALUES)], {"drop_path": 0.2})
     assert recipe_line(recipe) == ("Recipe in force: paper: base_learning_rate=0.001, layer_decay=0.75, "
                                    "aa=rand-m9-mstd0.5-inc1; user: drop_path=0.2")
+    # an enum (TrainingArguments turns --lr_scheduler_type into one) shows its value, as on the model card
+    from transformers.trainer_utils import SchedulerType
+
+    recipe = resolve_recipe([], {"lr_scheduler_type": SchedulerType.LINEAR})
+    assert recipe_line(recipe) == "Recipe in force: user: lr_scheduler_type=linear"
 
 
 def test_explicit_options_know_every_spelling():

@@ -10,13 +10,17 @@ Layers, a later one winning over an earlier one:
     it, 0.25 with the rule's; benchmarks/RESULTS.md), gets the lighter recipe of the script's demo
   < the user's explicit values, always.
 
-`resolve_recipe` is a pure function of the layers; `recipe_line` is what the start of every run prints.
+`resolve_recipe` is a pure function of the layers; `RecipeInputs` holds what a script knows at parse time
+and applies the data-size rule, the same for the three scripts, once the data's size is known;
+`recipe_line` is what the start of every run prints.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from .cards import plain_value
 
 # Below this many training images a from-scratch run is "small data" (the size from which
 # pretraining.model_choice picks the base presets).
@@ -57,6 +61,23 @@ def data_size_layer(train_images: int | None, from_scratch: bool, values: Mappin
     return [(f"data-size rule: {train_images:,} training images < {SMALL_DATA_MAX_IMAGES:,}, from scratch", values)]
 
 
+@dataclass(frozen=True)
+class RecipeInputs:
+    """What a run's recipe depends on, known when its command line is parsed: the layers below the data-size
+    rule (the paper's, the digits demo's), the user's explicit values, the data-size rule's values and
+    whether the run trains from scratch on the user's data (no pre-trained weights, not the demo)."""
+
+    layers: tuple[tuple[str, Mapping[str, object]], ...]
+    user: Mapping[str, object]
+    small_data: Mapping[str, object]
+    from_scratch: bool
+
+    def resolve(self, train_images: int | None = None) -> dict[str, Setting]:
+        """The recipe in force on `train_images` training images (None: not known yet, or a stream)."""
+        layers = [*self.layers, *data_size_layer(train_images, self.from_scratch, self.small_data)]
+        return resolve_recipe(layers, self.user)
+
+
 def explicit_options(parser, argv: Sequence[str], names) -> set[str]:
     """The destinations among `names` that argv sets, under any of their spellings (aliases, dashes)."""
     spelled = {arg.split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("-")}
@@ -75,9 +96,10 @@ def recipe_line(recipe: Mapping[str, Setting]) -> str:
 
 
 def format_value(value: object) -> str:
+    """As the model card shows a recipe value (`cards.plain_value`: an enum's value, not its name)."""
+    value = plain_value(value)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-__all__ = ["DEMO", "PAPER", "SMALL_DATA_MAX_IMAGES", "USER", "Setting", "data_size_layer", "explicit_options",
-           "is_small_data",
-           "recipe_line", "resolve_recipe"]
+__all__ = ["DEMO", "PAPER", "SMALL_DATA_MAX_IMAGES", "USER", "RecipeInputs", "Setting", "data_size_layer",
+           "explicit_options", "is_small_data", "recipe_line", "resolve_recipe"]

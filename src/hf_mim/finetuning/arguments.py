@@ -17,9 +17,7 @@ from transformers.trainer_utils import SaveStrategy
 
 from ..cli import DATA_SOURCES, DataSourceArguments, MimArgumentParser, add_transformers4_names, given, option
 from ..pretraining import data_loading
-from ..recipe import (
-    DEMO, PAPER, SMALL_DATA_MAX_IMAGES, data_size_layer, explicit_options, recipe_line, resolve_recipe,
-)
+from ..recipe import DEMO, PAPER, SMALL_DATA_MAX_IMAGES, RecipeInputs, explicit_options, recipe_line
 from .ema import DEFAULT_DECAY, check_decay
 
 
@@ -205,9 +203,10 @@ def parse_finetuning_args(argv: list[str] | None = None):
         raise ValueError("Give either --learning_rate (absolute) or --base_learning_rate (scaled by batch / 256), "
                          "not both.")
     user = {name: getattr(finetuning_args, name, getattr(training_args, name, None)) for name in explicit}
+    demo, pretrained = not any(given(argv, name) for name in DATA_SOURCES), given(argv, "model_name_or_path")
     finetuning_args.recipe_inputs = RecipeInputs(
-        demo=not any(given(argv, name) for name in DATA_SOURCES), from_scratch=not given(argv, "model_name_or_path"),
-        demo_from_scratch=not (given(argv, "model_name_or_path") or given(argv, "config_name")), user=user)
+        recipe_layers(demo, demo_from_scratch=demo and not (pretrained or given(argv, "config_name"))), user,
+        SMALL_DATA_DEFAULTS, from_scratch=not (pretrained or demo))
     resolve_finetuning_recipe(finetuning_args, training_args)
     check_model_ema(argv, finetuning_args)
     check_step_settings(argv, training_args)
@@ -215,17 +214,6 @@ def parse_finetuning_args(argv: list[str] | None = None):
         warnings.warn(f"--hub_strategy {training_args.hub_strategy}: hf_mim uploads once, at the end of the run "
                       "(model, processor, model card), with hf_mim.hub.publish.", stacklevel=2)
     return model_args, data_args, finetuning_args, training_args
-
-
-@dataclass(frozen=True)
-class RecipeInputs:
-    """What the recipe depends on besides the data's size: the digits demo or not, from scratch (no
-    --model_name_or_path) or not, the demo's from-scratch case (no --config_name either), the user's values."""
-
-    demo: bool
-    from_scratch: bool
-    demo_from_scratch: bool
-    user: dict
 
 
 def paper_recipe() -> dict:
@@ -236,28 +224,29 @@ def paper_recipe() -> dict:
     return {**options, **training, "base_learning_rate": DEFAULT_BASE_LEARNING_RATE}
 
 
-def recipe_layers(inputs: RecipeInputs, train_images: int | None) -> list[tuple[str, dict]]:
+def recipe_layers(demo: bool, demo_from_scratch: bool) -> tuple[tuple[str, dict], ...]:
+    """The layers below the data-size rule: the paper's; the digits demo's, and its from-scratch model's (no
+    --model_name_or_path nor --config_name)."""
     layers = [(PAPER, paper_recipe())]
-    if inputs.demo:
+    if demo:
         layers.append((DEMO, DEMO_DATA_DEFAULTS))
-        if inputs.demo_from_scratch:
+        if demo_from_scratch:
             layers.append((f"{DEMO}, from scratch", FROM_SCRATCH_DEFAULTS))
-    return layers + data_size_layer(train_images, inputs.from_scratch and not inputs.demo, SMALL_DATA_DEFAULTS)
+    return tuple(layers)
 
 
 def resolve_finetuning_recipe(finetuning_args: FinetuningArguments, training_args, train_images: int | None = None
                               ) -> str:
-    """The recipe in force (`hf_mim.recipe.resolve_recipe`: paper < digits demo < data-size rule < user),
-    set on the two argument dataclasses and kept as `finetuning_args.recipe`; returns the line a run prints.
-    An explicit --learning_rate wins over every base learning rate."""
+    """The recipe in force (`hf_mim.recipe.RecipeInputs.resolve`: paper < digits demo < data-size rule <
+    user), set on the two argument dataclasses; returns the line a run prints. An explicit --learning_rate
+    wins over every base learning rate."""
     inputs = finetuning_args.recipe_inputs
-    recipe = resolve_recipe(recipe_layers(inputs, train_images), inputs.user)
+    recipe = inputs.resolve(train_images)
     if "learning_rate" in inputs.user:
         recipe.pop("base_learning_rate")
         finetuning_args.base_learning_rate = None
     for name, setting in recipe.items():
         setattr(finetuning_args if hasattr(finetuning_args, name) else training_args, name, setting.value)
-    finetuning_args.recipe = recipe
     return recipe_line(recipe)
 
 

@@ -10,9 +10,7 @@ import os
 import sys
 
 from ..cli import MimArgumentParser, add_transformers4_names, append_help, option, peek_method
-from ..recipe import (
-    DEMO, PAPER, SMALL_DATA_MAX_IMAGES, USER, Setting, data_size_layer, recipe_line, resolve_recipe,
-)
+from ..recipe import DEMO, PAPER, SMALL_DATA_MAX_IMAGES, USER, RecipeInputs, Setting, recipe_line
 from .methods import METHODS, get_method
 from .options import LEADING_GROUPS, TRAINING_GROUPS, warmup_type
 
@@ -111,30 +109,34 @@ def is_demo(args: argparse.Namespace) -> bool:
     return not any((args.dataset_name, args.train_dir, args.validation_dir, args.train_file, args.validation_file))
 
 
-def recipe_layers(args: argparse.Namespace, method_cls, demo_layers=()) -> list[tuple[str, dict]]:
+def recipe_layers(args: argparse.Namespace, method_cls) -> tuple[tuple[str, dict], ...]:
     """The recipe's layers below the data-size rule: the general defaults and the method's (the paper's)
-    recipe, then the digits demo's settings (`demo_layers`: more of them, e.g. a tokenizer's own demo)."""
+    recipe, then the digits demo's settings, and the method's own demo settings over them (a tokenizer's
+    `demo_defaults`)."""
     method_defaults = dict(method_cls.defaults)
     if args.lr_scheduler_type is not None:  # the method's scheduler arguments belong to the method's scheduler
         method_defaults.pop("lr_scheduler_kwargs", None)
     layers = [(PAPER, {**GENERAL_DEFAULTS, **method_defaults})]
     if is_demo(args):
-        layers += [(DEMO, DEMO_DEFAULTS), *demo_layers]
-    return layers
+        layers.append((DEMO, DEMO_DEFAULTS))
+        if getattr(method_cls, "demo_defaults", None):
+            layers.append((DEMO, method_cls.demo_defaults))
+    return tuple(layers)
 
 
-def fill_defaults(args: argparse.Namespace, method_cls=None, demo_layers=()) -> argparse.Namespace:
+def fill_defaults(args: argparse.Namespace, method_cls=None) -> argparse.Namespace:
     """Defaults that depend on the method (`method_cls`, default: `--method` in METHODS), on the demo, and
-    on other arguments. Only options still None are filled: what is set is the user's (`args.recipe_user`).
-    The recipe's provenance is `args.recipe`; `apply_data_size_rule` completes it once the data is known."""
+    on other arguments. Only options still None are filled: what is set is the user's. The recipe's inputs
+    are kept in `args.recipe_inputs`; `apply_data_size_rule` completes the recipe once the data is known."""
     if args.eval_strategy is None and args.eval_steps:
         args.eval_strategy = "steps"
     method_cls = method_cls or get_method(args.method)
-    layers = recipe_layers(args, method_cls, demo_layers)
+    layers = recipe_layers(args, method_cls)
     names = {name for _, values in layers for name in values}
-    args.recipe_user = {name: getattr(args, name) for name in sorted(names) if getattr(args, name, None) is not None}
-    args.recipe_layers, args.recipe_data_values = layers, small_data_values(method_cls)
-    set_recipe(args, resolve_recipe(layers, args.recipe_user))
+    user = {name: getattr(args, name) for name in sorted(names) if getattr(args, name, None) is not None}
+    args.recipe_inputs = RecipeInputs(layers, user, small_data_values(method_cls),
+                                      from_scratch=not (args.model_name_or_path or is_demo(args)))
+    set_recipe(args, args.recipe_inputs.resolve())
     args.max_grad_norm = args.max_grad_norm or None  # 0 = no clipping
     args.data_seed = args.seed if args.data_seed is None else args.data_seed
     args.run_name = args.run_name or os.path.basename(os.path.normpath(args.output_dir))
@@ -150,25 +152,23 @@ def small_data_values(method_cls) -> dict:
     return {"base_learning_rate": demo["base_learning_rate"]}
 
 
-def set_recipe(args: argparse.Namespace, recipe: dict) -> None:
+def set_recipe(args: argparse.Namespace, recipe: dict) -> dict:
+    """Sets the recipe's values on `args`; returns the recipe as the run reports it."""
     for name, setting in recipe.items():
         setattr(args, name, setting.value)
     if args.learning_rate is not None:  # an absolute learning rate wins over every base learning rate
         recipe = {name: setting for name, setting in recipe.items() if name != "base_learning_rate"}
         recipe["learning_rate"] = Setting(args.learning_rate, USER)
-    args.recipe = recipe
+    return recipe
 
 
 def apply_data_size_rule(args: argparse.Namespace, train_images: int | None) -> str:
     """Once the training set's size is known: the data-size rule's layer over the parse-time ones (a
     from-scratch run, no --model_name_or_path, on small data), the user's values still winning. Returns
     the recipe line the run prints. A namespace built without `fill_defaults` is left as it is."""
-    if not hasattr(args, "recipe_layers"):
+    if not hasattr(args, "recipe_inputs"):
         return "Recipe in force: the arguments as given (no defaults were resolved)."
-    from_scratch = not args.model_name_or_path and not is_demo(args)
-    layers = args.recipe_layers + data_size_layer(train_images, from_scratch, args.recipe_data_values)
-    set_recipe(args, resolve_recipe(layers, args.recipe_user))
-    return recipe_line(args.recipe)
+    return recipe_line(set_recipe(args, args.recipe_inputs.resolve(train_images)))
 
 
 def resolve_mixed_precision(args: argparse.Namespace) -> str | None:

@@ -9,7 +9,7 @@ import sys
 
 from ..cli import option, peek_method, set_help
 from ..pretraining.arguments import check_arguments, fill_defaults, parse_into_namespace, script_parser
-from ..recipe import DEMO
+from ..recipe import SMALL_DATA_MAX_IMAGES
 from .methods import TOKENIZER_METHODS, get_tokenizer_method
 
 DESCRIPTION = """\
@@ -53,7 +53,9 @@ examples:
 # Help texts of shared options whose pre-training wording would mislead here.
 HELP_OVERRIDES = {
     "base_learning_rate": "lr = blr * (batch per device * processes * accumulation) / 256 (default: the method's "
-                          "recipe, see --method NAME --help; a higher one for the digits demo)",
+                          "recipe, see --method NAME --help; a higher one, its digits demo's, for the demo and from "
+                          f"scratch on fewer than {SMALL_DATA_MAX_IMAGES:,} images: the start of a run prints the "
+                          "recipe in force and where each value came from)",
     "num_train_epochs": "(default: the method's recipe; 10 for the digits demo)",
     "logging_steps": "log the loss terms and codebook health every N optimiser steps (default: 1)",
     "do_eval": "distillation / reconstruction loss and codebook usage on held-out images (default: when there are "
@@ -87,9 +89,8 @@ def build_parser(method_name: str = "vqkd") -> argparse.ArgumentParser:
 
 def fill_tokenizer_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """The pre-training recipe resolution with the tokenizer's recipe as the paper's, and its demo settings
-    (digits) over the pre-training demo's."""
-    method_cls = get_tokenizer_method(args.method)
-    return fill_defaults(args, method_cls, demo_layers=[(DEMO, method_cls.demo_defaults)])
+    (digits, its `demo_defaults`) over the pre-training demo's."""
+    return fill_defaults(args, get_tokenizer_method(args.method))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

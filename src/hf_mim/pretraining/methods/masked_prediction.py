@@ -20,7 +20,8 @@ from ...models.vit_core import grid_size_for
 from ..overrides import apply_config_overrides
 from .base import CropOptions, PretrainingMethod, option, processor_pixels
 from .token_targets import (
-    LANCZOS, FrozenTokenizer, TargetHealth, TwoViewCrop, load_frozen_tokenizer, tokenizer_input_size, unit_float,
+    LANCZOS, TOKENIZER_PRECISIONS, FrozenTokenizer, TargetHealth, TwoViewCrop, load_frozen_tokenizer,
+    tokenizer_input_size, unit_float,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class TokenTargetOptions(CropOptions):
     tokenizer: str | None = option(help="the frozen tokenizer giving the targets, a folder or Hub id; loaded with "
                                         "AutoModel, --trust_remote_code applies")
     tokenizer_revision: str | None = option(help="branch, tag or commit of a Hub tokenizer (default: main)")
-    tokenizer_precision: Literal["reference", "fp32", "bf16", "fp16", "reference_fp16"] = option(
+    tokenizer_precision: Literal[TOKENIZER_PRECISIONS] = option(
         "reference", help="reference (default): as the papers computed the targets: a converted DALL-E dVAE's fp16 "
                           "convolutions (as its config says), VQ-KD under fp16 autocast on CUDA, else fp32; fp32; "
                           "bf16 / fp16: autocast on CUDA (fp32 elsewhere); reference_fp16: force the dVAE's fp16 "

@@ -32,6 +32,7 @@ TOKENIZER_INTERFACE = ("get_codebook_indices", "vocab_size", "token_grid")
 # reference: the numerics the papers' targets were computed with (see `resolve_precision`).
 TOKENIZER_PRECISIONS = ("reference", "fp32", "bf16", "fp16", "reference_fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_NAMES = {dtype: name for name, dtype in AUTOCAST_DTYPES.items()}
 # Training micro-batches whose targets are measured, and the share of the most frequent code from which
 # the targets are degenerate (refused) or suspicious (a warning).
 TARGET_CHECK_BATCHES = 2
@@ -99,9 +100,6 @@ class FrozenTokenizer:
         return float((self(pixels) == self.fp32_tokens(pixels)).float().mean())
 
 
-AUTOCAST_NAMES = {dtype: name for name, dtype in AUTOCAST_DTYPES.items()}
-
-
 @contextlib.contextmanager
 def fp32_convolutions(model: torch.nn.Module):
     """The dVAE's reference fp16 convolutions switched to fp32 for the duration (other models unchanged)."""
@@ -132,16 +130,23 @@ def read_tokenizer_config(source: str, revision: str | None, hub_kwargs: dict):
                                 "outputs/tokenizer-vqkd) or a Hub id.") from error
 
 
-def resolve_precision(precision: str, config) -> tuple[str, str]:
-    """(precision in force, why) for `--tokenizer_precision` and the tokenizer's config. "reference"
-    computes the targets as the papers did: the DALL-E dVAE with the fp16 convolutions its converted
-    config asks for (reference_fp16; a dVAE trained here says false: fp32), BEiT v2's VQ-KD under fp16
-    autocast (beit2 runs `get_codebook_indices` in `torch.cuda.amp.autocast()`), any other in fp32."""
+def resolve_precision(precision: str, config, source: str = "the tokenizer") -> tuple[str, str]:
+    """(precision in force, why) for `--tokenizer_precision` and the tokenizer's config (of `source`).
+    "reference" computes the targets as the papers did: the DALL-E dVAE with the fp16 convolutions its
+    converted config asks for (reference_fp16; a dVAE trained here says false: fp32), BEiT v2's VQ-KD under
+    fp16 autocast (beit2 runs `get_codebook_indices` in `torch.cuda.amp.autocast()`), any other in fp32.
+    reference_fp16 is the dVAE's own mode: an error for any other tokenizer."""
     if precision not in TOKENIZER_PRECISIONS:
         raise ValueError(f"--tokenizer_precision {precision!r}: choose one of {', '.join(TOKENIZER_PRECISIONS)}.")
+    is_dvae = config.model_type == DvaeConfig.model_type
+    if precision == "reference_fp16" and not is_dvae:
+        raise ValueError(
+            f"--tokenizer_precision reference_fp16 is the DALL-E dVAE's fp16 mode, but {source} is a "
+            f"{config.model_type!r} tokenizer. Use reference, fp16 or bf16 (autocast on CUDA) or fp32."
+        )
     if precision != "reference":
         return precision, "--tokenizer_precision"
-    if config.model_type == DvaeConfig.model_type:
+    if is_dvae:
         if getattr(config, "reference_fp16", False):
             return "reference_fp16", "the reference: the DALL-E dVAE's fp16 convolutions, as its config says"
         return "fp32", "the reference: this dVAE's config asks for fp32 convolutions (reference_fp16=false)"
@@ -154,14 +159,8 @@ def load_frozen_tokenizer(source: str, revision: str | None, precision: str, hub
     """`AutoModel.from_pretrained(source)`, checked to be an image tokenizer and frozen, with the
     precision `resolve_precision` decides (logged)."""
     config = read_tokenizer_config(source, revision, hub_kwargs)
-    is_dvae = config.model_type == DvaeConfig.model_type
-    if precision == "reference_fp16" and not is_dvae:
-        raise ValueError(
-            f"--tokenizer_precision reference_fp16 is the DALL-E dVAE's fp16 mode, but {source} is a "
-            f"{config.model_type!r} tokenizer. Use reference, fp16 or bf16 (autocast on CUDA) or fp32."
-        )
-    precision, why = resolve_precision(precision, config)
-    if is_dvae:
+    precision, why = resolve_precision(precision, config, source)
+    if config.model_type == DvaeConfig.model_type:
         # The saved flag would run fp16 convolutions under an autocast: the resolved precision decides.
         config.reference_fp16 = precision == "reference_fp16"
     # fp32 weights whatever the saved dtype: bf16 comes from autocast, fp16 from the dVAE's own mode.
