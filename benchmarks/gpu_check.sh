@@ -19,6 +19,7 @@ OUT=${1:-gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # the parts' files; only the archive goes to OUT
+trap 'rm -rf "$WORK"' EXIT  # its logs and JSON are in the archive
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
 MIN_PART_S=15  # a part that would get less is skipped
