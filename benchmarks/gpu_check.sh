@@ -62,10 +62,11 @@ fi
 
 log() { echo "$*" | tee -a "$WORK/console.log"; }
 
-pack() {  # the report and the archive as they stand: what comes back if the check stops now
+pack() {  # the report and the archive as they stand (less site/, the installed wheels): what comes back now
   "$PYTHON" benchmarks/gpu_check_report.py "$WORK" "$OUT" > "$WORK/report.log" 2>&1 \
     || log "gpu_check: the report failed (see report.log in the archive)"
-  tar -czf "$OUT/gpu_check.tar.gz.tmp" -C "$WORK" . && mv "$OUT/gpu_check.tar.gz.tmp" "$OUT/gpu_check.tar.gz"
+  tar -czf "$OUT/gpu_check.tar.gz.tmp" --exclude=./site -C "$WORK" . \
+    && mv "$OUT/gpu_check.tar.gz.tmp" "$OUT/gpu_check.tar.gz"
 }
 
 skip_part() {  # name, reason
