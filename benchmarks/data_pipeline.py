@@ -56,6 +56,7 @@ from hf_mim.pretraining.tracking import LOG_FILE, read_log
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (the tests)
 from data_pipeline_tables import markdown  # noqa: E402
+from throughput import set_tf32  # noqa: E402
 
 METHODS = ("mae", "beit", "beitv2", "peco", "vit_mpp")
 # A ViT small enough to train on a CPU, at the recipes' 224 px / patch 16 (the data path's real sizes).
@@ -303,8 +304,7 @@ def model_only_img_s(name: str, preset: Preset, tokenizers: dict, folder: Path, 
     method, model, processor = build_method(name, preset, tokenizers)
     model.to(device).train()
     if device.type == "cuda" and preset.bf16:  # as the e2e run's --tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        set_tf32(True)
     method.accelerator = None
     if hasattr(method, "tokenizer") and method.tokenizer is not None:
         method.tokenizer.to(device)

@@ -10,23 +10,16 @@
 #                                                  # only the image's packages (gpu_check_image.txt) + the wheels
 #   SMOKE=1 bash benchmarks/gpu_check.sh OUT       # the CPU, tiny, in the current Python environment
 #
-# What comes back, 3 files: OUT/gpu_check.md and OUT/gpu_check.json (the merged report, gpu_check_report.py)
-# and OUT/gpu_check.tar.gz (each part's log and JSON, parts.tsv, console.log). Every part runs in its own
-# process under its own limit and writes its JSON row by row; the report and the archive are rewritten after
-# every part, so a check stopped anywhere returns what finished. The parts, most valuable first:
-#   preflight: imports, versions, the GPU (seconds; the check stops here if anything is missing);
-#   throughput.py (ViT-B/16, batch 256, bf16, TF32), ours vs transformers, peak memory, eager: MAE, BEiT MIM
-#     step, BEiT v2 full step (one part each), then the VQ-KD tokenizer forward;
-#   data_pipeline.py host (per-core host cost, the device part, nvJPEG's img/s and its pixels vs Pillow) and
-#     e2e (the real loader from JPEG files, decoded on the GPU then in the workers, vs synthetic batches);
-#   torch.compile'd pairs last (cold compiles are the slowest and least predictable): MAE, then BEiT and BEiT v2
-#     while the budget lasts. A part that fails, runs out of time or finds too little budget left is reported.
+# What comes back: OUT/gpu_check.md, OUT/gpu_check.json (gpu_check_report.py) and OUT/gpu_check.tar.gz (each
+# part's log and JSON), rewritten after every part: a check stopped anywhere returns what finished. The parts,
+# most valuable first, and what each measures: benchmarks/README.md ("The prepared GPU check").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # the parts' files; only the archive goes to OUT
+trap 'rm -rf "$WORK"' EXIT  # its logs and JSON are in the archive
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
 MIN_PART_S=15  # a part that would get less is skipped
@@ -35,8 +28,6 @@ if [ "${REHEARSE:-0}" = 1 ]; then  # a fresh venv of the image's packages, its o
   VENV=${REHEARSE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/hf_mim/gpu_check_venv}
   bash benchmarks/gpu_check_rehearsal_venv.sh "$VENV" || { echo "gpu_check: the rehearsal venv failed"; exit 1; }
   PYTHON=$VENV/bin/python WHEELS=$VENV/wheels SMOKE=1
-fi
-if [ "${REHEARSE:-0}" = 1 ]; then
   export PYTHONPATH="$PWD/src"  # the venv's packages and the carried wheels, nothing else of this machine
 else
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -49,6 +40,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
   COMPILED_PAIRS=(mae)  # the compiled path once: each part is mostly a new process's imports
   HOST=(--smoke --device cpu --methods mae,beit)
   E2E=(--smoke --device cpu --e2e_methods mae --jpeg_decodings device,host)
+  FSDP=(--expect_refusal)  # no GPU: the FSDP config must be refused
+  TOKENS=(--smoke --device cpu)
   LIMIT_PREFLIGHT=300 LIMIT_EAGER=180 LIMIT_TOKENIZER=180 LIMIT_HOST=180 LIMIT_E2E=240 LIMIT_COMPILED=180  # a busy CI machine
   LIMIT_FSDP=240 LIMIT_TOKENS=180
   BUDGET=${BUDGET:-3000}
@@ -59,6 +52,8 @@ else
   COMPILED_PAIRS=(mae beit beitv2)
   HOST=(--preset gpu --repeats 3 --images 64)
   E2E=(--preset gpu --e2e_methods mae,beit --images 2048 --jpeg_decodings device,host)
+  FSDP=()
+  TOKENS=()
   # Seconds per part (expected: build ~5 s, 2 x 2 x 13 steps of ~0.1-0.3 s, compile ~40-60 s per pair).
   LIMIT_PREFLIGHT=60 LIMIT_EAGER=35 LIMIT_TOKENIZER=20 LIMIT_HOST=40 LIMIT_E2E=90 LIMIT_COMPILED=65
   LIMIT_FSDP=90 LIMIT_TOKENS=45  # before the compiled pairs, which take what the budget has left
@@ -67,10 +62,11 @@ fi
 
 log() { echo "$*" | tee -a "$WORK/console.log"; }
 
-pack() {  # the report and the archive as they stand: what comes back if the check stops now
+pack() {  # the report and the archive as they stand (less site/, the installed wheels): what comes back now
   "$PYTHON" benchmarks/gpu_check_report.py "$WORK" "$OUT" > "$WORK/report.log" 2>&1 \
     || log "gpu_check: the report failed (see report.log in the archive)"
-  tar -czf "$OUT/gpu_check.tar.gz.tmp" -C "$WORK" . && mv "$OUT/gpu_check.tar.gz.tmp" "$OUT/gpu_check.tar.gz"
+  tar -czf "$OUT/gpu_check.tar.gz.tmp" --exclude=./site -C "$WORK" . \
+    && mv "$OUT/gpu_check.tar.gz.tmp" "$OUT/gpu_check.tar.gz"
 }
 
 skip_part() {  # name, reason
@@ -79,7 +75,7 @@ skip_part() {  # name, reason
 }
 
 run_part() {  # name, limit (s), command...: runs it within the budget left, records how it ended
-  local name=$1 limit=$2 start=$SECONDS status code
+  local name=$1 limit=$2 start=$SECONDS status
   shift 2
   local left=$((BUDGET - (SECONDS - CHECK_START)))
   ((limit > left)) && limit=$left
@@ -89,12 +85,11 @@ run_part() {  # name, limit (s), command...: runs it within the budget left, rec
   fi
   log "== $name (limit ${limit}s): $*"
   timeout --kill-after=5 "$limit" "$@" > "$WORK/$name.log" 2>&1
-  code=$?
-  LAST_CODE=$code
-  case $code in 0) status=ok ;; 124 | 137) status="out of time" ;; *) status=failed ;; esac
-  log "$name: $status (exit $code) after $((SECONDS - start))s"
+  LAST_CODE=$?
+  case $LAST_CODE in 0) status=ok ;; 124 | 137) status="out of time" ;; *) status=failed ;; esac
+  log "$name: $status (exit $LAST_CODE) after $((SECONDS - start))s"
   [ "$status" = ok ] || tail -n 5 "$WORK/$name.log" | tee -a "$WORK/console.log"
-  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$limit" "$status" "$code" "$((SECONDS - start))" >> "$WORK/parts.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$limit" "$status" "$LAST_CODE" "$((SECONDS - start))" >> "$WORK/parts.tsv"
   pack
   [ "$status" = ok ]
 }
@@ -134,9 +129,9 @@ fi
 # FSDP2 through accelerate (4 steps, sharded checkpoint, resume to the same weights; on the CPU it must refuse),
 # and the tokens of each --tokenizer_precision against fp32 (issue 16: targets as the papers computed them).
 run_part fsdp_check "$LIMIT_FSDP" "$PYTHON" benchmarks/fsdp_check.py "$WORK" --timeout "$((LIMIT_FSDP / 2 - 5))" \
-  $([ "${SMOKE:-0}" = 1 ] && echo --expect_refusal)
-run_part token_agreement "$LIMIT_TOKENS" "$PYTHON" benchmarks/token_agreement.py \
-  $([ "${SMOKE:-0}" = 1 ] && echo --smoke --device cpu) --json "$WORK/token_agreement.json"
+  ${FSDP[@]+"${FSDP[@]}"}
+run_part token_agreement "$LIMIT_TOKENS" "$PYTHON" benchmarks/token_agreement.py ${TOKENS[@]+"${TOKENS[@]}"} \
+  --json "$WORK/token_agreement.json"
 for pair in "${COMPILED_PAIRS[@]}"; do
   run_part "throughput_compiled_$pair" "$LIMIT_COMPILED" "${THROUGHPUT[@]}" --models "$pair" --compile_only \
     ${COMPILE[@]+"${COMPILE[@]}"} --json "$WORK/throughput_compiled_$pair.json"

@@ -376,16 +376,22 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def configure_device(device: torch.device) -> None:
-    if device.type != "cuda":
-        return
-    # TF32 for any float32 matmul/conv left outside autocast (the peers were measured with it).
+def set_tf32(enabled: bool) -> None:
+    """TF32 (True) or strict IEEE fp32 (False) for CUDA float32 matmuls and cuDNN convolutions, through
+    torch's `fp32_precision` settings where they exist (torch >= 2.9), else the older `allow_tf32` flags.
+    Shared by the benchmarks (e.g. token_agreement.py wants strict fp32)."""
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        precision = "tf32" if enabled else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
     else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def configure_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        set_tf32(True)  # for any float32 matmul/conv left outside autocast (the peers were measured with it)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

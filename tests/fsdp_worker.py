@@ -253,7 +253,8 @@ def case_results_one(accelerator, name, script, argv, folder: Path) -> dict:
     return results
 
 
-def worker(rank: int, world_size: int, folder: str, port: int, names: list[str]) -> None:
+def worker(rank: int, world_size: int, folder: str, port: int, auxiliaries: dict[str, str]) -> None:
+    """Every case of `cases(auxiliaries)` (the paths `tiny_auxiliaries` returned), in this process."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -263,18 +264,12 @@ def worker(rank: int, world_size: int, folder: str, port: int, names: list[str])
     if world_size == 1:  # accelerate starts no process group for one process; FSDP2 and DCP need one
         dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous-1", rank=0, world_size=1)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=WORLD // world_size)
+    phase = case_results_two if world_size == WORLD else case_results_one
     try:
-        for name, (script, argv) in cases(tiny_auxiliaries_paths(folder)).items():
-            if name not in names:
-                continue
-            phase = case_results_two if world_size == WORLD else case_results_one
+        for name, (script, argv) in cases(auxiliaries).items():
             results = phase(accelerator, name, script, argv, folder)
             if rank == 0:
                 torch.save(results, folder / name / f"results-{world_size}.pt")
             dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def tiny_auxiliaries_paths(folder: Path) -> dict[str, str]:
-    return {name: str(folder / "auxiliaries" / name) for name in ("dvae", "vqkd", "peco", "teacher", "mae")}

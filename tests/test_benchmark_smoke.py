@@ -164,14 +164,14 @@ def test_gpu_check_rehearsal_in_the_device_images_packages(tmp_path):
 def test_gpu_check_report_needs_only_the_standard_library(tmp_path):
     """The report is written without site-packages (python -I -S), a part out of time and a skipped one listed."""
     (tmp_path / "parts.tsv").write_text("preflight\t60\tok\t0\t3\nthroughput_eager_mae\t35\tout of time\t124\t35\n"
-                                        "throughput_compiled_beit\t9\tskipped: budget\t-1\t0\n")
+                                        "throughput_compiled_beit\t9\tskipped: budget\t-1\t0\n"
+                                        "data_host\t40\tout of time\t124\t40\n")
     (tmp_path / "preflight.json").write_text(json.dumps({"packages": {"transformers": "5.17.0"}, "device": "H100"}))
     row = {"pair": "mae", "mode": "eager", "side": "ours", "images_per_s": 900.0, "peak_memory_gb": 20.0}
     (tmp_path / "throughput_eager_mae.json").write_text(json.dumps({"environment": {"date": "2026-12-07"},
                                                                      "results": [row]}))
     host_row = {"method": "mae", "reference_img_s": 100.0, "fast_host_img_s": 300.0, "host_speedup": 3.0,
                 "fast_device_img_s": 5000.0, "device_decoding_host_img_s": 900.0, "device_decoding_host_speedup": 9.0}
-    (tmp_path / "parts.tsv").write_text((tmp_path / "parts.tsv").read_text() + "data_host\t40\tout of time\t124\t40\n")
     (tmp_path / "data_host.json").write_text(json.dumps({"environment": {"device": "cuda"}, "host": [host_row]}))
     done = subprocess.run([sys.executable, "-I", "-S", str(BENCHMARKS / "gpu_check_report.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=60)

@@ -81,11 +81,10 @@ def test_a_deepspeed_request_on_a_cpu_is_refused(monkeypatch):
 def sharded_runs(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     """name -> (the 2-process results, the 1-process results); see tests/fsdp_worker.py."""
     folder = tmp_path_factory.mktemp("fsdp")
-    (folder / "auxiliaries").mkdir()
-    fsdp_worker.tiny_auxiliaries(folder / "auxiliaries")
-    names = list(fsdp_worker.cases(fsdp_worker.tiny_auxiliaries_paths(folder)))
-    mp.spawn(fsdp_worker.worker, args=(2, str(folder), free_port(), names), nprocs=2)
-    mp.spawn(fsdp_worker.worker, args=(1, str(folder), free_port(), names), nprocs=1)
+    auxiliaries = fsdp_worker.tiny_auxiliaries(folder / "auxiliaries")
+    names = list(fsdp_worker.cases(auxiliaries))
+    mp.spawn(fsdp_worker.worker, args=(2, str(folder), free_port(), auxiliaries), nprocs=2)
+    mp.spawn(fsdp_worker.worker, args=(1, str(folder), free_port(), auxiliaries), nprocs=1)
     return {name: tuple(torch.load(folder / name / f"results-{size}.pt", weights_only=False) for size in (2, 1))
             for name in names}
 

@@ -78,10 +78,17 @@ SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 
 GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
 
 
-def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(caplog):
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(caplog, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     with caplog.at_level(logging.WARNING, logger="hf_mim.launch"):
         assert warn_if_bf16_is_emulated("bf16", "cpu", cpu_flags(INTEL_AVX2))
     assert "without bf16 instructions" in caplog.text and "17x slower" in caplog.text
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the machine's other processes: its main process has said it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_mim.launch"):
+        assert not warn_if_bf16_is_emulated("bf16", "cpu", cpu_flags(INTEL_AVX2))
+    assert not caplog.text
+    monkeypatch.setenv("LOCAL_RANK", "0")
     for flags in (SAPPHIRE_RAPIDS, GRAVITON3):  # native bf16: no warning
         assert not warn_if_bf16_is_emulated("bf16", "cpu", cpu_flags(flags))
     assert not warn_if_bf16_is_emulated("no", "cpu", cpu_flags(INTEL_AVX2))

@@ -35,7 +35,7 @@ def why_dropped(accelerator) -> str:
                 "then train plain DDP over gloo, each keeping the whole model, checkpoints in DDP layout). Sharding "
                 "needs GPUs (or another accelerator); for several CPU processes use "
                 "examples/accelerate_configs/cpu_2proc.yaml (plain DDP, said as such)")
-    if accelerator.num_processes == 1 and accelerator.distributed_type == DistributedType.NO:
+    if accelerator.distributed_type == DistributedType.NO:  # one process, no group
         return ("the script was started without a process group (plain `python`?): start it with "
                 "`accelerate launch --config_file <the config> ...`")
     return f"accelerate chose {accelerator.distributed_type.value} for this machine"

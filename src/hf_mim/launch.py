@@ -94,8 +94,9 @@ def cpu_has_native_bf16(flags: set[str] | None = None) -> bool | None:
 def warn_if_bf16_is_emulated(mixed_precision: str | None, device: torch.device | str,
                              flags: set[str] | None = None) -> bool:
     """At the start of a run: warn when bf16 is asked for on a CPU without bf16 instructions (five of the
-    six shipped accelerate configs set `mixed_precision: bf16`). Returns whether it warned."""
-    if mixed_precision != "bf16" or torch.device(device).type != "cpu":
+    six shipped accelerate configs set `mixed_precision: bf16`). Once per machine: every process calls it,
+    the local main one (LOCAL_RANK 0, or no launcher) warns. Returns whether it warned."""
+    if mixed_precision != "bf16" or torch.device(device).type != "cpu" or os.environ.get("LOCAL_RANK", "0") != "0":
         return False
     if cpu_has_native_bf16(flags) is not False:
         return False
