@@ -49,6 +49,7 @@ from torchvision.transforms import v2
 from hf_mim.data import ImageExamples
 from hf_mim.device_decoding import decode_files
 from hf_mim.fast_data import FastImageExamples, collate
+from hf_mim.launch import set_tf32
 from hf_mim.models import DvaeConfig, DvaeTokenizer, PecoConfig, PecoTokenizer, VqkdConfig, VqkdTokenizer
 from hf_mim.pretraining import get_method, main as pretrain_main, parse_args
 from hf_mim.pretraining.optimization import build_optimizer
@@ -56,7 +57,6 @@ from hf_mim.pretraining.tracking import LOG_FILE, read_log
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (the tests)
 from data_pipeline_tables import markdown  # noqa: E402
-from throughput import set_tf32  # noqa: E402
 
 METHODS = ("mae", "beit", "beitv2", "peco", "vit_mpp")
 # A ViT small enough to train on a CPU, at the recipes' 224 px / patch 16 (the data path's real sizes).

@@ -32,6 +32,8 @@ import torch
 import transformers
 from torch import nn
 
+from hf_mim.launch import set_tf32
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -374,19 +376,6 @@ def environment(device: torch.device) -> dict:
         "date": datetime.date.today().isoformat(), "device": name, "torch": torch.__version__,
         "transformers": transformers.__version__, "cpu_threads": torch.get_num_threads(),
     }
-
-
-def set_tf32(enabled: bool) -> None:
-    """TF32 (True) or strict IEEE fp32 (False) for CUDA float32 matmuls and cuDNN convolutions, through
-    torch's `fp32_precision` settings where they exist (torch >= 2.9), else the older `allow_tf32` flags.
-    Shared by the benchmarks (e.g. token_agreement.py wants strict fp32)."""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        precision = "tf32" if enabled else "ieee"
-        torch.backends.cuda.matmul.fp32_precision = precision
-        torch.backends.cudnn.conv.fp32_precision = precision
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def configure_device(device: torch.device) -> None:

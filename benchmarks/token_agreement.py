@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hf_mim.launch import set_tf32
 from hf_mim.models import DvaeConfig, DvaeTokenizer, VqkdConfig, VqkdTokenizer
 from hf_mim.models.presets import from_preset
 from hf_mim.pretraining.methods.token_targets import load_frozen_tokenizer
@@ -35,16 +36,6 @@ SMOKE_TOKENIZERS = {
     "vqkd": (lambda: VqkdTokenizer(from_preset("vqkd-demo", "hf_mim_vqkd")), 32),
 }
 PRECISIONS = {"dvae": ("reference", "bf16", "fp16"), "vqkd": ("reference", "bf16")}
-
-
-def strict_fp32() -> None:
-    """No TF32 anywhere: the fp32 tokens are the true fp32 ones."""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
 
 
 def smooth_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -84,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="write the rows here (and a markdown table beside it)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    strict_fp32()
+    set_tf32(False)  # the fp32 baseline is true fp32
     tokenizers, images = (SMOKE_TOKENIZERS, 8) if args.smoke else (TOKENIZERS, args.images)
     with tempfile.TemporaryDirectory() as folder:
         rows = [row for name, (build, size) in tokenizers.items()

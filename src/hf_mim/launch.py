@@ -8,6 +8,7 @@ launches that do start N processes on a CPU (`CPU_LAUNCHES`; `accelerate launch 
 starts ONE process, and accelerate 1.x's multi-process launcher does not pass `use_cpu` on without
 ACCELERATE_USE_CPU=1). `warn_if_bf16_is_emulated` warns at the start of a run that asks for bf16 on a
 CPU without bf16 instructions, where bf16 matmuls are emulated (a bf16 step ~17x slower than fp32).
+`set_tf32` switches CUDA float32 matmuls between TF32 and strict IEEE fp32 on old and new torch alike.
 """
 
 from __future__ import annotations
@@ -111,3 +112,16 @@ def warn_if_bf16_is_emulated(mixed_precision: str | None, device: torch.device |
 
 __all__ = ["CPU_LAUNCHES", "check_one_run_per_launch", "cpu_flags", "cpu_has_native_bf16", "cpu_process_group_needed",
            "launched_world_size", "warn_if_bf16_is_emulated"]
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 (True) or strict IEEE fp32 (False) for CUDA float32 matmuls and cuDNN convolutions, through
+    torch's `fp32_precision` settings where they exist (torch >= 2.9, which deprecates the old flags), else
+    the older `allow_tf32` flags."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        precision = "tf32" if enabled else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled

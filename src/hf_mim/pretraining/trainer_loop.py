@@ -27,12 +27,12 @@ from ..data import (
 )
 from ..data_fingerprint import data_fingerprint, warn_if_data_changed
 from ..distributed import check_sharding_engaged
-from ..launch import check_one_run_per_launch, cpu_process_group_needed, warn_if_bf16_is_emulated
+from ..fast_data import fast_training_examples
+from ..launch import check_one_run_per_launch, cpu_process_group_needed, set_tf32, warn_if_bf16_is_emulated
 from ..preemption import Preempted, PreemptionGuard, resume_hint
 from ..run_lock import OutputDirLock
-from .arguments import apply_data_size_rule, resolve_mixed_precision
-from ..fast_data import fast_training_examples
 from ..streaming import ReferenceRows, StreamCheckpoint, StreamedTrainingExamples, StreamLoader
+from .arguments import apply_data_size_rule, resolve_mixed_precision
 from .checkpoints import (
     TrainerState, load_checkpoint, prune_checkpoints, remove_incomplete_checkpoints, resolve_resume_path, save_checkpoint,
 )
@@ -574,8 +574,7 @@ def configure_backends(args, accelerator: Accelerator) -> str:
     if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, cores - args.dataloader_num_workers))
     if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        set_tf32(True)
     return describe_workers(args.dataloader_num_workers, cores, workers_asked)
 
 
