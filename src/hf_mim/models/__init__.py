@@ -4,17 +4,17 @@ import only torch, transformers, the standard library and each other (single-dot
 from .configuration_beit import BEiTConfig
 from .configuration_dvae import DvaeConfig
 from .configuration_mae import MaeConfig
+from .configuration_peco import PecoConfig
+from .configuration_vit_mpp import VitMppConfig
+from .configuration_vqkd import VqkdConfig
 from .image_processing_mim import MimImageProcessor, MimImageProcessorPil
+from .modeling_backbone import BEiTBackbone, MaeBackbone, VitMppBackbone
 from .modeling_beit import BEiTForImageClassification, BEiTForMaskedImageModeling, BEiTModel, BEiTPreTrainedModel
 from .modeling_dvae import DvaeTokenizer
 from .modeling_mae import MaeForImageClassification, MaeForPreTraining, MaeModel, MaePreTrainedModel
-from .configuration_vqkd import VqkdConfig
-from .modeling_vqkd import VqkdTokenizer
-from .configuration_vit_mpp import VitMppConfig
-from .modeling_vit_mpp import VitMppForImageClassification, VitMppForPreTraining, VitMppModel, VitMppPreTrainedModel
-from .configuration_peco import PecoConfig
-from .modeling_backbone import BEiTBackbone, MaeBackbone, VitMppBackbone
 from .modeling_peco import PecoTokenizer
+from .modeling_vit_mpp import VitMppForImageClassification, VitMppForPreTraining, VitMppModel, VitMppPreTrainedModel
+from .modeling_vqkd import VqkdTokenizer
 
 __all__ = [
     "BEiTBackbone",

@@ -24,11 +24,11 @@ from transformers.utils import ModelOutput
 
 from .classification import ImageClassificationMixin, pool_tokens
 from .configuration_beit import BEiTConfig
+from .encoder import VitEncoderMixin
 from .inputs import check_bool_masked_pos, check_patch_labels
 from .losses import masked_token_losses
 from .relative_position import RelativePositionBias, relative_position_index
 from .remote_code import HubCodeMixin
-from .encoder import VitEncoderMixin
 from .vit_core import Attention, Block, drop_path_rates
 
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"

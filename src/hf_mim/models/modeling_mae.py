@@ -20,10 +20,10 @@ from transformers.utils import ModelOutput
 
 from .classification import ImageClassificationMixin, pool_tokens
 from .configuration_mae import MaeConfig
+from .encoder import VitEncoderMixin
 from .inputs import check_bool_masked_pos, equal_mask_counts
 from .losses import masked_mse_losses, normalize_patches
 from .masking import gather_tokens, masking_from_mask, random_masking
-from .encoder import VitEncoderMixin
 from .remote_code import HubCodeMixin
 from .vit_core import patchify, sincos_2d_table, to_2tuple, unpatchify, vit_blocks
 

@@ -24,9 +24,9 @@ from transformers.utils import ModelOutput
 
 from .classification import ImageClassificationMixin, pool_tokens
 from .configuration_vit_mpp import VitMppConfig
+from .encoder import VitEncoderMixin
 from .inputs import check_bool_masked_pos, check_patch_labels
 from .losses import masked_token_losses, mean_color_targets
-from .encoder import VitEncoderMixin
 from .masking import random_patch_selection
 from .remote_code import HubCodeMixin
 from .vit_core import vit_blocks

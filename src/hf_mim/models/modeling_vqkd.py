@@ -29,10 +29,10 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_vqkd import VqkdConfig
+from .encoder import VitEncoderMixin
 from .quantizer import EmaVectorQuantizer
 from .remote_code import HubCodeMixin
 from .visual_tokenizer import VisualTokenizerMixin, check_token_ids
-from .encoder import VitEncoderMixin
 from .vit_core import Attention, grid_size_for, vit_blocks
 
 
