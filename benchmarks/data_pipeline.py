@@ -52,8 +52,8 @@ from hf_mim.fast_data import FastImageExamples, collate
 from hf_mim.launch import set_tf32
 from hf_mim.models import DvaeConfig, DvaeTokenizer, PecoConfig, PecoTokenizer, VqkdConfig, VqkdTokenizer
 from hf_mim.pretraining import get_method, main as pretrain_main, parse_args
-from hf_mim.pretraining.optimization import build_optimizer
-from hf_mim.pretraining.tracking import LOG_FILE, read_log
+from hf_mim.training.optimization import build_optimizer
+from hf_mim.training.tracking import LOG_FILE, read_log
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (the tests)
 from data_pipeline_tables import markdown  # noqa: E402

@@ -4,7 +4,8 @@
     python examples/pretrain.py --method beit --tokenizer PATH_OR_ID    # also beitv2, peco; vit_mpp needs none
     accelerate launch examples/pretrain.py --help    # every option, grouped
 
-The loop, the methods and the data pipeline live in `hf_mim.pretraining` and `hf_mim.data`.
+The methods live in `hf_mim.pretraining`, the loop in the training engine `hf_mim.training`, the data
+pipeline in `hf_mim.data`.
 """
 
 from hf_mim.data import DataSourceUnreachableError

@@ -4,7 +4,7 @@
     python examples/pretrain.py && python examples/train_tokenizer.py --method vqkd --teacher outputs/pretrain-mae
     accelerate launch examples/train_tokenizer.py --method peco --help   # every option, grouped
 
-The methods live in `hf_mim.tokenizer_training`; the loop is the pre-training one (`hf_mim.pretraining`).
+The methods live in `hf_mim.tokenizer_training`; the loop is pretrain.py's (the engine `hf_mim.training`).
 """
 
 from hf_mim.data import DataSourceUnreachableError

@@ -1,5 +1,5 @@
 """The processes of tests/test_fsdp.py: every hf_mim pre-training model and tokenizer trained with torch's
-FSDP2 (`fully_shard`) on gloo through the loop's own step (`trainer_loop.train_micro_batch` and
+FSDP2 (`fully_shard`) on gloo through the loop's own step (`loop.train_micro_batch` and
 `finish_optimizer_step`), beside the same steps under accelerate's DDP, with a sharded checkpoint
 (torch.distributed.checkpoint) written, resumed, and resumed on one process.
 
@@ -141,8 +141,8 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def make_run(accelerator, args, method, model, sharded: bool):
-    from hf_mim.pretraining.checkpoints import TrainerState
-    from hf_mim.pretraining.trainer_loop import LossMeter, Plan, Run, build_optimization
+    from hf_mim.training.checkpoints import TrainerState
+    from hf_mim.training.loop import LossMeter, Plan, Run, build_optimization
 
     if sharded:
         model = shard(model)
@@ -160,7 +160,7 @@ def make_run(accelerator, args, method, model, sharded: bool):
 
 def train_steps(run, batches: dict[int, list[dict]], first: int, last: int, halves: list[int]) -> list[float]:
     """Optimiser steps first+1 .. last; each step's micro-batches are the given halves of its global batch."""
-    from hf_mim.pretraining.trainer_loop import finish_optimizer_step, train_micro_batch
+    from hf_mim.training.loop import finish_optimizer_step, train_micro_batch
 
     losses = []
     run.method.after_optimizer_step(first)

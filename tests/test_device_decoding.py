@@ -23,7 +23,7 @@ from hf_mim.device_decoding import ORIENTATIONS, decode_files, reaches_end_of_im
 from hf_mim.fast_data import CANVAS, ENCODED, FastImageExamples, collate, decode_jpegs_on_device
 from hf_mim.models import DvaeConfig, DvaeTokenizer
 from hf_mim.pretraining import main
-from hf_mim.pretraining.tracking import LOG_FILE, read_log
+from hf_mim.training.tracking import LOG_FILE, read_log
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")  # conftest.py
 CPU = torch.device("cpu")

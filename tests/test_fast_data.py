@@ -22,8 +22,8 @@ from hf_mim.data import ImageExamples, apply_seeded, decode_image, load_image_da
 from hf_mim.fast_data import DeviceViews, FastImageExamples, HostSampler, collate
 from hf_mim.models import DvaeConfig, DvaeTokenizer
 from hf_mim.pretraining import get_method, main, parse_args
-from hf_mim.pretraining.data_loading import DataWaitMeter, check_num_workers, default_num_workers
-from hf_mim.pretraining.tracking import LOG_FILE, read_log
+from hf_mim.training.data_loading import DataWaitMeter, check_num_workers, default_num_workers
+from hf_mim.training.tracking import LOG_FILE, read_log
 from hf_mim.resampling import color_jitter, resize_boxes
 
 # Tolerances, in uint8 levels of the [0, 1] pixels. Full decoding: only Pillow's fixed-point rounding

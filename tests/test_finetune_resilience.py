@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from hf_mim.finetuning import run
 from hf_mim.finetuning.trainer import DATA_FINGERPRINT_FILE, RUN_LOSS_FILE
-from hf_mim.pretraining.checkpoints import UntrustedCheckpointError
+from hf_mim.training.checkpoints import UntrustedCheckpointError
 from hf_mim.verify import main as verify
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hf_mim.launch import CPU_LAUNCHES, check_one_run_per_launch, cpu_flags, warn_if_bf16_is_emulated
-from hf_mim.pretraining.checkpoints import STATE_FILE, TrainerState
+from hf_mim.training.checkpoints import STATE_FILE, TrainerState
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file
 
 from hf_mim.pretraining import main
-from hf_mim.pretraining.checkpoints import (
+from hf_mim.training.checkpoints import (
     STATE_FILE, TrainerState, UntrustedCheckpointError, find_damage, latest_checkpoint,
 )
-from hf_mim.pretraining.tracking import LOG_FILE, read_log
+from hf_mim.training.tracking import LOG_FILE, read_log
 from hf_mim.verify import main as verify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_planted_pickles_never_run_on_resume(uninterrupted, tmp_path, capsys):
     assert not marker.exists()
     assert_same_run(resumed, uninterrupted, first_step=6)  # the per-micro-batch reseeding makes RNG files moot
     refused = [line for line in capsys.readouterr().err.splitlines() if "Refused" in line]  # the log's lines
-    assert len(refused) == 1 and f"WARNING hf_mim.pretraining.checkpoints: Refused {resumed / 'checkpoint-5'}" \
+    assert len(refused) == 1 and f"WARNING hf_mim.training.checkpoints: Refused {resumed / 'checkpoint-5'}" \
         "/random_states_0.pkl" in refused[0] and "GLOBAL io.open" in refused[0]
 
     for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"):

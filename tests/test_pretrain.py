@@ -21,12 +21,12 @@ from transformers import AutoImageProcessor, AutoModelForPreTraining
 import hf_mim
 from hf_mim.data import ImageDatasets
 from hf_mim.pretraining import main
-from hf_mim.pretraining.checkpoints import (
+from hf_mim.training.checkpoints import (
     STATE_FILE, TrainerState, latest_checkpoint, prune_checkpoints, publish_checkpoint, remove_incomplete_checkpoints,
     resolve_resume_path,
 )
-from hf_mim.pretraining.model_choice import BASE_MIN_IMAGES, choose_preset
-from hf_mim.pretraining.tracking import LOG_FILE, read_log
+from hf_mim.training.model_choice import BASE_MIN_IMAGES, choose_preset
+from hf_mim.training.tracking import LOG_FILE, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 # 96 training images in batches of 16: 6 micro-batches per epoch.
@@ -323,7 +323,7 @@ def test_recipe_defaults_and_explicit_values():
 
 
 def test_learning_rate_rule_and_schedule():
-    from hf_mim.pretraining.optimization import build_scheduler, resolve_learning_rate, resolve_warmup_steps
+    from hf_mim.training.optimization import build_scheduler, resolve_learning_rate, resolve_warmup_steps
 
     assert resolve_learning_rate(None, 1.5e-4, 4096) == pytest.approx(2.4e-3)  # blr * batch / 256
     assert resolve_learning_rate(1e-3, 1.5e-4, 4096) == 1e-3  # an explicit lr wins (unlike run_mae.py)
@@ -385,3 +385,30 @@ def test_the_start_of_run_line_names_the_chosen_model(tmp_path, capfd):
     assert "data-size rule: 20 training images < 50,000, from scratch: base_learning_rate=0.006" in recipe, recipe
     assert "paper: " in recipe and "adam_beta2=0.95" in recipe and "lr 0.000188 (blr 0.006 x batch/256)" in start
     assert AutoModelForPreTraining.from_pretrained(tmp_path / "out").config.image_size == 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Options flow one way: parsed once, never rewritten
+# ---------------------------------------------------------------------------------------------
+
+
+def test_options_are_parsed_once_and_a_run_leaves_them_as_they_were(tmp_path):
+    import copy
+
+    from hf_mim.pretraining import get_method, parse_args
+    from hf_mim.training import run_training
+
+    options = parse_args(["--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--max_train_samples", "32",
+                          "--per_device_train_batch_size", "16", "--report_to", "none", "--checkpointing_steps", "no"])
+    with pytest.raises(AttributeError, match=r"read-only once parsed: make new ones with \.replace\(do_eval=\.\.\.\)"):
+        options.do_eval = False
+    assert options.replace(seed=7).seed == 7 and options.seed == 42  # a new object; the parsed one stands
+    before = copy.deepcopy(vars(options))
+    assert before["dataloader_num_workers"] is None and before["do_eval"] is None  # the run decides both
+    run_training(options, get_method("mae"))
+    assert vars(options) == before  # nothing inside was changed in place either (lists, dicts)
+    start = next(json.loads(line) for line in (tmp_path / "out" / LOG_FILE).read_text().splitlines()
+                 if '"event": "start"' in line)
+    decided = start["config"]  # the options, and what the run decided: workers for this machine, evaluation
+    assert decided["dataloader_num_workers"] >= 0 and decided["do_eval"] is True
+    assert decided["base_learning_rate"] == 6e-3  # the recipe as completed by the data-size rule (the digits demo)

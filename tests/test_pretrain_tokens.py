@@ -29,7 +29,7 @@ from hf_mim.models.losses import masked_token_losses
 from hf_mim.pretraining.methods.token_targets import (
     TargetHealth, TwoViewCrop, load_frozen_tokenizer, resolve_precision,
 )
-from hf_mim.pretraining.tracking import LOG_FILE, read_log
+from hf_mim.training.tracking import LOG_FILE, read_log
 
 # 32 training images in batches of 8: 4 micro-batches per epoch.
 FAST = ["--max_train_samples", "32", "--max_eval_samples", "16", "--per_device_train_batch_size", "8",

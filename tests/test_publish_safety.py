@@ -11,7 +11,6 @@ import socket
 import stat
 from pathlib import Path
 
-import datasets
 import pytest
 from huggingface_hub import constants
 

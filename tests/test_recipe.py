@@ -99,24 +99,28 @@ def test_finetune_from_scratch_on_small_data_gets_a_recipe_that_learns():
     (["--train_dir", "data", "--learning_rate", "1e-3"], 6e-3, "user: learning_rate=0.001"),  # lr wins over blr
 ])
 def test_pretrain_blr_follows_the_data_size_unless_given(argv, blr, origin):
-    from hf_mim.pretraining.arguments import apply_data_size_rule, parse_args
+    from hf_mim.pretraining.arguments import parse_args
+    from hf_mim.training.arguments import with_data_size_rule
 
     args = parse_args(argv)
     assert args.base_learning_rate == (1e-4 if "--blr" in argv else 1.5e-4)  # before the data is known
-    line = apply_data_size_rule(args, 10_000)
-    assert args.base_learning_rate == blr and origin in line
+    sized, line = with_data_size_rule(args, 10_000)
+    assert sized.base_learning_rate == blr and origin in line
+    assert args.base_learning_rate == (1e-4 if "--blr" in argv else 1.5e-4)  # new options; the parsed ones stand
     assert ("base_learning_rate" in line) != ("--learning_rate" in argv)
     assert "num_train_epochs=3" in line and "warmup_steps=0.05" in line and "adam_beta2=0.95" in line
-    assert apply_data_size_rule(args, None) and args.base_learning_rate == (1e-4 if "--blr" in argv else 1.5e-4)
+    unsized, line = with_data_size_rule(sized, None)
+    assert line and unsized.base_learning_rate == (1e-4 if "--blr" in argv else 1.5e-4)
 
 
 def test_train_tokenizer_gets_its_own_demo_rate_on_small_data():
-    from hf_mim.pretraining.arguments import apply_data_size_rule
     from hf_mim.tokenizer_training.arguments import parse_args
+    from hf_mim.training.arguments import with_data_size_rule
 
     args = parse_args(["--method", "vqkd", "--train_dir", "data", "--teacher", "t"])
     assert args.base_learning_rate == 1e-4  # the paper's
-    line = apply_data_size_rule(args, 5_000)
-    assert args.base_learning_rate == 4e-3 and "data-size rule: 5,000 training images" in line
+    sized, line = with_data_size_rule(args, 5_000)
+    assert sized.base_learning_rate == 4e-3 and "data-size rule: 5,000 training images" in line
     demo = parse_args(["--method", "dvae"])
-    assert "digits demo: " in apply_data_size_rule(demo, 1_437) and demo.base_learning_rate == 4e-3
+    sized, line = with_data_size_rule(demo, 1_437)
+    assert "digits demo: " in line and sized.base_learning_rate == 4e-3

@@ -13,7 +13,7 @@ import torch
 
 from hf_mim import MaeConfig, MaeForPreTraining
 from hf_mim.pretraining import get_method
-from hf_mim.pretraining.optimization import build_optimizer
+from hf_mim.training.optimization import build_optimizer
 
 TINY_MAE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
                 patch_size=8, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,

@@ -20,8 +20,8 @@ from PIL import Image
 
 from hf_mim.finetuning import run as finetune
 from hf_mim.pretraining import main
-from hf_mim.pretraining.checkpoints import STATE_FILE
-from hf_mim.pretraining.tracking import LOG_FILE, read_log
+from hf_mim.training.checkpoints import STATE_FILE
+from hf_mim.training.tracking import LOG_FILE, read_log
 from hf_mim.run_lock import LOCK_FILE, OutputDirLock, OutputDirLockedError
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

@@ -151,7 +151,7 @@ def test_a_wrong_option_is_refused_with_the_closest_names(script, typo, suggesti
 def test_segmentation_and_finetuning_share_the_data_options():
     from hf_mim.cli import DataSourceArguments
     from hf_mim.finetuning.arguments import DataArguments as FinetuningData
-    from hf_mim.pretraining.options import DataArguments as PretrainingData
+    from hf_mim.training.options import DataArguments as PretrainingData
     from hf_mim.segmentation.run import SegmentationArguments
 
     shared = {field.name: field for field in dataclasses.fields(DataSourceArguments)}
@@ -168,7 +168,7 @@ def test_pretrains_precision_and_tracking_names_work_in_every_script(script):
     def settings(argv):
         if script in ("pretrain", "train_tokenizer"):
             args = (parse_pretraining_args if script == "pretrain" else parse_tokenizer_args)(argv)
-            from hf_mim.pretraining.arguments import resolve_mixed_precision
+            from hf_mim.training.arguments import resolve_mixed_precision
             return resolve_mixed_precision(args), args.report_to
         argv = argv + ["--use_cpu"]  # bf16 without a GPU: the Trainer's own check, not ours
         finetune = script == "finetune"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_mim.pretraining.tracking import LOG_FILE, read_log
+from hf_mim.training.tracking import LOG_FILE, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 START_CLUSTER = ROOT / "tests" / "slurm" / "start_cluster.sh"

@@ -3,7 +3,7 @@
 safetensors has no checksum: a flipped bit in `model.safetensors` loads silently as a wrong weight. Every
 checkpoint (pre-training and fine-tuning) and every saved model carries the SHA-256 of its files, written
 once they are complete; resuming checks them (a mismatch makes the checkpoint damaged, see
-`hf_mim.pretraining.checkpoints.find_damage`) and `python -m hf_mim.verify DIR` checks them on demand.
+`hf_mim.training.checkpoints.find_damage`) and `python -m hf_mim.verify DIR` checks them on demand.
 
 A file the manifest lists must exist with that digest; files added later (results, a model card, logs)
 are not listed and not judged. A folder without a manifest (written by an older version) is "unverified".

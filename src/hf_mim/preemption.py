@@ -2,7 +2,7 @@
 before they kill a job) end a training run at the next step boundary, with a checkpoint.
 
 The first signal only sets a flag; the training loop finishes the step in flight, writes a checkpoint
-(atomically, see `hf_mim.pretraining.checkpoints`), says how to resume and exits with 128 + the
+(atomically, see `hf_mim.training.checkpoints`), says how to resume and exits with 128 + the
 signal number, as a shell reports a process ended by that signal (non-zero: a scheduler sees a job
 that did not finish and may requeue it). A second signal ends the process at once, with the
 default action of that signal: the newest complete checkpoint is then the resume point.

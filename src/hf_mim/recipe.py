@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from .cards import plain_value
 
 # Below this many training images a from-scratch run is "small data" (the size from which
-# pretraining.model_choice picks the base presets).
+# training.model_choice picks the base presets).
 SMALL_DATA_MAX_IMAGES = 50_000
 PAPER, DEMO, USER = "paper", "digits demo", "user"
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .checksums import MANIFEST_FILE, read_manifest
-from .pretraining.checkpoints import STATE_FILE, find_damage, list_checkpoints
+from .training.checkpoints import STATE_FILE, find_damage, list_checkpoints
 
 
 def folders_to_check(root: Path) -> list[Path]:

@@ -16,8 +16,8 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
 from ..cli import DATA_SOURCES, DataSourceArguments, MimArgumentParser, add_transformers4_names, given, option
-from ..pretraining import data_loading
 from ..recipe import DEMO, PAPER, SMALL_DATA_MAX_IMAGES, RecipeInputs, explicit_options, recipe_line
+from ..training import data_loading
 from .ema import DEFAULT_DECAY, check_decay
 
 

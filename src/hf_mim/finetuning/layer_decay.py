@@ -27,7 +27,7 @@ import re
 import torch
 from torch import nn
 
-from ..pretraining.optimization import is_decayed
+from ..training.optimization import is_decayed
 
 BLOCK_PATTERN = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 # Parameters (last name part) that come before the blocks.

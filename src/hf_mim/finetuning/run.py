@@ -27,20 +27,20 @@ from ..data_fingerprint import data_fingerprint
 from ..files import apply_umask
 from ..launch import check_one_run_per_launch, warn_if_bf16_is_emulated
 from ..metrics import load_top_k_accuracy
-from ..preemption import Preempted, PreemptionGuard, resume_hint
-from ..pretraining.checkpoints import refused_pickle_error, resolve_resume_path
-from ..pretraining.data_loading import cores_per_process
-from ..pretraining.model_choice import train_image_count
-from ..run_lock import OutputDirLock
 from ..models.presets import from_preset, preset_names
+from ..preemption import Preempted, PreemptionGuard, resume_hint
 from ..registry import FAMILIES
+from ..run_lock import OutputDirLock
+from ..training.checkpoints import refused_pickle_error, resolve_resume_path
+from ..training.data_loading import cores_per_process
+from ..training.model_choice import train_image_count
 from .arguments import (
     DataArguments, FinetuningArguments, ModelArguments, parse_finetuning_args, resolve_finetuning_recipe,
 )
 from .classifier import Labels, build_classifier, load_classifier, read_labels
 from .ema import ModelEmaCallback, check_ema_compatible
-from .preemption import PreemptionCallback
 from .mixup import SoftTargets
+from .preemption import PreemptionCallback
 from .trainer import FinetuningTrainer
 from .transforms import (
     ClassificationCollator, default_mean_std, evaluation_example_transform, evaluation_processor, train_transform,

@@ -1,17 +1,16 @@
-"""Masked-image-modeling pre-training with Accelerate (`examples/pretrain.py` is its command line).
-
-`methods/` holds what differs between MIM methods, one file each (model, data transforms, loss, figures);
-`trainer_loop` the one training loop; `checkpoints` crash-safe, exactly resumable checkpoints.
+"""Masked-image-modeling pre-training (`examples/pretrain.py` is its command line): the methods, one file
+each in `methods/`, and the script's command line (`arguments`), on the training engine `hf_mim.training`
+(the one loop, checkpoints, options).
 """
 
+from ..training import run_training
 from .arguments import build_parser, parse_args
 from .methods import METHODS, PretrainingMethod, get_method, register_method  # registers every method
-from .trainer_loop import run_pretraining
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_pretraining(parse_args(argv))
+    args = parse_args(argv)
+    return run_training(args, get_method(args.method))
 
 
-__all__ = ["METHODS", "PretrainingMethod", "build_parser", "get_method", "main", "parse_args", "register_method",
-           "run_pretraining"]
+__all__ = ["METHODS", "PretrainingMethod", "build_parser", "get_method", "main", "parse_args", "register_method"]

@@ -1,16 +1,16 @@
-"""Command line of `examples/train_tokenizer.py`: the pre-training script's options (same names, same
-groups, same deprecated aliases) plus each tokenizer's own, with the tokenizers' recipe defaults."""
+"""Command line of `examples/train_tokenizer.py`: the engine's (`hf_mim.training.arguments`; the same
+options, groups and deprecated aliases as pretrain.py) with the tokenizers' registry and recipes and this
+script's texts."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 
-from ..cli import option, peek_method, set_help
-from ..pretraining.arguments import check_arguments, fill_defaults, parse_into_namespace, script_parser
+from ..cli import MimArgumentParser, option
 from ..recipe import SMALL_DATA_MAX_IMAGES
-from .methods import TOKENIZER_METHODS, get_tokenizer_method
+from ..training.arguments import Options, Script, parse_options
+from ..training.arguments import build_parser as build_script_parser
+from .methods import TOKENIZER_METHODS
 
 DESCRIPTION = """\
 Train a visual tokenizer (the discrete targets of BEiT-style masked image modeling) with Accelerate:
@@ -75,32 +75,21 @@ def describe_defaults(method_cls) -> str:
     return f"{method_cls.summary}.\nRecipe defaults: {recipe}.\nDigits-demo defaults: {demo}."
 
 
-def build_parser(method_name: str = "vqkd") -> argparse.ArgumentParser:
+TOKENIZER_SCRIPT = Script(
+    prog="train_tokenizer.py", method_arguments=TokenizerMethodArguments, methods=TOKENIZER_METHODS,
+    describe=lambda method_cls: f"{DESCRIPTION}\n--method {method_cls.name}: {describe_defaults(method_cls)}",
+    epilog=EPILOG, output_dir="outputs/tokenizer-{method}", parser_defaults={"logging_steps": 1},
+    help_overrides=HELP_OVERRIDES,
+)
+
+
+def build_parser(method_name: str = "vqkd") -> MimArgumentParser:
     """pretrain.py's parser (the same options, groups and aliases) with the tokenizer's own options."""
-    method_cls = get_tokenizer_method(method_name)
-    description = f"{DESCRIPTION}\n--method {method_name}: {describe_defaults(method_cls)}"
-    parser = script_parser(method_cls, TokenizerMethodArguments, TOKENIZER_METHODS, prog="train_tokenizer.py",
-                           description=description, epilog=EPILOG)
-    parser.set_defaults(output_dir=f"outputs/tokenizer-{method_name}", logging_steps=1)
-    for dest, text in HELP_OVERRIDES.items():
-        set_help(parser, dest, text)
-    return parser
+    return build_script_parser(TOKENIZER_SCRIPT, method_name)
 
 
-def fill_tokenizer_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """The pre-training recipe resolution with the tokenizer's recipe as the paper's, and its demo settings
-    (digits, its `demo_defaults`) over the pre-training demo's."""
-    return fill_defaults(args, get_tokenizer_method(args.method))
+def parse_args(argv: list[str] | None = None) -> Options:
+    return parse_options(TOKENIZER_SCRIPT, argv)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """`--method` decides the parser's options; then one parse, the method's defaults, and the checks."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    method_cls = get_tokenizer_method(peek_method(argv, "vqkd"))  # a clear error for an unknown method
-    args = fill_tokenizer_defaults(parse_into_namespace(build_parser(method_cls.name), argv))
-    check_arguments(args)
-    method_cls.options_from(args)  # validates the method's options now
-    return args
-
-
-__all__ = ["build_parser", "parse_args"]
+__all__ = ["TOKENIZER_SCRIPT", "build_parser", "parse_args"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from ...models import VqkdConfig
-from .base import register_method
+from . import register_method
 from .masked_prediction import BEIT_DEFAULTS, TokenPredictionMethod, TokenTargetOptions
 from .token_targets import BICUBIC
 

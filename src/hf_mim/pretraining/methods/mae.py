@@ -9,8 +9,10 @@ import dataclasses
 
 import torch
 
+from ...cli import option
 from ...models import MaeConfig, MaeForPreTraining
-from .base import PretrainingMethod, option, processor_pixels, register_method, training_augmentation
+from ...training.method import TrainingMethod, processor_pixels, training_augmentation
+from . import register_method
 
 
 @dataclasses.dataclass
@@ -21,7 +23,7 @@ class MaeOptions:
 
 
 @register_method
-class MaeMethod(PretrainingMethod):
+class MaeMethod(TrainingMethod):
     name = "mae"
     title = "MAE"
     summary = "MAE (He et al., 2022): reconstruct the pixels of randomly masked patches."

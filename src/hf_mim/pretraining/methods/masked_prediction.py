@@ -14,11 +14,12 @@ from typing import ClassVar, Literal
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from ...cli import option
 from ...models import BEiTConfig, BEiTForMaskedImageModeling
 from ...models.masking import BlockwiseMaskGenerator, build_mask_generator
 from ...models.vit_core import grid_size_for
-from ..overrides import apply_config_overrides
-from .base import CropOptions, PretrainingMethod, option, processor_pixels
+from ...training.method import CropOptions, TrainingMethod, processor_pixels
+from ...training.overrides import apply_config_overrides
 from .token_targets import (
     LANCZOS, TOKENIZER_PRECISIONS, FrozenTokenizer, TargetHealth, TwoViewCrop, load_frozen_tokenizer,
     tokenizer_input_size, unit_float,
@@ -83,7 +84,7 @@ class AccuracyMeter:
         return {"masked_accuracy": total / max(count, 1.0)}
 
 
-class MaskedPredictionMethod(PretrainingMethod):
+class MaskedPredictionMethod(TrainingMethod):
     """A model that classifies its masked patches: `forward_masked` gives the model output (loss,
     logits [M, V] of the masked patches, accuracy), the targets of all patches [B, N] and the mask."""
 

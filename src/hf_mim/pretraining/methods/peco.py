@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from ...models import PecoConfig
-from .base import register_method
+from . import register_method
 from .masked_prediction import TokenPredictionMethod, TokenTargetOptions
 
 

@@ -10,10 +10,12 @@ import dataclasses
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from ...cli import option
 from ...models import VitMppConfig, VitMppForPreTraining
 from ...models.losses import mean_color_targets
 from ...models.masking import random_patch_selection
-from .base import CropOptions, crop_and_flip, option, processor_pixels, register_method
+from ...training.method import CropOptions, crop_and_flip, processor_pixels
+from . import register_method
 from .masked_prediction import MaskedPredictionMethod
 
 

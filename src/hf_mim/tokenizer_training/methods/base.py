@@ -1,7 +1,7 @@
 """What the visual-tokenizer training methods (DALL-E dVAE, BEiT v2's VQ-KD, PeCo; one file each in this
-folder) share, for the ONE pre-training loop.
+folder) share, for the training engine's one loop.
 
-Each method is a :class:`hf_mim.pretraining.PretrainingMethod` (model, processor, transforms, loss,
+Each method is a :class:`hf_mim.training.TrainingMethod` (model, processor, transforms, loss,
 evaluation, figures, recipe) kept in its own registry, :data:`TOKENIZER_METHODS`, so that
 `examples/pretrain.py --method` keeps listing MIM methods only. What tokenizers add:
 
@@ -30,7 +30,7 @@ from transformers import AutoModel
 
 from ...models import MimImageProcessor
 from ...models.quantizer import usage_and_perplexity
-from ...pretraining.methods import CropOptions, MethodRegistry, PretrainingMethod, crop_and_flip, processor_pixels
+from ...training.method import CropOptions, MethodRegistry, TrainingMethod, crop_and_flip, processor_pixels
 from .. import figures
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class TermMeter:
         return {name: float(value) / batches for name, value in zip(names, sums[:-1])}
 
 
-class TokenizerMethod(PretrainingMethod):
+class TokenizerMethod(TrainingMethod):
     """What the three tokenizers share; subclasses say how to compute the loss terms, the evaluation
     statistics and the reconstructions of their model."""
 

@@ -11,10 +11,11 @@ import logging
 
 import torch
 
+from ...cli import option
 from ...models import PecoConfig, PecoTokenizer
-from ...pretraining.methods import CropOptions, option
-from ...pretraining.optimization import effective_batch_size, resolve_learning_rate
 from ...teachers import TeacherLoadError
+from ...training.method import CropOptions
+from ...training.optimization import effective_batch_size, resolve_learning_rate
 from ..peco_losses import PecoLoss, check_image_size, load_feature_network_for, perceptual_distance
 from .base import QuantizerMethod, register_tokenizer_method
 

@@ -9,10 +9,11 @@ import dataclasses
 import logging
 from typing import Literal
 
+from ...cli import option
 from ...models import VqkdConfig, VqkdTokenizer
 from ...models.vit_core import to_2tuple
-from ...pretraining.methods import CropOptions, option
 from ...teachers import TeacherLoadError, load_teacher, load_teacher_for
+from ...training.method import CropOptions
 from .base import QuantizerMethod, register_tokenizer_method
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The pre-training loop (Accelerate): one function per concern.
+"""The training loop of pretrain.py and train_tokenizer.py (Accelerate): one function per concern.
 
 Exact resumption rests on three things: the data order and every augmentation and mask are a pure
 function of (seed, epoch, position) (see `hf_mim.data`); the model's own randomness (dropout, drop
@@ -32,12 +32,12 @@ from ..launch import check_one_run_per_launch, cpu_process_group_needed, set_tf3
 from ..preemption import Preempted, PreemptionGuard, resume_hint
 from ..run_lock import OutputDirLock
 from ..streaming import ReferenceRows, StreamCheckpoint, StreamedTrainingExamples, StreamLoader
-from .arguments import apply_data_size_rule, resolve_mixed_precision
+from .arguments import resolve_mixed_precision, with_data_size_rule
 from .checkpoints import (
     TrainerState, load_checkpoint, prune_checkpoints, remove_incomplete_checkpoints, resolve_resume_path, save_checkpoint,
 )
 from .data_loading import DataWaitMeter, check_num_workers, cores_per_process, default_num_workers, describe_workers
-from .methods import PretrainingMethod, get_method
+from .method import TrainingMethod
 from .model_choice import choose_preset, train_image_count
 from .optimization import (
     build_optimizer, build_scheduler, effective_batch_size, resolve_learning_rate, resolve_warmup_steps,
@@ -62,11 +62,11 @@ class Plan:
 
 @dataclass
 class Run:
-    """Everything the loop functions share."""
+    """Everything the loop functions share: the options (read-only), and what the run decided itself."""
 
     args: object
     accelerator: Accelerator
-    method: PretrainingMethod
+    method: TrainingMethod
     data: ImageDatasets
     model: torch.nn.Module
     processor: object
@@ -80,7 +80,10 @@ class Run:
     state: TrainerState = field(default_factory=TrainerState)
     meter: LossMeter | None = None
     data_wait: DataWaitMeter | None = None
+    num_workers: int = 0  # data-loader workers per process
     workers: str = ""  # how many data-loader workers and why
+    do_eval: bool = False  # --do_eval, or (not given) whether the data has held-out images
+    model_choice: str | None = None  # the preset chosen for the data, and why (no --config_name / --model_name_or_path)
     last_checkpoint_step: int = -1
     eval_results: dict = field(default_factory=dict)
     eval_step: int = -1  # the step eval_results were measured at
@@ -136,17 +139,18 @@ def load_data(args, accelerator: Accelerator) -> ImageDatasets:
         )
 
 
-def build_model(args, method: PretrainingMethod, data: ImageDatasets) -> torch.nn.Module:
-    preset = None
+def build_model(args, method: TrainingMethod, data: ImageDatasets) -> tuple[torch.nn.Module, str | None]:
+    """The model, and the preset chosen for the data and why (None: --config_name / --model_name_or_path)."""
+    preset = choice = None
     if not (args.model_name_or_path or args.config_name):
         preset, why = choose_preset(method.name, data)
-        args.model_choice = f"{preset} ({why})"  # said in the start-of-run line
+        choice = f"{preset} ({why})"
     model = method.build_model(preset)
     if args.attn_implementation:
         model.set_attn_implementation(args.attn_implementation)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return model, choice
 
 
 def make_examples(run: Run, dataset, train: bool):
@@ -170,7 +174,7 @@ def streamed_training_examples(run: Run, dataset, fast) -> StreamedTrainingExamp
     args, accelerator = run.args, run.accelerator
     rows = fast or ReferenceRows(run.method.train_transform(run.processor), run.data.image_column,
                                  image_mode=run.method.image_mode)
-    lanes = args.stream_lanes if args.stream_lanes is not None else max(1, args.dataloader_num_workers)
+    lanes = args.stream_lanes if args.stream_lanes is not None else max(1, run.num_workers)
     examples = StreamedTrainingExamples(
         dataset, rows, args.per_device_train_batch_size, seed=args.data_seed, rank=accelerator.process_index,
         num_processes=accelerator.num_processes, lanes=lanes, block_size=args.shuffle_buffer_size)
@@ -179,8 +183,7 @@ def streamed_training_examples(run: Run, dataset, fast) -> StreamedTrainingExamp
 
 
 def make_loader(run: Run, examples, batch_size: int, train: bool) -> torch.utils.data.DataLoader:
-    args = run.args
-    workers = args.dataloader_num_workers
+    args, workers = run.args, run.num_workers
     if isinstance(examples, StreamedTrainingExamples):
         return StreamLoader(examples, workers, run.accelerator.device,
                             pin_memory=args.dataloader_pin_memory and torch.cuda.is_available())
@@ -202,7 +205,7 @@ def build_loaders(run: Run) -> None:
             raise ValueError(f"{run.data.source} has no training split; pass training data or --no-do_train.")
         run.train_examples = make_examples(run, run.data.train, train=True)
         run.train_loader = make_loader(run, run.train_examples, args.per_device_train_batch_size, train=True)
-    if args.do_eval and run.data.eval is not None:
+    if run.do_eval and run.data.eval is not None:
         run.eval_examples = make_examples(run, run.data.eval, train=False)
         run.eval_loader = make_loader(run, run.eval_examples, args.per_device_eval_batch_size, train=False)
 
@@ -563,45 +566,50 @@ def evaluate_and_log(run: Run) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def configure_backends(args, accelerator: Accelerator) -> str:
+def configure_backends(args, accelerator: Accelerator) -> tuple[int, str]:
     """TF32; and on CPU, one compute thread per core left after the data-loader workers: more threads
-    than cores makes torch's CPU kernels spin and run several times slower."""
+    than cores makes torch's CPU kernels spin and run several times slower. Returns the data-loader
+    workers per process (--dataloader_num_workers, or one per core left) and a line saying why."""
     cores = cores_per_process(accelerator.num_processes)
-    workers_asked = args.dataloader_num_workers is not None
-    if args.dataloader_num_workers is None:
-        args.dataloader_num_workers = default_num_workers(accelerator.num_processes)
-    check_num_workers(args.dataloader_num_workers, cores)
+    asked = args.dataloader_num_workers is not None
+    workers = args.dataloader_num_workers if asked else default_num_workers(accelerator.num_processes)
+    check_num_workers(workers, cores)
     if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, cores - args.dataloader_num_workers))
+        torch.set_num_threads(max(1, cores - workers))
     if args.tf32:
         set_tf32(True)
-    return describe_workers(args.dataloader_num_workers, cores, workers_asked)
+    return workers, describe_workers(workers, cores, asked)
 
 
-def run_pretraining(args, method_class: type[PretrainingMethod] | None = None) -> dict:
-    """Build everything, train, evaluate, save. Returns the results that were written to all_results.json.
-    `method_class`: a method from another registry (the tokenizers'); default: `get_method(args.method)`."""
-    accelerator = build_accelerator(args)
-    setup_logging(accelerator)
-    with OutputDirLock(args.output_dir, enabled=accelerator.is_main_process):  # one run per output folder
-        return pretrain_locked(args, accelerator, method_class)
-
-
-def pretrain_locked(args, accelerator: Accelerator, method_class) -> dict:
-    workers = configure_backends(args, accelerator)  # their number, said in the start-of-run line
-    set_seed(args.seed)  # the model's initial weights
-    method = (method_class or get_method(args.method))(args)
-    data = load_data(args, accelerator)
-    logger.info("Data: %s (train: %s, eval: %s from %s)", data.source, size_of(data.train), size_of(data.eval),
-                data.eval_split)
-    logger.info(apply_data_size_rule(args, train_image_count(data)))  # the recipe in force, and why
-    args.do_eval = data.eval is not None if args.do_eval is None else args.do_eval
+def decide_evaluation(args, data: ImageDatasets) -> bool:
+    """--do_eval as given, else whether the data has held-out images."""
     if args.do_eval and data.eval is None:
         raise ValueError(f"--do_eval: {data.source} has no held-out images; pass --validation_dir/--validation_file "
                          "or --train_val_split.")
-    model = build_model(args, method, data)
-    run = Run(args, accelerator, method, data, model, method.build_image_processor())
-    run.workers = workers
+    return data.eval is not None if args.do_eval is None else args.do_eval
+
+
+def run_training(args, method_class: type[TrainingMethod]) -> dict:
+    """Build everything, train, evaluate, save, for the options `args` (`arguments.parse_options`) and the
+    method `method_class` (from the script's registry). Returns the results written to all_results.json."""
+    accelerator = build_accelerator(args)
+    setup_logging(accelerator)
+    with OutputDirLock(args.output_dir, enabled=accelerator.is_main_process):  # one run per output folder
+        return run_locked(args, accelerator, method_class)
+
+
+def run_locked(args, accelerator: Accelerator, method_class: type[TrainingMethod]) -> dict:
+    num_workers, workers = configure_backends(args, accelerator)
+    set_seed(args.seed)  # the model's initial weights
+    data = load_data(args, accelerator)
+    logger.info("Data: %s (train: %s, eval: %s from %s)", data.source, size_of(data.train), size_of(data.eval),
+                data.eval_split)
+    args, recipe = with_data_size_rule(args, train_image_count(data))  # the options, complete
+    logger.info(recipe)  # the recipe in force, and why
+    method = method_class(args)
+    model, model_choice = build_model(args, method, data)
+    run = Run(args, accelerator, method, data, model, method.build_image_processor(), num_workers=num_workers,
+              workers=workers, do_eval=decide_evaluation(args, data), model_choice=model_choice)
     build_loaders(run)
     if args.do_train:
         run.plan = make_plan(run)
@@ -609,14 +617,15 @@ def pretrain_locked(args, accelerator: Accelerator, method_class) -> dict:
     prepare(run)
     method.setup(accelerator)  # frozen auxiliary networks to the device (never prepared, trained or saved)
     run.checkpoint_extras.update(method.checkpoint_state())
-    accelerator.init_trackers(args.run_name, config=hyperparameters(args))
+    accelerator.init_trackers(args.run_name, config=hyperparameters(args, dataloader_num_workers=num_workers,
+                                                                    do_eval=run.do_eval))
     results = {}
     if args.do_train:
         resume(run)
         describe_run(run)
         with PreemptionGuard() as run.preemption:
             results.update(train(run))
-    if args.do_eval:
+    if run.do_eval:
         results.update(run.eval_results if run.eval_step == run.state.global_step else evaluate_and_log(run))
     write_results(run, results)  # first: a pushed repo carries them
     save_outputs(run, results)
@@ -631,7 +640,7 @@ def size_of(dataset) -> str:
 
 def describe_run(run: Run) -> None:
     plan, args, state = run.plan, run.args, run.state
-    model = getattr(args, "model_choice", None) or args.model_name_or_path or args.config_name
+    model = run.model_choice or args.model_name_or_path or args.config_name
     logger.info(
         "Training %s (model: %s, %.1fM parameters) for %d steps (%s steps/epoch), batch %d = %d per device x %d "
         "processes x %d accumulation, lr %.3g (%s), %d warmup steps, %s schedule; starting at step %d (epoch %d, "
@@ -650,4 +659,4 @@ def describe_run(run: Run) -> None:
                 f"; {examples.decoding}" if fast else "")
 
 
-__all__ = ["LossMeter", "Plan", "Run", "evaluate", "run_pretraining", "train"]
+__all__ = ["LossMeter", "Plan", "Run", "evaluate", "run_training", "train"]

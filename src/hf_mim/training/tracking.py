@@ -90,10 +90,11 @@ def resolve_trackers(report_to: list[str], output_dir: str) -> list:
     return trackers
 
 
-def hyperparameters(args) -> dict:
-    """The run's arguments as tracker-safe values (tensorboard takes only numbers, strings and bools)."""
+def hyperparameters(args, **decided) -> dict:
+    """The run's options, and what the run `decided` itself (e.g. its data-loader workers), as tracker-safe
+    values (tensorboard takes only numbers, strings and bools)."""
     values = {}
-    for key, value in sorted(vars(args).items()):
+    for key, value in sorted({**vars(args), **decided}.items()):
         if key in ("token", "hub_token"):
             continue
         values[key] = value if isinstance(value, (int, float, str, bool)) else str(value)

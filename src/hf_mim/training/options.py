@@ -1,7 +1,7 @@
 """The options `pretrain.py` and `train_tokenizer.py` share, as typed dataclasses (one `--help` group
 each), with the names of transformers' and accelerate's example scripts (see SCRIPT_CONVENTIONS).
 Options whose default depends on the method, the digits demo or other options are None here and filled
-by `arguments.fill_defaults`; their --help gets the method's values (`arguments.build_parser`)."""
+by `arguments.resolve`; their --help gets the method's values (`arguments.build_parser`)."""
 
 from __future__ import annotations
 

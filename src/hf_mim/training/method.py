@@ -1,11 +1,12 @@
-"""The interface of a pre-training method: everything the training loop needs to know about one method.
+"""The interface of a training method: everything the engine's loop needs to know about one method (a
+masked-image-modeling method of `hf_mim.pretraining` or a tokenizer of `hf_mim.tokenizer_training`).
 
 A method builds (or loads) its model and image processor, turns an image into the tensors of one
 example (train: augmented; eval: the processor's preprocessing with FIXED masks), gets the training
 loss of a batch from the model, sums the model's per-sample losses over evaluation batches, and
-draws the figure. The loop in `trainer_loop.py` knows nothing else about the method. Each method is
-one file in this folder that subclasses :class:`PretrainingMethod` and registers itself with
-:func:`register_method` (see README, "Adding a method").
+draws the figure. The loop (`loop.py`) knows nothing else about the method. Each method is one file
+that subclasses :class:`TrainingMethod` and registers itself in its script's :class:`MethodRegistry`
+(see README, "Adding a method").
 
 What the loop calls, by concern (everything else here is a helper a method may override):
 
@@ -30,11 +31,11 @@ from torchvision.transforms import v2
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForPreTraining, PreTrainedModel
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ...cli import option
-from ...models import MimImageProcessor
-from ...models.presets import preset_fields, preset_names
-from ...models.vit_core import grid_size_for, to_2tuple
-from ..overrides import apply_config_overrides
+from ..cli import option
+from ..models import MimImageProcessor
+from ..models.presets import preset_fields, preset_names
+from ..models.vit_core import grid_size_for, to_2tuple
+from .overrides import apply_config_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +49,16 @@ class MethodRegistry(dict):
         super().__init__()
         self.label, self.kind = label, kind
 
-    def register(self, cls: type[PretrainingMethod]) -> type[PretrainingMethod]:
+    def register(self, cls: type[TrainingMethod]) -> type[TrainingMethod]:
         if cls.name in self:
             raise ValueError(f"A method named {cls.name!r} is registered already ({self[cls.name].__qualname__}).")
         self[cls.name] = cls
         return cls
 
-    def lookup(self, name: str) -> type[PretrainingMethod]:
+    def lookup(self, name: str) -> type[TrainingMethod]:
         if name not in self:
             raise ValueError(f"Unknown --method {name!r}; {self.label}: {sorted(self)}.")
         return self[name]
-
-
-METHODS = MethodRegistry()
-register_method, get_method = METHODS.register, METHODS.lookup
 
 
 @dataclasses.dataclass
@@ -69,7 +66,7 @@ class NoOptions:
     """A method without options of its own."""
 
 
-class PretrainingMethod:
+class TrainingMethod:
     # -- identity: the `--method` name, its one-line summary, the model card's title for it
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -307,7 +304,5 @@ class CropOptions:
             raise ValueError(f"--crop_min_scale must be in (0, 1], got {self.crop_min_scale}.")
 
 
-__all__ = [
-    "METHODS", "CropOptions", "MethodRegistry", "NoOptions", "PretrainingMethod", "build_config", "crop_and_flip",
-    "get_method", "option", "processor_pixels", "register_method", "training_augmentation",
-]
+__all__ = ["CropOptions", "MethodRegistry", "NoOptions", "TrainingMethod", "build_config", "crop_and_flip",
+           "processor_pixels", "training_augmentation"]
