@@ -276,3 +276,94 @@ def test_a_throwaway_method_in_a_temporary_package_keeps_the_contract(throwaway_
     assert masking.mask_generator_class("toymim_random").__name__ == "ToyMaskGenerator"  # shipped with the model
     for param in heads_of({toy: families[toy]}):
         check_contract(*param.values, tmp_path)
+
+
+# The training side of the throwaway method: one more file, a `TrainingMethod` registered for pretrain.py.
+TOY_METHOD = '''
+import dataclasses
+
+import torch
+
+from hf_mim.cli import option
+from hf_mim.models.configuration_toymim import ToyMimConfig
+from hf_mim.models.masking import build_mask_generator
+from hf_mim.models.modeling_toymim import ToyMimForPreTraining
+from hf_mim.pretraining import register_method
+from hf_mim.training.method import CropOptions, TrainingMethod, crop_and_flip, processor_pixels
+
+
+@dataclasses.dataclass
+class ToyMimOptions(CropOptions):
+    _argument_group_name = "ToyMIM options (--method toymim)"
+    mask_ratio: float = option(0.5, help="fraction of masked patches")
+
+
+@register_method
+class ToyMimMethod(TrainingMethod):
+    name, title, summary = "toymim", "ToyMIM", "ToyMIM: regress the pixels of masked patches."
+    config_class, model_class, options_class = ToyMimConfig, ToyMimForPreTraining, ToyMimOptions
+    mask_generator = "toymim_random"
+    defaults = {"base_learning_rate": 1e-3, "weight_decay": 0.05}
+
+    def mask_generator_kwargs(self):
+        return {"mask_ratio": self.options.mask_ratio}
+
+    def transform(self, pixels):
+        masks = build_mask_generator(self.mask_generator, self.grid_size, **self.mask_generator_kwargs())
+
+        def example(image, generator):
+            return {"pixel_values": pixels(image), "bool_masked_pos": masks(generator)}
+        return example
+
+    def train_transform(self, processor):
+        return self.transform(crop_and_flip(self.image_size, (self.options.crop_min_scale or 0.2, 1.0)))
+
+    def eval_transform(self, processor):
+        return self.transform(lambda image: processor_pixels(processor, image))
+
+    def training_loss(self, model, batch):
+        return model(**batch).loss
+
+    def eval_sums(self, model, batch):  # the batch's mean loss for each of its images
+        images = torch.ones(len(batch["pixel_values"]))
+        return {"loss_sum": model(**batch).loss * images, "images": images}
+
+    def eval_metrics(self, sums):
+        return {"loss": sums["loss_sum"] / sums["images"]}
+'''
+
+
+def test_a_throwaway_method_trains_with_pretrain_py_and_loads_back(throwaway_method, tmp_path, monkeypatch, capfd,
+                                                                    single_torch_thread):
+    """The training side: a third file, registered from outside hf_mim's source tree, is a `--method` of
+    pretrain.py that trains, evaluates, saves a model the Auto classes load, and gets a card."""
+    from hf_mim import cards
+    from hf_mim.pretraining import METHODS, main
+
+    register_auto_classes()
+    (tmp_path / "toymim_training.py").write_text(textwrap.dedent(TOY_METHOD))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registered = dict(METHODS)
+    monkeypatch.setattr(cards.METHODS, "entries", None)  # the card table is derived from the registries again
+    try:
+        import toymim_training  # noqa: F401 (registers the method)
+
+        assert len((tmp_path / "toymim_training.py").read_text().splitlines()) < 60
+        out = tmp_path / "out"
+        results = main(["--method", "toymim", "--config_name", "toymim-demo", "--mask_ratio", "0.4", "--max_steps", "3",
+                        "--max_train_samples", "64", "--max_eval_samples", "16", "--per_device_train_batch_size", "8",
+                        "--output_dir", str(out), "--report_to", "none", "--dataloader_num_workers", "0"])
+    finally:
+        METHODS.clear()
+        METHODS.update(registered)
+        sys.modules.pop("toymim_training", None)
+        cards.METHODS.entries = None
+    assert results["train_steps"] == 3 and torch.isfinite(torch.tensor(results["eval_loss"]))
+    model = transformers.AutoModelForPreTraining.from_pretrained(out)
+    assert type(model).__name__ == "ToyMimForPreTraining"
+    processor = transformers.AutoImageProcessor.from_pretrained(out)
+    assert processor.mask_generator == "toymim_random" and processor.mask_generator_kwargs == {"mask_ratio": 0.4}
+    card = (out / "README.md").read_text()
+    assert "ToyMIM: regress the pixels of masked patches." in card  # no template: the summary, and a warning
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "card_templates/methods/toymim.md" in line]
+    assert len(warnings) == 1, warnings

@@ -15,9 +15,11 @@ write_model_card("out/mae-tiny", method="mae", model_type="hf_mim_mae", task="pr
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.resources
 import json
+import logging
 import math
 import os
 import re
@@ -27,6 +29,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
+
 
 class CardMethods(Mapping):
     """method -> (human name, kind), derived from the method registries (`hf_mim.pretraining.METHODS`,
@@ -38,6 +43,7 @@ class CardMethods(Mapping):
     def __init__(self):
         self.entries: dict[str, tuple[str, str]] | None = None
         self.tokenized: set[str] = set()
+        self.summaries: dict[str, str] = {}
 
     def table(self) -> dict[str, tuple[str, str]]:
         if self.entries is None:
@@ -48,6 +54,7 @@ class CardMethods(Mapping):
             for registry in (MIM_METHODS, TOKENIZER_METHODS):
                 for method in registry.values():
                     entries[method.card_name or method.name] = (method.title, registry.kind)
+                    self.summaries[method.card_name or method.name] = method.summary
                     if method.needs_tokenizer:
                         self.tokenized.add(method.card_name or method.name)
             self.entries = entries
@@ -117,9 +124,22 @@ def template_text(name: str) -> str:
     return importlib.resources.files("hf_mim").joinpath("card_templates", name).read_text(encoding="utf-8")
 
 
+@functools.cache
+def warn_no_method_template(method: str) -> None:
+    logger.warning("No model-card text for method %r: its card says only its summary. Write the paragraph and its "
+                   "limitations in hf_mim/card_templates/methods/%s.md (see README, 'Adding a method').", method, method)
+
+
 def method_text(method: str) -> tuple[str, list[str]]:
-    """(description paragraph, method-specific limitation bullets) of a method."""
-    description, _, limitations = template_text(f"methods/{method}.md").partition("<!-- limitations -->")
+    """(description paragraph, method-specific limitation bullets) of a method. A method with no template
+    in the package (one registered from another package) gets its one-line `summary`, and a warning."""
+    try:
+        text = template_text(f"methods/{method}.md")
+    except FileNotFoundError:
+        warn_no_method_template(method)
+        METHODS.table()
+        return METHODS.summaries.get(method, ""), []
+    description, _, limitations = text.partition("<!-- limitations -->")
     bullets = [line for line in re.split(r"\n(?=- )", limitations.strip()) if line.strip()]
     return description.strip(), bullets
 
