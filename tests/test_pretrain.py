@@ -412,3 +412,13 @@ def test_options_are_parsed_once_and_a_run_leaves_them_as_they_were(tmp_path):
     decided = start["config"]  # the options, and what the run decided: workers for this machine, evaluation
     assert decided["dataloader_num_workers"] >= 0 and decided["do_eval"] is True
     assert decided["base_learning_rate"] == 6e-3  # the recipe as completed by the data-size rule (the digits demo)
+
+
+def test_what_the_command_line_gets_wrong_is_said_before_any_data_is_read(tmp_path):
+    from hf_mim.pretraining import parse_args
+
+    missing = tmp_path / "not-there"  # parsing alone raises: no data is looked for
+    with pytest.raises(ValueError, match=r"--method beit predicts the codes of a frozen image tokenizer: pass --tokenizer"):
+        parse_args(["--method", "beit", "--train_dir", str(missing)])
+    twice = parse_args(["--method", "vit_mpp", "--method", "mae", "--train_dir", str(missing)])  # argparse: the last
+    assert twice.method == "mae" and (twice.base_learning_rate, twice.adam_beta2) == (1.5e-4, 0.95)  # MAE's recipe

@@ -1,4 +1,4 @@
-"""`examples/train_tokenizer.py` end to end on CPU: real runs of the one pre-training loop on the embedded
+"""`examples/train_tokenizer.py` end to end on CPU: real runs of the training engine's one loop on the embedded
 digits (32 px, 8x8 tokens, 64 codes) with tiny teachers / perceptual networks built from configs, one real
 two-process `accelerate launch` (gloo), and the errors a user meets first.
 

@@ -37,28 +37,26 @@ class CardMethods(Mapping):
     """method -> (human name, kind), derived from the method registries (`hf_mim.pretraining.METHODS`,
     `hf_mim.tokenizer_training.TOKENIZER_METHODS`; imported on first use): "mim" methods pre-train an
     encoder; "tokenizer" methods produce the discrete targets other methods predict. Each has a Markdown
-    paragraph in card_templates/methods/<name>.md. `needs_tokenizer`: the methods whose pre-training
-    targets come from a separate tokenizer the card must name."""
+    paragraph in card_templates/methods/<name>.md (without one, the card gives its `summary`).
+    `needs_tokenizer`: the methods whose pre-training targets come from a separate tokenizer the card must
+    name. Read from the registries at every use: a method registered later (from another package) counts."""
 
     def __init__(self):
-        self.entries: dict[str, tuple[str, str]] | None = None
         self.tokenized: set[str] = set()
         self.summaries: dict[str, str] = {}
 
     def table(self) -> dict[str, tuple[str, str]]:
-        if self.entries is None:
-            from .pretraining.methods import METHODS as MIM_METHODS
-            from .tokenizer_training.methods import TOKENIZER_METHODS
+        from .pretraining.methods import METHODS as MIM_METHODS
+        from .tokenizer_training.methods import TOKENIZER_METHODS
 
-            entries = {}
-            for registry in (MIM_METHODS, TOKENIZER_METHODS):
-                for method in registry.values():
-                    entries[method.card_name or method.name] = (method.title, registry.kind)
-                    self.summaries[method.card_name or method.name] = method.summary
-                    if method.needs_tokenizer:
-                        self.tokenized.add(method.card_name or method.name)
-            self.entries = entries
-        return self.entries
+        entries, self.tokenized, self.summaries = {}, set(), {}
+        for registry in (MIM_METHODS, TOKENIZER_METHODS):
+            for method in registry.values():
+                entries[method.card_name or method.name] = (method.title, registry.kind)
+                self.summaries[method.card_name or method.name] = method.summary
+                if method.needs_tokenizer:
+                    self.tokenized.add(method.card_name or method.name)
+        return entries
 
     def __getitem__(self, name: str) -> tuple[str, str]:
         return self.table()[name]

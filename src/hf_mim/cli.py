@@ -169,13 +169,15 @@ def append_help(parser: argparse.ArgumentParser, notes: dict[str, str]) -> None:
 
 
 def peek_method(argv: list[str], default: str) -> str:
-    """The value of `--method` (it decides which options the parser has), before parsing."""
+    """The value of `--method` (it decides which options the parser has), before parsing: the last one
+    given, as argparse keeps."""
+    method = default
     for index, arg in enumerate(argv):
         if arg == "--method" and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--method="):
-            return arg.split("=", 1)[1]
-    return default
+            method = argv[index + 1]
+        elif arg.startswith("--method="):
+            method = arg.split("=", 1)[1]
+    return method
 
 
 def given(argv: list[str], name: str) -> bool:

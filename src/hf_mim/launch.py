@@ -110,10 +110,6 @@ def warn_if_bf16_is_emulated(mixed_precision: str | None, device: torch.device |
     return True
 
 
-__all__ = ["CPU_LAUNCHES", "check_one_run_per_launch", "cpu_flags", "cpu_has_native_bf16", "cpu_process_group_needed",
-           "launched_world_size", "warn_if_bf16_is_emulated"]
-
-
 def set_tf32(enabled: bool) -> None:
     """TF32 (True) or strict IEEE fp32 (False) for CUDA float32 matmuls and cuDNN convolutions, through
     torch's `fp32_precision` settings where they exist (torch >= 2.9, which deprecates the old flags), else
@@ -125,3 +121,7 @@ def set_tf32(enabled: bool) -> None:
     else:
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled
+
+
+__all__ = ["CPU_LAUNCHES", "check_one_run_per_launch", "cpu_flags", "cpu_has_native_bf16", "cpu_process_group_needed",
+           "launched_world_size", "set_tf32", "warn_if_bf16_is_emulated"]

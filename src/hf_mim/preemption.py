@@ -9,7 +9,7 @@ default action of that signal: the newest complete checkpoint is then the resume
 
 With several processes, the signal may reach them at different steps (or only one of them): they
 agree on stopping with one all-reduce (`agreed_signal`) at the steps the caller chooses, the same on
-every process (the pre-training loop: its logging steps, which synchronise anyway), so that all stop
+every process (the training loop of `hf_mim.training`: its logging steps, which synchronise anyway), so that all stop
 at the same step.
 """
 

@@ -247,7 +247,7 @@ def card_kwargs(model, model_args, data: ImageDatasets, results: dict, recipe_va
 
 
 def limit_cpu_threads(training_args) -> None:
-    """On CPU, one compute thread per core left after the data-loader workers (as the pre-training loop):
+    """On CPU, one compute thread per core left after the data-loader workers (as the training loop of `hf_mim.training`):
     more threads than cores make torch's CPU kernels spin and run several times slower."""
     if not training_args.use_cpu or "OMP_NUM_THREADS" in os.environ:
         return

@@ -485,7 +485,7 @@ def train(run: Run) -> dict:
     run.data_wait = DataWaitMeter(warn=accelerator.is_main_process)
     run.meter.total_loss, run.meter.total_batches = state.train_loss_sum, state.train_loss_batches  # resumed
     start_step, start_time = state.global_step, time.perf_counter()
-    progress = tqdm(total=plan.max_steps, initial=state.global_step, desc=f"pretrain {run.method.name}", unit="step",
+    progress = tqdm(total=plan.max_steps, initial=state.global_step, desc=f"train {run.method.name}", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     run.method.after_optimizer_step(state.global_step)  # 0, or the step a resumed run starts at
     if run.eval_loader is not None and args.eval_on_start and state.global_step == 0:
@@ -604,12 +604,13 @@ def run_locked(args, accelerator: Accelerator, method_class: type[TrainingMethod
     data = load_data(args, accelerator)
     logger.info("Data: %s (train: %s, eval: %s from %s)", data.source, size_of(data.train), size_of(data.eval),
                 data.eval_split)
+    do_eval = decide_evaluation(args, data)
     args, recipe = with_data_size_rule(args, train_image_count(data))  # the options, complete
     logger.info(recipe)  # the recipe in force, and why
     method = method_class(args)
     model, model_choice = build_model(args, method, data)
     run = Run(args, accelerator, method, data, model, method.build_image_processor(), num_workers=num_workers,
-              workers=workers, do_eval=decide_evaluation(args, data), model_choice=model_choice)
+              workers=workers, do_eval=do_eval, model_choice=model_choice)
     build_loaders(run)
     if args.do_train:
         run.plan = make_plan(run)
@@ -618,7 +619,7 @@ def run_locked(args, accelerator: Accelerator, method_class: type[TrainingMethod
     method.setup(accelerator)  # frozen auxiliary networks to the device (never prepared, trained or saved)
     run.checkpoint_extras.update(method.checkpoint_state())
     accelerator.init_trackers(args.run_name, config=hyperparameters(args, dataloader_num_workers=num_workers,
-                                                                    do_eval=run.do_eval))
+                                                                    do_eval=do_eval, model_choice=model_choice))
     results = {}
     if args.do_train:
         resume(run)

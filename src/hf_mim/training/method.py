@@ -20,10 +20,9 @@ What the loop calls, by concern (everything else here is a helper a method may o
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -36,6 +35,9 @@ from ..models import MimImageProcessor
 from ..models.presets import preset_fields, preset_names
 from ..models.vit_core import grid_size_for, to_2tuple
 from .overrides import apply_config_overrides
+
+if TYPE_CHECKING:
+    from .arguments import Options
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +89,13 @@ class TrainingMethod:
     # The processor's mask generator (None: no mask from the processor, MAE draws it from `noise`).
     mask_generator: ClassVar[str | None] = None
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: Options):
         self.args = args
         self.options = self.options_from(args)
         self.config = None  # set by build_model
 
     @classmethod
-    def options_from(cls, args: argparse.Namespace):
+    def options_from(cls, args: Options):
         """The method's typed options, read from the parsed command line."""
         return cls.options_class(**{field.name: getattr(args, field.name)
                                     for field in dataclasses.fields(cls.options_class) if hasattr(args, field.name)})

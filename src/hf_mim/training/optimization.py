@@ -1,4 +1,4 @@
-"""Optimiser, learning rate and schedule of a pre-training run."""
+"""Optimiser, learning rate and schedule of a training run (pre-training or a tokenizer)."""
 
 from __future__ import annotations
 

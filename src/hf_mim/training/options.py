@@ -89,7 +89,7 @@ class ModelArguments:
 
 @dataclasses.dataclass
 class OptimizationArguments:
-    """None: the method's recipe (`PretrainingMethod.defaults`), else `arguments.GENERAL_DEFAULTS`."""
+    """None: the method's recipe (`TrainingMethod.defaults`), else `arguments.GENERAL_DEFAULTS`."""
 
     _argument_group_name = "batch, learning rate and schedule"
     per_device_train_batch_size: int = option(64)

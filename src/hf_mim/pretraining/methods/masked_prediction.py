@@ -176,14 +176,19 @@ class TokenPredictionMethod(MaskedPredictionMethod):
     require_expected_tokenizer: ClassVar[bool] = False
     tokenizer_hint: ClassVar[str] = ""
 
-    def __init__(self, args: argparse.Namespace):
+    @classmethod
+    def options_from(cls, args):
+        options = super().options_from(args)
+        if not options.tokenizer:  # checked when parsing, not after the data has loaded
+            raise ValueError(
+                f"--method {cls.name} predicts the codes of a frozen image tokenizer: pass --tokenizer PATH_OR_ID "
+                f"({cls.tokenizer_hint})."
+            )
+        return options
+
+    def __init__(self, args):
         super().__init__(args)
         self.crop_min_scale = self.options.crop_min_scale or self.crop_scale[0]
-        if not self.options.tokenizer:
-            raise ValueError(
-                f"--method {self.name} predicts the codes of a frozen image tokenizer: pass --tokenizer PATH_OR_ID "
-                f"({self.tokenizer_hint})."
-            )
         self.tokenizer: FrozenTokenizer | None = None  # loaded by build_model
         self.tokenizer_size: tuple[int, int] | None = None  # the tokenizer view's size, set with the config
         self.target_health: TargetHealth | None = None  # measures the first batches' targets (set by setup)
