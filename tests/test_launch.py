@@ -82,7 +82,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(caplog, monkeyp
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     with caplog.at_level(logging.WARNING, logger="hf_mim.launch"):
         assert warn_if_bf16_is_emulated("bf16", "cpu", cpu_flags(INTEL_AVX2))
-    assert "without bf16 instructions" in caplog.text and "17x slower" in caplog.text
+    assert "without bf16 instructions" in caplog.text and "~15x measured" in caplog.text
     monkeypatch.setenv("LOCAL_RANK", "1")  # the machine's other processes: its main process has said it
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_mim.launch"):

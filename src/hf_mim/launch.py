@@ -7,7 +7,8 @@ into one output folder. `cpu_process_group_needed` says when to ask for the gloo
 launches that do start N processes on a CPU (`CPU_LAUNCHES`; `accelerate launch --cpu --num_processes N`
 starts ONE process, and accelerate 1.x's multi-process launcher does not pass `use_cpu` on without
 ACCELERATE_USE_CPU=1). `warn_if_bf16_is_emulated` warns at the start of a run that asks for bf16 on a
-CPU without bf16 instructions, where bf16 matmuls are emulated (a bf16 step ~17x slower than fp32).
+CPU without bf16 instructions, where bf16 matmuls are emulated (an `mae-demo` step ~15x slower than fp32
+on a 2-core AMD EPYC, benchmarks/cpu_bf16.py).
 `set_tf32` switches CUDA float32 matmuls between TF32 and strict IEEE fp32 on old and new torch alike.
 """
 
@@ -103,7 +104,7 @@ def warn_if_bf16_is_emulated(mixed_precision: str | None, device: torch.device |
         return False
     logger.warning(
         "bf16 mixed precision on a CPU without bf16 instructions (%s, torch CPU capability %s; no avx512_bf16 / "
-        "amx_bf16): bf16 matmuls are emulated, a training step about 17x slower than in fp32. Drop --bf16 / "
+        "amx_bf16): bf16 matmuls are emulated, a training step many times slower than in fp32 (~15x measured). Drop --bf16 / "
         "--mixed_precision bf16 (or use a config with `mixed_precision: 'no'`, e.g. "
         "examples/accelerate_configs/cpu_2proc.yaml).", platform.processor() or platform.machine(),
         torch.backends.cpu.get_cpu_capability())
