@@ -54,8 +54,10 @@ def test_overwrite_output_dir_warns_and_means_start_afresh_in_every_script(parse
     assert parse([]).resume_from_checkpoint != "none"
 
 
-@pytest.mark.parametrize("parse", [lambda argv: parse_pretraining_args(["--method", "beit"] + argv),
-                                   lambda argv: parse_tokenizer_args(["--method", "vqkd"] + argv)])
+@pytest.mark.parametrize("parse", [
+    lambda argv: parse_pretraining_args(["--method", "beit", "--tokenizer", "tok"] + argv),
+    lambda argv: parse_tokenizer_args(["--method", "vqkd"] + argv),
+])
 def test_min_crop_scale_is_the_old_spelling_of_crop_min_scale(parse):
     with pytest.warns(FutureWarning, match="use --crop_min_scale"):
         assert parse(["--min_crop_scale", "0.3"]).crop_min_scale == 0.3
