@@ -161,15 +161,13 @@ PRESETS = {"toymim-demo": dict(image_size=16, patch_size=4, hidden_size=32, num_
 TOY_MODEL = '''
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedImageModelingOutput
 
 from .classification import ImageClassificationMixin, pool_tokens
 from .configuration_toymim import ToyMimConfig
-from .encoder import VitEncoderMixin
+from .encoder import VitEncoderMixin, VitPreTrainedModel
 from .inputs import check_bool_masked_pos
 from .masking import RandomMaskGenerator, register_mask_generator
-from .remote_code import HubCodeMixin
 from .vit_core import Block, patchify
 
 
@@ -178,14 +176,13 @@ class ToyMaskGenerator(RandomMaskGenerator):
     pass
 
 
-class ToyMimPreTrainedModel(HubCodeMixin, PreTrainedModel):
+class ToyMimPreTrainedModel(VitPreTrainedModel):
     hub_auto_map = {"AutoModel": "modeling_toymim.ToyMimModel",
                     "AutoModelForPreTraining": "modeling_toymim.ToyMimForPreTraining",
                     "AutoModelForImageClassification": "modeling_toymim.ToyMimForImageClassification"}
     config_class = ToyMimConfig
     base_model_prefix = "vit"
-    main_input_name = "pixel_values"
-    _supports_sdpa = True
+    _no_split_modules = ["Block"]
 
 
 class ToyMimModel(VitEncoderMixin, ToyMimPreTrainedModel):

@@ -13,6 +13,9 @@ position bias, in between), then :meth:`encode` in ``forward``. Two choices conf
   ``"corrupt"`` (ViT-MPP: BERT-style 80/10/10 corruption, before positions). One input names the
   masked patches everywhere: ``bool_masked_pos`` [B, N], True = masked.
 
+Every family's `*PreTrainedModel` derives from :class:`VitPreTrainedModel`, which holds what they share
+(pixel input, gradient checkpointing, the attention kernels), so a family states only its own.
+
 The modules live on the encoder itself with the reference names (``patch_embed``, ``cls_token``,
 ``mask_token``, ``pos_embed``, ``pos_drop``, ``blocks``, ``norm``), so the state-dict keys of every
 family stay those of the reference checkpoints and of the converters.
@@ -26,8 +29,10 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .masking import corrupt_patch_embeddings, gather_tokens
+from .remote_code import HubCodeMixin
 from .vit_core import BlockOutputs, PatchEmbed, grid_size_for, resize_pos_embed, run_blocks, sincos_2d_table
 
 POSITION_SCHEMES = ("sincos", "learned", "relative")
@@ -45,6 +50,18 @@ def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
     if value not in choices:
         raise ValueError(f"Unknown {what} {value!r}; choose one of {list(choices)}.")
     return value
+
+
+class VitPreTrainedModel(HubCodeMixin, PreTrainedModel):
+    """The base of a family of the shared encoder; the family sets `hub_auto_map`, `config_class`,
+    `base_model_prefix`, `_no_split_modules`, `_init_weights`, and any kernel it cannot run."""
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
 
 
 class VitEncoderMixin:

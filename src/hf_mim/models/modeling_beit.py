@@ -24,11 +24,10 @@ from transformers.utils import ModelOutput
 
 from .classification import ImageClassificationMixin, pool_tokens
 from .configuration_beit import BEiTConfig
-from .encoder import VitEncoderMixin
+from .encoder import VitEncoderMixin, VitPreTrainedModel
 from .inputs import check_bool_masked_pos, check_patch_labels
 from .losses import masked_token_losses
 from .relative_position import RelativePositionBias, relative_position_index
-from .remote_code import HubCodeMixin
 from .vit_core import Attention, Block, drop_path_rates
 
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
@@ -183,7 +182,7 @@ def expand_shared_relative_position_bias(state_dict: dict, model_keys) -> dict |
 # ---------------------------------------------------------------------------------------------
 
 
-class BEiTPreTrainedModel(HubCodeMixin, PreTrainedModel):
+class BEiTPreTrainedModel(VitPreTrainedModel):
     hub_auto_map = {
         "AutoModel": "modeling_beit.BEiTModel",
         "AutoModelForPreTraining": "modeling_beit.BEiTForMaskedImageModeling",
@@ -192,11 +191,7 @@ class BEiTPreTrainedModel(HubCodeMixin, PreTrainedModel):
     config_class = BEiTConfig
     config: BEiTConfig
     base_model_prefix = "beit"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["BEiTBlock"]
-    _supports_sdpa = True
     _supports_flash_attn = False  # the relative position bias is an additive float mask
     _supports_flex_attn = False  # transformers' flex path reads one mask head for all heads
     _keys_to_ignore_on_load_unexpected = [r"relative_position_index"]  # a buffer the reference stores

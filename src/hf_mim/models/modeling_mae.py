@@ -14,17 +14,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .classification import ImageClassificationMixin, pool_tokens
 from .configuration_mae import MaeConfig
-from .encoder import VitEncoderMixin
+from .encoder import VitEncoderMixin, VitPreTrainedModel
 from .inputs import check_bool_masked_pos, equal_mask_counts
 from .losses import masked_mse_losses, normalize_patches
 from .masking import gather_tokens, masking_from_mask, random_masking
-from .remote_code import HubCodeMixin
 from .vit_core import patchify, sincos_2d_table, to_2tuple, unpatchify, vit_blocks
 
 
@@ -56,7 +54,7 @@ class MaeForPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None  # the encoder's, per block [B, H, 1+K, 1+K]
 
 
-class MaePreTrainedModel(HubCodeMixin, PreTrainedModel):
+class MaePreTrainedModel(VitPreTrainedModel):
     hub_auto_map = {
         "AutoModel": "modeling_mae.MaeModel",
         "AutoModelForPreTraining": "modeling_mae.MaeForPreTraining",
@@ -65,13 +63,7 @@ class MaePreTrainedModel(HubCodeMixin, PreTrainedModel):
     config_class = MaeConfig
     config: MaeConfig
     base_model_prefix = "encoder"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
     _can_compile_fullgraph = True
 
     @torch.no_grad()

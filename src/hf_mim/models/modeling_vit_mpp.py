@@ -18,17 +18,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .classification import ImageClassificationMixin, pool_tokens
 from .configuration_vit_mpp import VitMppConfig
-from .encoder import VitEncoderMixin
+from .encoder import VitEncoderMixin, VitPreTrainedModel
 from .inputs import check_bool_masked_pos, check_patch_labels
 from .losses import masked_token_losses, mean_color_targets
 from .masking import random_patch_selection
-from .remote_code import HubCodeMixin
 from .vit_core import vit_blocks
 
 
@@ -78,7 +76,7 @@ def check_color_labels(labels: torch.Tensor, batch: int, grid: tuple[int, int], 
 MASK_HINT = "Build it for the images' patch grid, or pass none and the model draws one (config.mask_ratio)."
 
 
-class VitMppPreTrainedModel(HubCodeMixin, PreTrainedModel):
+class VitMppPreTrainedModel(VitPreTrainedModel):
     hub_auto_map = {
         "AutoModel": "modeling_vit_mpp.VitMppModel",
         "AutoModelForPreTraining": "modeling_vit_mpp.VitMppForPreTraining",
@@ -87,13 +85,7 @@ class VitMppPreTrainedModel(HubCodeMixin, PreTrainedModel):
     config_class = VitMppConfig
     config: VitMppConfig
     base_model_prefix = "vit"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
