@@ -13,13 +13,18 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from hf_mim import MaeForPreTraining
+from hf_mim.launch import cpu_has_native_bf16
 from hf_mim.models.presets import from_preset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (the tests)
+from throughput import environment  # noqa: E402
 
 
 def step_seconds(model, optimizer, pixels, bf16: bool, steps: int) -> float:
@@ -48,9 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = MaeForPreTraining(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     pixels = torch.randn(args.batch_size, config.num_channels, config.image_size, config.image_size)
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    report = {"preset": args.preset, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-              "native_bf16": any(flag in flags for flag in ("avx512_bf16", "amx_bf16")),
+    report = {"environment": environment(torch.device("cpu")), "preset": args.preset, "batch_size": args.batch_size,
+              "threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
               "fp32_s": step_seconds(model, optimizer, pixels, False, args.steps),
               "bf16_s": step_seconds(model, optimizer, pixels, True, args.steps)}
     report["bf16_over_fp32"] = report["bf16_s"] / report["fp32_s"]

@@ -14,12 +14,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path (the tests)
+from throughput import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -55,8 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(tail)
                 break
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s)",
-              "load_average": os.getloadavg(), "rows": rows}
+              "machine": cpu_name(), "load_average": os.getloadavg(), "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report

@@ -280,3 +280,11 @@ def test_pretraining_pays_counts_flops_per_image(tmp_path):
     assert pays.step_flops(model, 4) == 2 * pays.step_flops(model, 2) > 0
     flops = {"pretrain_step": 3, "finetune_step": 4}
     assert pays.equal_compute_steps(0, flops, 10) == 10 and pays.equal_compute_steps(100, flops, 10) == 85
+
+
+def test_cpu_bf16_times_both_precisions_and_names_the_machine(tmp_path):
+    report = load_script("cpu_bf16").main(["--batch_size", "2", "--steps", "1", "--json", str(tmp_path / "r.json")])
+    assert report["fp32_s"] > 0 and report["bf16_s"] > 0
+    assert report["bf16_over_fp32"] == pytest.approx(report["bf16_s"] / report["fp32_s"])
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["environment"]["date"] and saved["environment"]["device"] and saved["native_bf16"] in (True, False, None)
