@@ -67,8 +67,9 @@ SEGMENT_CLASSES = 4
 PROGRESS_EVERY = 2000  # images between progress lines of a recipe
 # The fast path pads a batch's pixels into one canvas of the largest height x the largest width; BEiT-style
 # methods ship each whole image (the colour jitter needs its mean grey), so a 2 x 4000 and a 4000 x 2 image
-# in one batch make a [B, 4000, 4000, 3] canvas: minutes and ~9 GB on a CPU for a batch of 8. Batches of 1
-# (--fast_batch_size's default) keep the soak about errors and non-finite values; 8 shows the blow-up.
+# in one batch make a [B, 4000, 4000, 3] canvas: minutes and several GB on a CPU for a batch of 8 (seen by
+# hand). Batches of 1 (--fast_batch_size's default) keep the soak about errors and non-finite values; 8 shows
+# the blow-up.
 # The README's fine-tuning recipe: `--mixup 0.8 --cutmix 1.0 --smoothing 0.1`, random erasing at the default 0.25.
 MIXUP, CUTMIX, SMOOTHING, REPROB = 0.8, 1.0, 0.1, 0.25
 
@@ -434,11 +435,12 @@ def run_chunk(recipe: Recipe, row: Row, chunk: list[ImageSpec], seeds: list[int]
 
 
 def soak(recipe: Recipe, specs: list[ImageSpec], seed: int, batch_size: int) -> Row:
-    row = Row(recipe.name, images=len(specs))
+    row = Row(recipe.name)
     start = time.perf_counter()
     for first in range(0, len(specs), batch_size):
         chunk = specs[first:first + batch_size]
         run_chunk(recipe, row, chunk, [derive_seed(seed, spec.index) for spec in chunk])
+        row.images += len(chunk)  # run through the recipe (errors and non-finite ones counted among them)
         if (first // batch_size + 1) % max(1, PROGRESS_EVERY // batch_size) == 0:
             print(f"  {recipe.name}: {first + len(chunk)} images, {row.errors} errors, {row.non_finite} non-finite, "
                   f"{time.perf_counter() - start:.0f} s", flush=True)

@@ -81,12 +81,12 @@ def check_final_norm(model) -> None:
 
 def mae_target(model, encoder_only: bool):
     config = model.config
+    if encoder_only or not (is_classifier(model) or hasattr(model, "decoder")):
+        return encoder_vit(model), VIT_TO_REFERENCE
     if is_classifier(model):
         check_final_norm(model)
         vit_config = ViTConfig(**shared_fields(config), qkv_bias=config.qkv_bias, **labels(model))
-        return (encoder_vit(model) if encoder_only else ViTForImageClassification(vit_config)), VIT_TO_REFERENCE
-    if encoder_only or not hasattr(model, "decoder"):
-        return encoder_vit(model), VIT_TO_REFERENCE
+        return ViTForImageClassification(vit_config), VIT_TO_REFERENCE
     mae_config = ViTMAEConfig(
         **shared_fields(config), qkv_bias=config.qkv_bias, mask_ratio=config.mask_ratio,
         norm_pix_loss=config.norm_pix_loss, decoder_hidden_size=config.decoder_hidden_size,
@@ -128,13 +128,13 @@ def beit_target(model, encoder_only: bool):
 
 def vit_mpp_target(model, encoder_only: bool):
     config = model.config
-    check_final_norm(model)
-    vit_config = ViTConfig(**shared_fields(config), qkv_bias=config.qkv_bias, **labels(model))
     if encoder_only or not (is_classifier(model) or hasattr(model, "mpp_head")):
         return encoder_vit(model), VIT_TO_REFERENCE
     if not is_classifier(model):
         raise cannot("ViT masked patch prediction's colour head (ViTForMaskedImageModeling is SimMIM, pixel "
                      "regression)", "ViTModel")
+    check_final_norm(model)
+    vit_config = ViTConfig(**shared_fields(config), qkv_bias=config.qkv_bias, **labels(model))
     return ViTForImageClassification(vit_config), VIT_TO_REFERENCE
 
 
