@@ -5,7 +5,7 @@ each in `methods/`, and the script's command line (`arguments`), on the training
 
 from ..training import run_training
 from .arguments import build_parser, parse_args
-from .methods import METHODS, PretrainingMethod, get_method, register_method  # registers every method
+from .methods import METHODS, TrainingMethod, get_method, register_method  # registers every method
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -13,4 +13,4 @@ def main(argv: list[str] | None = None) -> dict:
     return run_training(args, get_method(args.method))
 
 
-__all__ = ["METHODS", "PretrainingMethod", "build_parser", "get_method", "main", "parse_args", "register_method"]
+__all__ = ["METHODS", "TrainingMethod", "build_parser", "get_method", "main", "parse_args", "register_method"]

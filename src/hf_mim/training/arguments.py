@@ -178,9 +178,7 @@ def recipe_values(recipe: dict[str, Setting]) -> dict:
 def with_data_size_rule(options, train_images: int | None) -> tuple[Options, str]:
     """Once the training set's size is known: new options with the data-size rule's layer over the parse-time
     ones (a from-scratch run, no --model_name_or_path, on small data), the user's values still winning; and the
-    recipe line the run prints. Options not made by `resolve` (no recipe inputs) are returned as they are."""
-    if not hasattr(options, "recipe_inputs"):
-        return options, "Recipe in force: the arguments as given (no defaults were resolved)."
+    recipe line the run prints."""
     recipe = options.recipe_inputs.resolve(train_images)
     options = options.replace(**recipe_values(recipe))
     if options.learning_rate is not None:  # an absolute learning rate wins over every base learning rate

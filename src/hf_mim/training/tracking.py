@@ -95,7 +95,7 @@ def hyperparameters(args, **decided) -> dict:
     values (tensorboard takes only numbers, strings and bools)."""
     values = {}
     for key, value in sorted({**vars(args), **decided}.items()):
-        if key in ("token", "hub_token"):
+        if key in ("token", "hub_token", "recipe_inputs"):  # secrets; the recipe's inputs (its values are keys)
             continue
         values[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return values

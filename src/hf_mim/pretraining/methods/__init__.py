@@ -16,12 +16,11 @@ from ...training.method import (
 
 METHODS = MethodRegistry()
 register_method, get_method = METHODS.register, METHODS.lookup
-PretrainingMethod = TrainingMethod  # the interface's name before the engine had its own package
 
 SHARED_MODULES = {"masked_prediction", "token_targets"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in SHARED_MODULES:
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "CropOptions", "MethodRegistry", "NoOptions", "PretrainingMethod", "TrainingMethod",
+__all__ = ["METHODS", "CropOptions", "MethodRegistry", "NoOptions", "TrainingMethod",
            "crop_and_flip", "get_method", "option", "processor_pixels", "register_method", "training_augmentation"]
