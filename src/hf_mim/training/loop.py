@@ -19,7 +19,7 @@ import datasets
 import torch
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from ..data import (
@@ -258,6 +258,23 @@ def prepare(run: Run) -> None:
         run.eval_loader = accelerator.prepare(run.eval_loader)
 
 
+def on_main_process(accelerator: Accelerator, compute):
+    """`compute()` run by the main process only, its result (or the error it raised) given to every process:
+    choosing the checkpoint to resume from hashes every file of it, once, not once per process."""
+    outcome = [(None, None)]
+    if accelerator.is_main_process:
+        try:
+            outcome = [(compute(), None)]
+        except Exception as error:  # raised on every process below, so that none waits for the others
+            outcome = [(None, error)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    value, error = outcome[0]
+    if error is not None:
+        raise error
+    return value
+
+
 def resume(run: Run) -> None:
     """Continue from --resume_from_checkpoint, or automatically from the newest checkpoint in output_dir."""
     args, accelerator = run.args, run.accelerator
@@ -265,7 +282,8 @@ def resume(run: Run) -> None:
     if accelerator.is_main_process:
         remove_incomplete_checkpoints(args.output_dir)
     accelerator.wait_for_everyone()
-    path = None if fresh else resolve_resume_path(args.resume_from_checkpoint, args.output_dir, auto_resume=True)
+    path = None if fresh else on_main_process(
+        accelerator, lambda: resolve_resume_path(args.resume_from_checkpoint, args.output_dir, auto_resume=True))
     # the fingerprint lists and stats every training file: only the main process, which saves and compares it
     fingerprint = data_fingerprint(run.data, args.train_dir, args.train_file) if accelerator.is_main_process else {}
     run.state = TrainerState(num_processes=accelerator.num_processes,
