@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checksums import manifest_problems, read_manifest, write_manifest
+from ..checksums import manifest_entries, manifest_problems, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -156,11 +156,10 @@ def find_damage(folder: str | os.PathLike, recursive: bool = True) -> str | None
         listed = read_manifest(folder) or {}
     except ValueError:
         listed = {}  # said by manifest_problems below
-    for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
-        if path.is_file():
-            problem = file_damage(path, check_crc=path.relative_to(folder).as_posix() not in listed)
-            if problem is not None:
-                return f"{path.name}: {problem}"
+    for path in manifest_entries(folder, recursive):  # checksums.json itself: manifest_problems below
+        problem = file_damage(path, check_crc=path.relative_to(folder).as_posix() not in listed)
+        if problem is not None:
+            return f"{path.name}: {problem}"
     problems = manifest_problems(folder)
     return "; ".join(problems) if problems else None
 
