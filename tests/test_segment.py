@@ -136,6 +136,11 @@ def test_a_short_run_improves_mean_iou_and_writes_a_card_with_it(tiny_backbone_c
                                     train=False)[0]["pixel_values"]
     torch.testing.assert_close(processor(scene[0]["image"], return_tensors="pt")["pixel_values"][0], expected,
                                atol=1e-5, rtol=0)
+    # like every saved model: checksums of its files (hf_mim.verify), and the run's lock released at the end
+    from hf_mim.verify import check_folder
+
+    assert check_folder(output_dir)[0] == "ok" and "model.safetensors" in (output_dir / "checksums.json").read_text()
+    assert not (output_dir / ".hf_mim.lock").exists()
 
 
 def test_a_short_run_finds_the_digits(tiny_backbone_config, tmp_path):

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import sys
-from pathlib import Path
 
 import datasets
 import torch
@@ -21,17 +19,15 @@ import transformers
 from transformers import AutoConfig, AutoImageProcessor
 from transformers.trainer_utils import IntervalStrategy, set_seed
 
-from ..checksums import write_model_manifest
 from ..data import DIGITS_SOURCE, ImageDatasets, ImageExamples, load_image_datasets
 from ..data_fingerprint import data_fingerprint
-from ..files import apply_umask
 from ..launch import check_one_run_per_launch, warn_if_bf16_is_emulated
 from ..metrics import load_top_k_accuracy
 from ..models.presets import from_preset, preset_names
 from ..preemption import Preempted, PreemptionGuard, resume_hint
 from ..registry import FAMILIES
 from ..run_lock import OutputDirLock
-from ..training.checkpoints import refused_pickle_error, resolve_resume_path
+from ..training.checkpoints import resolve_resume_path
 from ..training.data_loading import cores_per_process
 from ..training.model_choice import train_image_count
 from .arguments import (
@@ -299,17 +295,9 @@ def finetune_locked(model_args: ModelArguments, data_args: DataArguments, finetu
     metrics = {}
     if training_args.do_train:
         with preemption:
-            try:
-                result = trainer.train(resume_from_checkpoint=checkpoint)
-            except pickle.UnpicklingError as error:  # torch's message advises weights_only=False: the unsafe way out
-                if checkpoint is None:
-                    raise
-                raise refused_pickle_error(Path(checkpoint), error) from None
+            result = trainer.train(resume_from_checkpoint=checkpoint)
         stop_if_preempted(trainer, preemption)
-        trainer.save_model()  # model (with its remote code) and the image processor
-        if trainer.is_world_process_zero():
-            apply_umask(training_args.output_dir)  # the weights' temporary file was 0600
-            write_model_manifest(training_args.output_dir)  # checksums, see hf_mim.verify
+        trainer.save_model()  # model (with its remote code), the image processor, checksums
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -25,9 +27,11 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.trainer_optimizer import is_optimizer_factory
 
-from ..checksums import write_manifest
+from ..checksums import write_manifest, write_model_manifest
 from ..data import EpochSampler, ImageExamples
 from ..data_fingerprint import warn_if_data_changed
+from ..files import apply_umask
+from ..training.checkpoints import refused_pickle_error
 from .layer_decay import layer_decay_parameter_groups
 from .mixup import SoftTargets
 
@@ -82,13 +86,26 @@ class FinetuningTrainer(Trainer):
         if isinstance(resume_from_checkpoint, str) and self.is_world_process_zero():
             warn_if_data_changed(read_json(resume_from_checkpoint, DATA_FINGERPRINT_FILE) or {}, self.data_fingerprint,
                                  resume_from_checkpoint)
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except pickle.UnpicklingError as error:  # torch's message advises weights_only=False: the unsafe way out
+            if not isinstance(resume_from_checkpoint, str):
+                raise
+            raise refused_pickle_error(Path(resume_from_checkpoint), error) from None
         if self.loss_before is not None:
             steps_here = output.global_step - self.loss_before["steps"]
             train_loss = (self.loss_before["loss_sum"] + output.training_loss * steps_here) / max(output.global_step, 1)
             output.metrics["train_loss"] = train_loss
             output = type(output)(output.global_step, train_loss, output.metrics)
         return output
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save, then (a final save, not a checkpoint's) the folder's checksums: see hf_mim.verify."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.is_world_process_zero():
+            folder = output_dir or self.args.output_dir
+            apply_umask(folder)  # the weights' temporary file was 0600
+            write_model_manifest(folder)
 
     def _save_checkpoint(self, model, trial):
         # Written first: trainer_state.json, written last by the Trainer, marks a complete checkpoint.

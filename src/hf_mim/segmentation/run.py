@@ -31,6 +31,7 @@ from ..metrics import load_mean_iou
 from ..models.configuration_vit import default_pyramid_stages
 from ..models.image_processing_mim import MimImageProcessor
 from ..models.segmenter import MimUperNetConfig, MimUperNetForSemanticSegmentation
+from ..run_lock import OutputDirLock
 from .data import (
     DIGIT_SCENES_DESCRIPTION, DIGIT_SCENES_SOURCE, SegmentationData, SegmentationExamples, check_mask_values,
     load_segmentation_data,
@@ -238,6 +239,11 @@ def run_segmentation(args: SegmentationArguments, training_args: TrainingArgumen
     """Fine-tune, evaluate (mIoU before and after) and save; returns the metrics (eval_* of the end,
     start_eval_* of the model before training)."""
     setup_logging(training_args)
+    with OutputDirLock(training_args.output_dir, enabled=training_args.process_index == 0):  # one run per folder
+        return segment_locked(args, training_args)
+
+
+def segment_locked(args: SegmentationArguments, training_args: TrainingArguments) -> dict:
     set_seed(training_args.seed)
     if training_args.push_to_hub:
         check_can_push(training_args)
