@@ -412,6 +412,7 @@ def test_options_are_parsed_once_and_a_run_leaves_them_as_they_were(tmp_path):
     decided = start["config"]  # the options, and what the run decided: workers for this machine, evaluation
     assert decided["dataloader_num_workers"] >= 0 and decided["do_eval"] is True
     assert decided["base_learning_rate"] == 6e-3  # the recipe as completed by the data-size rule (the digits demo)
+    assert "recipe_inputs" not in decided  # the recipe's values are there; not the object they came from
 
 
 def test_what_the_command_line_gets_wrong_is_said_before_any_data_is_read(tmp_path):

@@ -33,55 +33,48 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 logger = logging.getLogger(__name__)
 
 
+def card_methods() -> dict[str, tuple[type, str]]:
+    """card name -> (method class, kind), read from the method registries (`hf_mim.pretraining.METHODS`,
+    `hf_mim.tokenizer_training.TOKENIZER_METHODS`; imported on first use) at every call, so that a method
+    registered later (from another package) counts: "mim" methods pre-train an encoder; "tokenizer" methods
+    produce the discrete targets other methods predict. Each has a Markdown paragraph in
+    card_templates/methods/<name>.md (without one, the card gives its `summary`)."""
+    from .pretraining.methods import METHODS as MIM_METHODS
+    from .tokenizer_training.methods import TOKENIZER_METHODS
+
+    return {method.card_name or method.name: (method, registry.kind)
+            for registry in (MIM_METHODS, TOKENIZER_METHODS) for method in registry.values()}
+
+
 class CardMethods(Mapping):
-    """method -> (human name, kind), derived from the method registries (`hf_mim.pretraining.METHODS`,
-    `hf_mim.tokenizer_training.TOKENIZER_METHODS`; imported on first use): "mim" methods pre-train an
-    encoder; "tokenizer" methods produce the discrete targets other methods predict. Each has a Markdown
-    paragraph in card_templates/methods/<name>.md (without one, the card gives its `summary`).
-    `needs_tokenizer`: the methods whose pre-training targets come from a separate tokenizer the card must
-    name. Read from the registries at every use: a method registered later (from another package) counts."""
-
-    def __init__(self):
-        self.tokenized: set[str] = set()
-        self.summaries: dict[str, str] = {}
-
-    def table(self) -> dict[str, tuple[str, str]]:
-        from .pretraining.methods import METHODS as MIM_METHODS
-        from .tokenizer_training.methods import TOKENIZER_METHODS
-
-        entries, self.tokenized, self.summaries = {}, set(), {}
-        for registry in (MIM_METHODS, TOKENIZER_METHODS):
-            for method in registry.values():
-                entries[method.card_name or method.name] = (method.title, registry.kind)
-                self.summaries[method.card_name or method.name] = method.summary
-                if method.needs_tokenizer:
-                    self.tokenized.add(method.card_name or method.name)
-        return entries
+    """method -> (human name, kind), as `card_methods` reads them."""
 
     def __getitem__(self, name: str) -> tuple[str, str]:
-        return self.table()[name]
+        method, kind = card_methods()[name]
+        return method.title, kind
 
     def __iter__(self):
-        return iter(self.table())
+        return iter(card_methods())
 
     def __len__(self) -> int:
-        return len(self.table())
+        return len(card_methods())
 
 
 class NeedsTokenizer(Set):
     """The card methods whose pre-training targets come from a separate tokenizer the card must name."""
 
+    @staticmethod
+    def names() -> list[str]:
+        return sorted(name for name, (method, _) in card_methods().items() if method.needs_tokenizer)
+
     def __contains__(self, name) -> bool:
-        METHODS.table()
-        return name in METHODS.tokenized
+        return name in self.names()
 
     def __iter__(self):
-        METHODS.table()
-        return iter(sorted(METHODS.tokenized))
+        return iter(self.names())
 
     def __len__(self) -> int:
-        METHODS.table()
-        return len(METHODS.tokenized)
+        return len(self.names())
 
 
 METHODS = CardMethods()
@@ -135,8 +128,8 @@ def method_text(method: str) -> tuple[str, list[str]]:
         text = template_text(f"methods/{method}.md")
     except FileNotFoundError:
         warn_no_method_template(method)
-        METHODS.table()
-        return METHODS.summaries.get(method, ""), []
+        entry = card_methods().get(method)
+        return (entry[0].summary if entry else ""), []
     description, _, limitations = text.partition("<!-- limitations -->")
     bullets = [line for line in re.split(r"\n(?=- )", limitations.strip()) if line.strip()]
     return description.strip(), bullets
